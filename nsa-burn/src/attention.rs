@@ -1,0 +1,193 @@
+//! The NSA attention operator on projected heads: the level public kernels expose, and the
+//! function the CubeCL kernels slot in beneath.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+use core::fmt;
+
+use crate::reference::{compressed_attention, selected_attention, window_attention};
+use crate::{NsaAttentionConfig, NsaConfigError};
+
+/// Keys and values of one branch.
+#[derive(Debug, Clone)]
+pub struct BranchKv<B: Backend> {
+    /// `[B, L, H_kv, d_k]`
+    pub k: Tensor<B, 4>,
+    /// `[B, L, H_kv, d_v]`
+    pub v: Tensor<B, 4>,
+}
+
+/// Inputs of [`nsa_attention`].
+#[derive(Debug, Clone)]
+pub struct NsaInput<B: Backend> {
+    /// Queries `[B, T, H, d_k]`; query head `h` belongs to KV head `h / G`, `G = H / H_kv`.
+    pub q: Tensor<B, 4>,
+    /// Compressed keys and values `[B, N_cmp, H_kv, d]`, `N_cmp =
+    /// config.num_compressed_blocks(T)`: the compressor's output (see [`crate::Compressor`]).
+    pub compressed: BranchKv<B>,
+    /// Keys and values of the selection branch, `[B, T, H_kv, d]`.
+    pub selected: BranchKv<B>,
+    /// Keys and values of the sliding-window branch, `[B, T, H_kv, d]`.
+    pub window: BranchKv<B>,
+    /// Branch gates in `[0, 1]`, `[B, T, H, 3]`, in the order (compressed, selected, window).
+    pub gates: Tensor<B, 4>,
+}
+
+/// Output of [`nsa_attention`].
+#[derive(Debug, Clone)]
+pub struct NsaOutput<B: Backend> {
+    /// Gated sum of the three branches (Eq. 5), `[B, T, H, d_v]`.
+    pub output: Tensor<B, 4>,
+    /// Blocks each `(batch, KV head, t)` selected, `[B, H_kv, T, n]` Int: indices of
+    /// selection blocks (keys `[j*l', (j+1)*l')`) in ascending order, -1 in unused slots
+    /// (when fewer than `n` blocks exist).
+    pub selected_blocks: Tensor<B, 4, Int>,
+}
+
+/// A tensor given to [`try_nsa_attention`] whose shape breaks a rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NsaShapeError {
+    /// Which tensor, e.g. `selected.k`.
+    pub tensor: &'static str,
+    /// The shape it has.
+    pub actual: Vec<usize>,
+    /// The rule, e.g. `[B, T, H_kv, d_k] = [1, 64, 2, 32]`.
+    pub expected: String,
+}
+
+impl fmt::Display for NsaShapeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "NSA attention: `{}` has shape {:?}, expected {}",
+            self.tensor, self.actual, self.expected
+        )
+    }
+}
+
+impl std::error::Error for NsaShapeError {}
+
+/// Any error of [`try_nsa_attention`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum NsaError {
+    /// The attention configuration is invalid.
+    Config(NsaConfigError),
+    /// An input tensor has the wrong shape.
+    Shape(NsaShapeError),
+}
+
+impl fmt::Display for NsaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Config(error) => write!(f, "invalid NSA configuration: {error}"),
+            Self::Shape(error) => error.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for NsaError {}
+
+impl From<NsaConfigError> for NsaError {
+    fn from(error: NsaConfigError) -> Self {
+        Self::Config(error)
+    }
+}
+
+impl From<NsaShapeError> for NsaError {
+    fn from(error: NsaShapeError) -> Self {
+        Self::Shape(error)
+    }
+}
+
+fn expect_shape(
+    tensor: &'static str,
+    actual: [usize; 4],
+    expected: [usize; 4],
+    names: &str,
+) -> Result<(), NsaShapeError> {
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(NsaShapeError {
+            tensor,
+            actual: actual.to_vec(),
+            expected: format!("{names} = {expected:?}"),
+        })
+    }
+}
+
+impl<B: Backend> NsaInput<B> {
+    /// Checks every shape against `q`, `selected.v` (for `H_kv` and `d_v`) and `config`.
+    fn check(&self, config: &NsaAttentionConfig) -> Result<(), NsaShapeError> {
+        let [batch, seq, heads, d_k] = self.q.dims();
+        let [_, _, kv_heads, d_v] = self.selected.v.dims();
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(NsaShapeError {
+                tensor: "q",
+                actual: self.q.dims().to_vec(),
+                expected: format!(
+                    "[B, T, H, d_k] with H a multiple of H_kv = {kv_heads} (from `selected.v`)"
+                ),
+            });
+        }
+        let num_compressed = config.num_compressed_blocks(seq);
+        let kv = [
+            ("compressed.k", &self.compressed.k, num_compressed, d_k, "[B, N_cmp, H_kv, d_k]"),
+            ("compressed.v", &self.compressed.v, num_compressed, d_v, "[B, N_cmp, H_kv, d_v]"),
+            ("selected.k", &self.selected.k, seq, d_k, "[B, T, H_kv, d_k]"),
+            ("selected.v", &self.selected.v, seq, d_v, "[B, T, H_kv, d_v]"),
+            ("window.k", &self.window.k, seq, d_k, "[B, T, H_kv, d_k]"),
+            ("window.v", &self.window.v, seq, d_v, "[B, T, H_kv, d_v]"),
+        ];
+        for (name, tensor, len, dim, names) in kv {
+            expect_shape(name, tensor.dims(), [batch, len, kv_heads, dim], names)?;
+        }
+        expect_shape("gates", self.gates.dims(), [batch, seq, heads, 3], "[B, T, H, 3]")
+    }
+}
+
+/// NSA attention (Eq. 5): `o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`, causal, GQA.
+///
+/// This is the reference implementation in Burn tensor ops (see [`crate::reference`] for
+/// its memory use). Panics with a message naming the tensor and the expected shape when
+/// the inputs disagree, or when `config` is invalid; [`try_nsa_attention`] returns those
+/// errors instead.
+///
+/// Shapes: `q: [B, T, H, d_k]`; `compressed: [B, N_cmp, H_kv, d_k | d_v]`;
+/// `selected`, `window: [B, T, H_kv, d_k | d_v]`; `gates: [B, T, H, 3]` ->
+/// `output: [B, T, H, d_v]`, `selected_blocks: [B, H_kv, T, n]`.
+pub fn nsa_attention<B: Backend>(input: NsaInput<B>, config: &NsaAttentionConfig) -> NsaOutput<B> {
+    try_nsa_attention(input, config).unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// [`nsa_attention`] returning a typed error for an invalid configuration or shape.
+pub fn try_nsa_attention<B: Backend>(
+    input: NsaInput<B>,
+    config: &NsaAttentionConfig,
+) -> Result<NsaOutput<B>, NsaError> {
+    config.validate()?;
+    input.check(config)?;
+    let NsaInput {
+        q,
+        compressed,
+        selected,
+        window,
+        gates,
+    } = input;
+    let (o_cmp, selected_blocks) =
+        compressed_attention(q.clone(), compressed.k, compressed.v, config);
+    let o_slc = selected_attention(
+        q.clone(),
+        selected.k,
+        selected.v,
+        selected_blocks.clone(),
+        config,
+    );
+    let o_win = window_attention(q, window.k, window.v, config);
+    let gate = |branch: usize| gates.clone().narrow(3, branch, 1);
+    let output = o_cmp * gate(0) + o_slc * gate(1) + o_win * gate(2);
+    Ok(NsaOutput {
+        output,
+        selected_blocks,
+    })
+}

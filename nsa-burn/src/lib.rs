@@ -1,0 +1,20 @@
+//! Native Sparse Attention (Yuan et al., "Native Sparse Attention: Hardware-Aligned and
+//! Natively Trainable Sparse Attention", 2025) as a Burn module.
+//!
+//! - [`NsaConfig`] / [`Nsa`]: the layer, used like `burn::nn` layers.
+//! - [`nsa_attention`]: the attention operator on projected heads (queries, per-branch
+//!   keys/values, gates), returning the output and the selected blocks.
+//! - [`reference`]: the operator in plain Burn tensor ops, differentiable on every backend.
+
+mod attention;
+mod compressor;
+mod config;
+mod gate;
+mod module;
+pub mod reference;
+
+pub use attention::{nsa_attention, try_nsa_attention, BranchKv, NsaError, NsaInput, NsaOutput, NsaShapeError};
+pub use compressor::{Compressor, CompressorMlp};
+pub use config::{CompressorKind, KvSharing, NsaAttentionConfig, NsaConfig, NsaConfigError};
+pub use gate::Gate;
+pub use module::{KvProjection, Nsa, NsaForward};

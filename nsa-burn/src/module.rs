@@ -1,0 +1,182 @@
+//! The NSA layer: projections, compressors, gates and the attention operator.
+
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+
+use crate::{
+    nsa_attention, BranchKv, Compressor, Gate, KvSharing, NsaAttentionConfig, NsaConfig,
+    NsaConfigError, NsaInput,
+};
+
+/// Key and value projections of one branch (or of all three when shared).
+#[derive(Module, Debug)]
+pub struct KvProjection<B: Backend> {
+    /// `d_model -> H_kv * d_k`.
+    pub key: Linear<B>,
+    /// `d_model -> H_kv * d_v`.
+    pub value: Linear<B>,
+}
+
+/// Native Sparse Attention (Yuan et al., 2025): causal self-attention whose output is the
+/// gated sum of a compressed, a selected-block and a sliding-window branch.
+///
+/// Create it with [`NsaConfig::init`] (or [`NsaConfig::try_init`]).
+///
+/// # Params
+///
+/// - `query`: `d_model -> H * d_k`; `output`: `H * d_v -> d_model`.
+/// - `kv`: three [`KvProjection`]s (compressed, selected, window) with
+///   [`KvSharing::Independent`], one with [`KvSharing::Shared`].
+/// - `compress_key`, `compress_value`: the [`Compressor`]s of the compression branch.
+/// - `gate`: the [`Gate`] MLP.
+#[derive(Module, Debug)]
+pub struct Nsa<B: Backend> {
+    /// Query projection.
+    pub query: Linear<B>,
+    /// Key/value projections per branch (one when shared).
+    pub kv: Vec<KvProjection<B>>,
+    /// Compressor of the compression branch's keys.
+    pub compress_key: Compressor<B>,
+    /// Compressor of the compression branch's values.
+    pub compress_value: Compressor<B>,
+    /// Branch gates.
+    pub gate: Gate<B>,
+    /// Output projection.
+    pub output: Linear<B>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    d_k: usize,
+    d_v: usize,
+    #[module(skip)]
+    attention: NsaAttentionConfig,
+}
+
+/// What [`Nsa::forward_detailed`] returns.
+#[derive(Debug, Clone)]
+pub struct NsaForward<B: Backend> {
+    /// Layer output `[B, T, d_model]`.
+    pub output: Tensor<B, 3>,
+    /// Selected blocks `[B, H_kv, T, n]` Int, ascending, -1 in unused slots.
+    pub selected_blocks: Tensor<B, 4, Int>,
+    /// Branch gates `[B, T, H, 3]` (compressed, selected, window).
+    pub gates: Tensor<B, 4>,
+}
+
+impl NsaConfig {
+    /// Initializes the layer, or returns the first rule the configuration breaks.
+    pub fn try_init<B: Backend>(&self, device: &B::Device) -> Result<Nsa<B>, NsaConfigError> {
+        self.validate()?;
+        let linear = |input, output| {
+            LinearConfig::new(input, output)
+                .with_initializer(self.initializer.clone())
+                .init(device)
+        };
+        let branches = match self.kv_sharing {
+            KvSharing::Independent => 3,
+            KvSharing::Shared => 1,
+        };
+        let kv = (0..branches)
+            .map(|_| KvProjection {
+                key: linear(self.d_model, self.n_kv_heads * self.d_k),
+                value: linear(self.d_model, self.n_kv_heads * self.d_v),
+            })
+            .collect();
+        Ok(Nsa {
+            query: linear(self.d_model, self.n_heads * self.d_k),
+            kv,
+            compress_key: Compressor::new(self, self.d_k, device),
+            compress_value: Compressor::new(self, self.d_v, device),
+            gate: Gate::new(self, device),
+            output: linear(self.n_heads * self.d_v, self.d_model),
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            d_k: self.d_k,
+            d_v: self.d_v,
+            attention: self.attention_config(),
+        })
+    }
+
+    /// Initializes the layer.
+    ///
+    /// # Panics
+    ///
+    /// If the configuration is invalid, with the field and the rule
+    /// (see [`NsaConfig::validate`]).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Nsa<B> {
+        self.try_init(device)
+            .unwrap_or_else(|error| panic!("invalid NsaConfig: {error}"))
+    }
+}
+
+/// Which branch a K/V projection feeds.
+#[derive(Debug, Clone, Copy)]
+enum Branch {
+    Compressed = 0,
+    Selected = 1,
+    Window = 2,
+}
+
+impl<B: Backend> Nsa<B> {
+    /// Causal NSA self-attention.
+    ///
+    /// `x: [B, T, d_model]` -> `[B, T, d_model]`.
+    ///
+    /// # Panics
+    ///
+    /// If `x`'s last dimension is not `d_model`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_detailed(x).output
+    }
+
+    /// [`Nsa::forward`] that also returns the selected blocks and the gates.
+    ///
+    /// `x: [B, T, d_model]`.
+    pub fn forward_detailed(&self, x: Tensor<B, 3>) -> NsaForward<B> {
+        let [batch, seq, width] = x.dims();
+        let d_model = self.query.weight.dims()[0];
+        assert_eq!(
+            width, d_model,
+            "Nsa::forward: x must be [batch, T, d_model] with d_model = {d_model}, got {:?}",
+            x.dims()
+        );
+        let heads = |t: Tensor<B, 3>, n: usize, d: usize| t.reshape([batch, seq, n, d]);
+        let project = |branch: Branch| {
+            let kv = &self.kv[(branch as usize).min(self.kv.len() - 1)];
+            BranchKv {
+                k: heads(kv.key.forward(x.clone()), self.n_kv_heads, self.d_k),
+                v: heads(kv.value.forward(x.clone()), self.n_kv_heads, self.d_v),
+            }
+        };
+        let raw = project(Branch::Compressed);
+        let compressed = BranchKv {
+            k: self.compress_key.forward(raw.k),
+            v: self.compress_value.forward(raw.v),
+        };
+        let gates = self.gate.forward(x.clone());
+        let attention = nsa_attention(
+            NsaInput {
+                q: heads(self.query.forward(x.clone()), self.n_heads, self.d_k),
+                compressed,
+                selected: project(Branch::Selected),
+                window: project(Branch::Window),
+                gates: gates.clone(),
+            },
+            &self.attention,
+        );
+        let output = attention
+            .output
+            .reshape([batch, seq, self.n_heads * self.d_v]);
+        NsaForward {
+            output: self.output.forward(output),
+            selected_blocks: attention.selected_blocks,
+            gates,
+        }
+    }
+
+    /// The attention operator's configuration.
+    pub fn attention_config(&self) -> &NsaAttentionConfig {
+        &self.attention
+    }
+}
