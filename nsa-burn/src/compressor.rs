@@ -79,7 +79,7 @@ impl<B: Backend> Compressor<B> {
         let blocks = self.num_blocks(seq);
         let device = x.device();
         if blocks == 0 {
-            return Tensor::zeros([batch, 0, heads, dim], &device);
+            return Tensor::zeros([batch, 0, heads, dim], (&device, x.dtype()));
         }
         // Positions i*d + r of every block, flattened: [N_cmp * l].
         let starts = Tensor::<B, 1, Int>::arange(0..blocks as i64, &device)

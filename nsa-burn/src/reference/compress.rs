@@ -31,11 +31,12 @@ pub fn compressed_attention<B: Backend>(
     let [_, num_compressed, kv_heads, d_v] = v_cmp.dims();
     let group = heads / kv_heads;
     let device = q.device();
+    let dtype = q.dtype();
     let scale = config.scale(d_k);
     let num_selection = config.num_selection_blocks(seq);
     let (block, stride) = (config.compress_block, config.compress_stride);
     let overlap = (num_compressed > 0)
-        .then(|| block_overlap::<B>(num_compressed, num_selection, config, &device));
+        .then(|| block_overlap::<B>(num_compressed, num_selection, config, &device).cast(dtype));
 
     let q = group_heads(q, kv_heads);
     let k_cmp = heads_first(k_cmp);
@@ -52,8 +53,8 @@ pub fn compressed_attention<B: Backend>(
         };
         let (o, scores) = if visible == 0 {
             (
-                Tensor::zeros([batch, kv_heads, len, group, d_v], &device),
-                Tensor::zeros([batch, kv_heads, len, num_selection], &device),
+                Tensor::zeros([batch, kv_heads, len, group, d_v], (&device, dtype)),
+                Tensor::zeros([batch, kv_heads, len, num_selection], (&device, dtype)),
             )
         } else {
             let q_chunk = q

@@ -37,7 +37,7 @@ pub fn selected_attention<B: Backend>(
         let x = if padding == 0 {
             x
         } else {
-            let zeros = Tensor::zeros([batch, kv_heads, padding, dim], &device);
+            let zeros = Tensor::zeros([batch, kv_heads, padding, dim], (&device, x.dtype()));
             Tensor::cat(vec![x, zeros], 2)
         };
         x.reshape([batch * kv_heads * num_blocks, block * dim])
