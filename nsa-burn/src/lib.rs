@@ -18,3 +18,8 @@ pub use compressor::{Compressor, CompressorMlp};
 pub use config::{CompressorKind, KvSharing, NsaAttentionConfig, NsaConfig, NsaConfigError};
 pub use gate::Gate;
 pub use module::{KvProjection, Nsa, NsaForward};
+
+/// The README's code compiles and runs as a doctest, so its snippet cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
