@@ -438,7 +438,8 @@ fn gradients_match_finite_differences_for_the_input_and_every_parameter() {
         .with_compressor_hidden(Some(5))
         .with_gate_hidden(Some(3))
         .with_query_chunk(5);
-    let (batch, seq) = (2, 21);
+    // T = 41: six selection blocks for n = 4, so top-n really chooses.
+    let (batch, seq) = (2, 41);
     let f64_dev = (&device(), DType::F64);
     let nsa = config.init::<AD>(&device()).map(&mut ToF64);
     let x = Tensor::<B, 3>::random([batch, seq, 8], Distribution::Normal(0.0, 1.0), f64_dev);
@@ -491,7 +492,8 @@ fn gradients_match_finite_differences_for_the_input_and_every_parameter() {
 #[test]
 fn backward_runs_through_autodiff_flex_in_f32() {
     let nsa = small_config().init::<AD>(&device());
-    let x = Tensor::<AD, 3>::random([2, 50, 24], Distribution::Normal(0.0, 1.0), &device())
+    // T = 100: seven selection blocks for n = 4, so top-n runs under autodiff.
+    let x = Tensor::<AD, 3>::random([2, 100, 24], Distribution::Normal(0.0, 1.0), &device())
         .require_grad();
     let grads = nsa.forward(x.clone()).powi_scalar(2).mean().backward();
     let grad = x.grad(&grads).expect("input gradient");

@@ -79,8 +79,9 @@ pub fn top_n_blocks<B: Backend>(
         .mask_fill(forced, f32::INFINITY)
         .mask_fill(candidate.clone().bool_not(), f32::NEG_INFINITY);
     // The n-th largest key; everything above it is in, and of the keys equal to it the
-    // lowest-indexed ones fill the remaining slots.
-    let nth = key.clone().topk(n, 3).narrow(3, n - 1, 1).expand(shape);
+    // lowest-indexed ones fill the remaining slots. (A full sort rather than `topk`, which
+    // burn-autodiff does not implement for float tensors.)
+    let nth = key.clone().sort_descending(3).narrow(3, n - 1, 1).expand(shape);
     let above = key.clone().greater(nth.clone());
     let tied = key.equal(nth);
     let slots_left = above
