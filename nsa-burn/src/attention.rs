@@ -5,8 +5,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use core::fmt;
 
-use crate::reference::{compressed_attention, selected_attention, window_attention};
-use crate::{NsaAttentionConfig, NsaConfigError};
+use burn::tensor::TensorPrimitive;
+
+use crate::{NsaAttentionConfig, NsaBackend, NsaConfigError};
 
 /// Keys and values of one branch.
 #[derive(Debug, Clone)]
@@ -148,20 +149,21 @@ impl<B: Backend> NsaInput<B> {
 
 /// NSA attention (Eq. 5): `o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`, causal, GQA.
 ///
-/// This is the reference implementation in Burn tensor ops (see [`crate::reference`] for
-/// its memory use). Panics with a message naming the tensor and the expected shape when
+/// Runs on the backend's [`NsaBackend`] implementation: the CubeCL kernels on Burn's CubeCL
+/// backends, the reference in Burn tensor ops elsewhere (see [`crate::reference`] for its
+/// memory use). Panics with a message naming the tensor and the expected shape when
 /// the inputs disagree, or when `config` is invalid; [`try_nsa_attention`] returns those
 /// errors instead.
 ///
 /// Shapes: `q: [B, T, H, d_k]`; `compressed: [B, N_cmp, H_kv, d_k | d_v]`;
 /// `selected`, `window: [B, T, H_kv, d_k | d_v]`; `gates: [B, T, H, 3]` ->
 /// `output: [B, T, H, d_v]`, `selected_blocks: [B, H_kv, T, n]`.
-pub fn nsa_attention<B: Backend>(input: NsaInput<B>, config: &NsaAttentionConfig) -> NsaOutput<B> {
+pub fn nsa_attention<B: NsaBackend>(input: NsaInput<B>, config: &NsaAttentionConfig) -> NsaOutput<B> {
     try_nsa_attention(input, config).unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// [`nsa_attention`] returning a typed error for an invalid configuration or shape.
-pub fn try_nsa_attention<B: Backend>(
+pub fn try_nsa_attention<B: NsaBackend>(
     input: NsaInput<B>,
     config: &NsaAttentionConfig,
 ) -> Result<NsaOutput<B>, NsaError> {
@@ -174,16 +176,24 @@ pub fn try_nsa_attention<B: Backend>(
         window,
         gates,
     } = input;
-    let (o_cmp, selected_blocks) =
-        compressed_attention(q.clone(), compressed.k, compressed.v, config);
-    let o_slc = selected_attention(
-        q.clone(),
-        selected.k,
-        selected.v,
+    let float = |t: Tensor<B, 4>| t.into_primitive().tensor();
+    let (o_cmp, selected_blocks) = B::nsa_compressed(
+        float(q.clone()),
+        float(compressed.k),
+        float(compressed.v),
+        config,
+    );
+    let o_slc = B::nsa_selected(
+        float(q.clone()),
+        float(selected.k),
+        float(selected.v),
         selected_blocks.clone(),
         config,
     );
-    let o_win = window_attention(q, window.k, window.v, config);
+    let o_win = B::nsa_window(float(q), float(window.k), float(window.v), config);
+    let tensor = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
+    let (o_cmp, o_slc, o_win) = (tensor(o_cmp), tensor(o_slc), tensor(o_win));
+    let selected_blocks = Tensor::<B, 4, Int>::from_primitive(selected_blocks);
     let gate = |branch: usize| gates.clone().narrow(3, branch, 1);
     let output = o_cmp * gate(0) + o_slc * gate(1) + o_win * gate(2);
     Ok(NsaOutput {

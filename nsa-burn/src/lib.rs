@@ -7,13 +7,17 @@
 //! - [`reference`]: the operator in plain Burn tensor ops, differentiable on every backend.
 
 mod attention;
+mod backend;
 mod compressor;
 mod config;
+mod fusion;
 mod gate;
+mod kernels;
 mod module;
 pub mod reference;
 
 pub use attention::{nsa_attention, try_nsa_attention, BranchKv, NsaError, NsaInput, NsaOutput, NsaShapeError};
+pub use backend::NsaBackend;
 pub use compressor::{Compressor, CompressorMlp};
 pub use config::{CompressorKind, KvSharing, NsaAttentionConfig, NsaConfig, NsaConfigError};
 pub use gate::Gate;

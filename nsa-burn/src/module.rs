@@ -6,8 +6,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::{
-    nsa_attention, BranchKv, Compressor, Gate, KvSharing, NsaAttentionConfig, NsaConfig,
-    NsaConfigError, NsaInput,
+    nsa_attention, BranchKv, Compressor, Gate, KvSharing, NsaAttentionConfig, NsaBackend,
+    NsaConfig, NsaConfigError, NsaInput,
 };
 
 /// Key and value projections of one branch (or of all three when shared).
@@ -118,7 +118,7 @@ enum Branch {
     Window = 2,
 }
 
-impl<B: Backend> Nsa<B> {
+impl<B: NsaBackend> Nsa<B> {
     /// Causal NSA self-attention.
     ///
     /// `x: [B, T, d_model]` -> `[B, T, d_model]`.

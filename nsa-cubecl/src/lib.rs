@@ -1,4 +1,16 @@
-//! CubeCL kernels for Native Sparse Attention.
+//! CubeCL kernels for Native Sparse Attention (NSA), generic over the CubeCL runtime and
+//! free of Burn types: `nsa-burn` launches them on Burn's CubeCL backends.
 //!
-//! Empty until the forward-kernel issue lands: the layer currently runs on the reference
-//! implementation in `nsa-burn` on every backend.
+//! Every kernel runs one cube per `(batch, KV head, query position)` holding the group's
+//! `G` query heads (the paper's group-centric layout) and streams keys through the shared
+//! online-softmax tile of [`tile`].
+
+pub mod tile;
+pub mod window;
+pub mod select;
+pub mod compress;
+pub mod launch;
+
+pub use compress::SelectionConfig;
+pub use launch::{launch_compressed, launch_selected, launch_window, tile_config, AttentionShape};
+pub use tile::TileConfig;

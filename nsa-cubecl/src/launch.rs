@@ -1,0 +1,209 @@
+//! Host side: tile sizes for the device, grid shape, and one launch function per kernel.
+//! Tensors come in as CubeCL [`TensorArg`]s in the layouts the kernels document.
+
+use cubecl::prelude::*;
+use cubecl::{calculate_cube_count_elemwise, CubeElement};
+
+use crate::compress::{compressed_attention_kernel, SelectionConfig};
+use crate::select::selected_attention_kernel;
+use crate::tile::TileConfig;
+use crate::window::window_attention_kernel;
+
+/// Sizes of one NSA attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Batch `B`.
+    pub batch: usize,
+    /// Sequence length `T`.
+    pub seq: usize,
+    /// Query heads `H`.
+    pub heads: usize,
+    /// KV heads `H_kv`.
+    pub kv_heads: usize,
+    /// Query/key head dimension.
+    pub d_k: usize,
+    /// Value head dimension.
+    pub d_v: usize,
+}
+
+impl AttentionShape {
+    /// Query heads per KV head.
+    pub fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    /// Whether some tensor of the call has more elements than 32-bit offsets reach.
+    fn needs_64_bit_offsets(&self, kv_rows: usize) -> bool {
+        let d = self.d_k.max(self.d_v);
+        let largest = (self.batch * self.seq * self.heads * d)
+            .max(self.batch * kv_rows * self.kv_heads * d);
+        largest > u32::MAX as usize
+    }
+}
+
+/// Units a cube may hold for one query group, at most.
+const MAX_UNITS: usize = 128;
+
+/// The tile for `shape` on this device: `G * parts` units (`parts` the largest power of two
+/// keeping the cube within [`MAX_UNITS`] and `d_v`), and the largest power-of-two number
+/// of key rows, at most 32 and dividing `divides`, whose shared memory (plus
+/// `extra_words` f32 words) fits the device.
+pub fn tile_config<R: Runtime>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    divides: usize,
+    extra_words: usize,
+) -> TileConfig {
+    let group = shape.group();
+    let mut parts = 1;
+    while group * parts * 2 <= MAX_UNITS && parts * 2 <= shape.d_v {
+        parts *= 2;
+    }
+    let shared_bytes = client.properties().hardware.max_shared_memory_size;
+    let mut tile_keys = 32;
+    loop {
+        let cfg = TileConfig {
+            group,
+            d_k: shape.d_k,
+            d_v: shape.d_v,
+            tile_keys,
+            parts,
+        };
+        let fits = (cfg.shared_words() + extra_words) * 4 <= shared_bytes;
+        if tile_keys == 1 || (fits && divides % tile_keys == 0) {
+            return cfg;
+        }
+        tile_keys /= 2;
+    }
+}
+
+/// One cube per `(batch, KV head, t)`.
+fn grid<R: Runtime>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    cfg: &TileConfig,
+) -> (CubeCount, CubeDim) {
+    let cube_dim = CubeDim::new_1d(cfg.units() as u32);
+    let cubes = shape.batch * shape.kv_heads * shape.seq;
+    let count = calculate_cube_count_elemwise(client, cubes * cfg.units(), cube_dim);
+    (count, cube_dim)
+}
+
+fn address_type(shape: &AttentionShape, kv_rows: usize) -> AddressType {
+    if shape.needs_64_bit_offsets(kv_rows) {
+        AddressType::U64
+    } else {
+        AddressType::U32
+    }
+}
+
+/// Sliding-window attention. `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`,
+/// `v: [B, T, H_kv, d_v]` -> `o: [B, T, H, d_v]`, `lse: [B, H, T]` f32.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_window<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    q: TensorArg<R>,
+    k: TensorArg<R>,
+    v: TensorArg<R>,
+    o: TensorArg<R>,
+    lse: TensorArg<R>,
+    scale: f32,
+    window: usize,
+) {
+    let cfg = tile_config(client, shape, 1, 0);
+    let (count, dim) = grid(client, shape, &cfg);
+    window_attention_kernel::launch::<F, R>(
+        client,
+        count,
+        dim,
+        address_type(shape, shape.seq),
+        q,
+        k,
+        v,
+        o,
+        lse,
+        scale,
+        cfg,
+        window,
+    );
+}
+
+/// Selected-block attention. `q`, `k`, `v` as in [`launch_window`],
+/// `selected: [B, H_kv, T, n]` Int -> `o: [B, T, H, d_v]`, `lse: [B, H, T]` f32.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_selected<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    q: TensorArg<R>,
+    k: TensorArg<R>,
+    v: TensorArg<R>,
+    selected: TensorArg<R>,
+    o: TensorArg<R>,
+    lse: TensorArg<R>,
+    scale: f32,
+    select_block: usize,
+) {
+    let cfg = tile_config(client, shape, select_block, 0);
+    let (count, dim) = grid(client, shape, &cfg);
+    selected_attention_kernel::launch::<F, I, R>(
+        client,
+        count,
+        dim,
+        address_type(shape, shape.seq),
+        q,
+        k,
+        v,
+        selected,
+        o,
+        lse,
+        scale,
+        cfg,
+        select_block,
+    );
+}
+
+/// Compressed attention with fused top-n selection. `q: [B, T, H, d_k]`,
+/// `k_cmp: [B, N_cmp, H_kv, d_k]`, `v_cmp: [B, N_cmp, H_kv, d_v]` -> `o: [B, T, H, d_v]`,
+/// `lse: [B, H, T]` f32, `selected: [B, H_kv, T, n]` Int. `selection.max_blocks` is
+/// filled in here.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    num_compressed: usize,
+    q: TensorArg<R>,
+    k_cmp: TensorArg<R>,
+    v_cmp: TensorArg<R>,
+    o: TensorArg<R>,
+    lse: TensorArg<R>,
+    selected: TensorArg<R>,
+    scale: f32,
+    selection: SelectionConfig,
+) {
+    // Round the block-score buffer up to a power of two so few variants get compiled.
+    let max_blocks = shape.seq.div_ceil(selection.select_block).next_power_of_two();
+    let selection = SelectionConfig {
+        max_blocks,
+        ..selection
+    };
+    let probe = tile_config(client, shape, 1, 0);
+    let extra = max_blocks + 2 * probe.units() + probe.group + probe.tile_keys;
+    let cfg = tile_config(client, shape, 1, extra);
+    let (count, dim) = grid(client, shape, &cfg);
+    compressed_attention_kernel::launch::<F, I, R>(
+        client,
+        count,
+        dim,
+        address_type(shape, num_compressed),
+        q,
+        k_cmp,
+        v_cmp,
+        o,
+        lse,
+        selected,
+        scale,
+        cfg,
+        selection,
+    );
+}

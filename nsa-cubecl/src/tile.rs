@@ -1,0 +1,263 @@
+//! The online-softmax tile shared by the three branch kernels.
+//!
+//! One cube serves one `(batch, KV head, query position)`: the `G` query heads of the group,
+//! each split over `parts` units along `d_v` (`units = G * parts`). Keys and values stream
+//! through shared memory in tiles of `tile_keys` rows; every unit keeps, in f32 registers,
+//! the running max, the running sum and its share of the output row ("state", see
+//! [`state_new`]). A tile's valid keys are always a prefix of it (`valid` rows).
+
+use cubecl::prelude::*;
+
+/// Stands for minus infinity: WGSL cannot spell `-inf`, so scores of masked keys and the
+/// max of an empty row use this finite sentinel (only ever in f32).
+pub const NEG_BIG: f32 = -1.0e30;
+
+/// Comptime shape of the tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TileConfig {
+    /// Query heads per KV head, `G`.
+    pub group: usize,
+    /// Query/key head dimension.
+    pub d_k: usize,
+    /// Value head dimension.
+    pub d_v: usize,
+    /// Key rows per tile.
+    pub tile_keys: usize,
+    /// Units per query head (each owns every `parts`-th output dimension).
+    pub parts: usize,
+}
+
+impl TileConfig {
+    /// Units per cube, `group * parts`.
+    pub fn units(&self) -> usize {
+        self.group * self.parts
+    }
+
+    /// Output dimensions each unit accumulates, `ceil(d_v / parts)`.
+    pub fn width(&self) -> usize {
+        self.d_v.div_ceil(self.parts)
+    }
+
+    /// f32 words of shared memory the tile needs: keys, values and scores.
+    pub fn shared_words(&self) -> usize {
+        self.tile_keys * (self.d_k + self.d_v) + self.group * self.tile_keys
+    }
+}
+
+/// Where a cube's rows live: `base` is the offset of row 0, head 0, dim 0 of its
+/// `(batch, KV head)`; rows, heads and dims are `row_stride`, `head_stride` and
+/// `dim_stride` apart.
+#[derive(CubeType, Clone, Copy)]
+pub struct Rows {
+    pub base: usize,
+    pub row_stride: usize,
+    pub head_stride: usize,
+    pub dim_stride: usize,
+}
+
+/// Fresh state: `[max, sum, acc_0 .. acc_width)`.
+#[cube]
+pub fn state_new(#[comptime] cfg: TileConfig) -> Array<f32> {
+    let mut state = Array::<f32>::new(comptime!(cfg.width() + 2));
+    state[0] = NEG_BIG;
+    #[unroll]
+    for i in 0..comptime!(cfg.width() + 1) {
+        state[i + 1] = 0.0;
+    }
+    state
+}
+
+/// Copies `valid` rows starting at `first_row` of `src` (one KV head) into `dst` as f32
+/// `[rows, dim]`, zero past `valid`.
+#[cube]
+fn load_rows<F: Float>(
+    src: &Tensor<F>,
+    at: Rows,
+    first_row: usize,
+    valid: usize,
+    dst: &mut SharedMemory<f32>,
+    #[comptime] dim: usize,
+    #[comptime] cfg: TileConfig,
+) {
+    let mut idx = UNIT_POS as usize;
+    while idx < comptime!(cfg.tile_keys * dim) {
+        let row = idx / dim;
+        let col = idx % dim;
+        let mut value = 0.0f32;
+        if row < valid {
+            value = f32::cast_from(src[at.base + (first_row + row) * at.row_stride + col * at.dim_stride]);
+        }
+        dst[idx] = value;
+        idx += comptime!(cfg.units());
+    }
+}
+
+/// Scaled scores `[G, tile_keys]` of the group's queries against the keys in shared memory;
+/// [`NEG_BIG`] past `valid`.
+#[cube]
+pub fn tile_scores<F: Float>(
+    q: &Tensor<F>,
+    q_at: Rows,
+    keys: &SharedMemory<f32>,
+    valid: usize,
+    scale: f32,
+    scores: &mut SharedMemory<f32>,
+    #[comptime] cfg: TileConfig,
+) {
+    let mut idx = UNIT_POS as usize;
+    while idx < comptime!(cfg.group * cfg.tile_keys) {
+        let head = idx / cfg.tile_keys;
+        let key = idx % cfg.tile_keys;
+        let mut score = f32::new(NEG_BIG);
+        if key < valid {
+            let query = q_at.base + head * q_at.head_stride;
+            let mut dot = 0.0f32;
+            for c in 0..cfg.d_k {
+                dot += f32::cast_from(q[query + c * q_at.dim_stride]) * keys[key * cfg.d_k + c];
+            }
+            score = dot * scale;
+        }
+        scores[idx] = score;
+        idx += comptime!(cfg.units());
+    }
+}
+
+/// Folds one tile of scores and values into this unit's state (online softmax).
+#[cube]
+fn tile_update(
+    state: &mut Array<f32>,
+    scores: &SharedMemory<f32>,
+    values: &SharedMemory<f32>,
+    valid: usize,
+    #[comptime] cfg: TileConfig,
+) {
+    let head = UNIT_POS as usize / cfg.parts;
+    let part = UNIT_POS as usize % cfg.parts;
+    let row = head * cfg.tile_keys;
+    let mut tile_max = f32::new(NEG_BIG);
+    for key in 0..valid {
+        tile_max = max(tile_max, scores[row + key]);
+    }
+    let old_max = state[0];
+    let new_max = max(old_max, tile_max);
+    let correction = (old_max - new_max).exp();
+    let mut sum = state[1] * correction;
+    #[unroll]
+    for i in 0..cfg.width() {
+        state[i + 2] *= correction;
+    }
+    for key in 0..valid {
+        let p = (scores[row + key] - new_max).exp();
+        sum += p;
+        #[unroll]
+        for i in 0..cfg.width() {
+            let col = part + i * cfg.parts;
+            if col < cfg.d_v {
+                state[i + 2] += p * values[key * cfg.d_v + col];
+            }
+        }
+    }
+    state[0] = new_max;
+    state[1] = sum;
+}
+
+/// Attends one tile: loads `valid` key/value rows from `first_row`, scores them against
+/// the group's queries and folds them into the state. Every unit of the cube must call it
+/// (it synchronizes the cube); `valid` may differ from the tile size, even be 0.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn attend_tile<F: Float>(
+    q: &Tensor<F>,
+    q_at: Rows,
+    k: &Tensor<F>,
+    k_at: Rows,
+    v: &Tensor<F>,
+    v_at: Rows,
+    first_row: usize,
+    valid: usize,
+    scale: f32,
+    state: &mut Array<f32>,
+    keys: &mut SharedMemory<f32>,
+    values: &mut SharedMemory<f32>,
+    scores: &mut SharedMemory<f32>,
+    #[comptime] cfg: TileConfig,
+) {
+    load_rows::<F>(k, k_at, first_row, valid, keys, cfg.d_k, cfg);
+    load_rows::<F>(v, v_at, first_row, valid, values, cfg.d_v, cfg);
+    sync_cube();
+    tile_scores::<F>(q, q_at, keys, valid, scale, scores, cfg);
+    sync_cube();
+    tile_update(state, scores, values, valid, cfg);
+    sync_cube();
+}
+
+/// Writes this unit's share of the output row `o = acc / sum` (0 for an empty row) and,
+/// from the unit owning part 0, the row's log-sum-exp (`NEG_BIG` for an empty row) to
+/// `lse[lse_index + head * lse_head_stride]`.
+#[cube]
+pub fn state_finish<F: Float>(
+    state: &Array<f32>,
+    o: &mut Tensor<F>,
+    o_at: Rows,
+    lse: &mut Tensor<f32>,
+    lse_index: usize,
+    lse_head_stride: usize,
+    #[comptime] cfg: TileConfig,
+) {
+    let head = UNIT_POS as usize / cfg.parts;
+    let part = UNIT_POS as usize % cfg.parts;
+    let sum = state[1];
+    let mut inverse = 0.0f32;
+    if sum > 0.0 {
+        inverse = 1.0 / sum;
+    }
+    #[unroll]
+    for i in 0..cfg.width() {
+        let col = part + i * cfg.parts;
+        if col < cfg.d_v {
+            o[o_at.base + head * o_at.head_stride + col * o_at.dim_stride] =
+                F::cast_from(state[i + 2] * inverse);
+        }
+    }
+    if part == 0 {
+        let mut value = f32::new(NEG_BIG);
+        if sum > 0.0 {
+            value = state[0] + sum.ln();
+        }
+        lse[lse_index + head * lse_head_stride] = value;
+    }
+}
+
+/// The cube's `(batch, KV head, query position)`, with `t` fastest so neighbouring cubes
+/// share keys; `None` for the padding cubes of the grid.
+#[cube]
+pub fn cube_position(batch: usize, kv_heads: usize, seq: usize) -> (usize, usize, usize, bool) {
+    let cube = CUBE_POS;
+    let t = cube % seq;
+    let head = (cube / seq) % kv_heads;
+    let b = cube / (seq * kv_heads);
+    (b, head, t, cube < batch * kv_heads * seq)
+}
+
+/// The group's query (or output) rows at `(b, t)` of a `[B, T, H, d]` tensor: heads
+/// `kv_head * G ..` of that position.
+#[cube]
+pub fn group_rows<F: Float>(x: &Tensor<F>, b: usize, t: usize, kv_head: usize, #[comptime] group: usize) -> Rows {
+    Rows {
+        base: b * x.stride(0) + t * x.stride(1) + kv_head * group * x.stride(2),
+        row_stride: 0,
+        head_stride: x.stride(2),
+        dim_stride: x.stride(3),
+    }
+}
+
+/// The rows of one KV head of a `[B, L, H_kv, d]` key or value tensor.
+#[cube]
+pub fn head_rows<F: Float>(x: &Tensor<F>, b: usize, kv_head: usize) -> Rows {
+    Rows {
+        base: b * x.stride(0) + kv_head * x.stride(2),
+        row_stride: x.stride(1),
+        head_stride: 0,
+        dim_stride: x.stride(3),
+    }
+}

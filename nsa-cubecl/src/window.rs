@@ -1,0 +1,45 @@
+//! Sliding-window attention: query `t` attends keys `max(0, t - w + 1) ..= t`.
+
+use cubecl::prelude::*;
+
+use crate::tile::{attend_tile, cube_position, group_rows, head_rows, state_finish, state_new, TileConfig};
+
+/// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]` ->
+/// `o: [B, T, H, d_v]`, `lse: [B, H, T]` (f32). One cube per `(b, KV head, t)`.
+#[cube(launch, address_type = "dynamic")]
+pub fn window_attention_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    o: &mut Tensor<F>,
+    lse: &mut Tensor<f32>,
+    scale: f32,
+    #[comptime] cfg: TileConfig,
+    #[comptime] window: usize,
+) {
+    let mut keys = SharedMemory::<f32>::new(comptime!(cfg.tile_keys * cfg.d_k));
+    let mut values = SharedMemory::<f32>::new(comptime!(cfg.tile_keys * cfg.d_v));
+    let mut scores = SharedMemory::<f32>::new(comptime!(cfg.group * cfg.tile_keys));
+    let (b, head, t, active) = cube_position(q.shape(0), k.shape(2), q.shape(1));
+    if active {
+        let q_at = group_rows::<F>(q, b, t, head, cfg.group);
+        let k_at = head_rows::<F>(k, b, head);
+        let v_at = head_rows::<F>(v, b, head);
+        let mut state = state_new(cfg);
+        let mut row = 0usize;
+        if t + 1 > window {
+            row = t + 1 - window;
+        }
+        while row <= t {
+            let valid = min(t + 1 - row, cfg.tile_keys);
+            attend_tile::<F>(
+                q, q_at, k, k_at, v, v_at, row, valid, scale, &mut state, &mut keys, &mut values,
+                &mut scores, cfg,
+            );
+            row += cfg.tile_keys;
+        }
+        let o_at = group_rows::<F>(o, b, t, head, cfg.group);
+        let lse_index = b * lse.stride(0) + head * cfg.group * lse.stride(1) + t * lse.stride(2);
+        state_finish::<F>(&state, o, o_at, lse, lse_index, lse.stride(1), cfg);
+    }
+}
