@@ -13,7 +13,7 @@ use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Int, Tensor};
 use clap::{Parser, ValueEnum};
-use nsa_burn::{Nsa, NsaAttentionConfig, NsaConfig};
+use nsa_burn::{Nsa, NsaAttentionConfig, NsaBackend, NsaConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DeviceChoice {
@@ -113,7 +113,11 @@ fn answers<B: Backend>() -> bool {
     ok
 }
 
-fn run<B: AutodiffBackend>(args: &Args, config: &NsaConfig, name: &str, device: &B::Device) {
+fn run<B>(args: &Args, config: &NsaConfig, name: &str, device: &B::Device)
+where
+    B: AutodiffBackend + NsaBackend,
+    B::InnerBackend: NsaBackend,
+{
     let nsa: Nsa<B> = config.init(device);
     let [batch, seq] = [args.batch, args.seq_len];
     println!("device: {name}");

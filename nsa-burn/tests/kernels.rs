@@ -4,7 +4,7 @@
 //! - wgpu: always built. Without an adapter the test is skipped with a message, unless
 //!   `NSA_REQUIRE_GPU_ADAPTER` is set (CI sets it, with Mesa lavapipe installed), in which
 //!   case it fails.
-//! - CUDA: built with `--features cuda` (run on the GPU machine), in f32, f16 and bf16.
+//! - CUDA: built with `--features test-cuda` (run on the GPU machine), in f32, f16 and bf16.
 //!
 //! The kernels run on Burn's default backend types (`Wgpu`, `Cuda`: fusion on); the
 //! reference runs on Flex in f32 on the same values (rounded to the kernel's dtype first).
@@ -229,7 +229,7 @@ fn wgpu_kernels_match_the_reference() {
     check_all::<B>(&device, DType::F32);
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "test-cuda")]
 #[test]
 fn cuda_kernels_match_the_reference() {
     type B = burn::backend::Cuda;
