@@ -117,11 +117,16 @@ fn random(shape: [usize; 4], dtype: DType) -> TensorData {
     x.cast(dtype).cast(DType::F32).into_data()
 }
 
+/// `data` on `B` in `dtype`. An empty tensor is made with `zeros`, as the layer makes it
+/// (the CUDA runtime rejects uploading zero bytes).
 fn on<B: NsaBackend>(data: &TensorData, dtype: DType, device: &B::Device) -> B::FloatTensorPrimitive {
-    Tensor::<B, 4>::from_data(data.clone(), device)
-        .cast(dtype)
-        .into_primitive()
-        .tensor()
+    let tensor = if data.num_elements() == 0 {
+        let dims: [usize; 4] = data.shape.dims();
+        Tensor::<B, 4>::zeros(dims, device)
+    } else {
+        Tensor::<B, 4>::from_data(data.clone(), device)
+    };
+    tensor.cast(dtype).into_primitive().tensor()
 }
 
 fn back<B: NsaBackend>(tensor: B::FloatTensorPrimitive) -> TensorData {

@@ -4,8 +4,8 @@
 use cubecl::prelude::*;
 
 use crate::tile::{
-    attend_tile, cube_position, group_rows, head_rows, state_finish, state_new, tile_scores,
-    TileConfig, NEG_BIG,
+    attend_tile, cube_position, group_rows, head_rows, load_rows, state_finish, state_new,
+    tile_scores, TileConfig, NEG_BIG,
 };
 
 /// Score that forces a block into the selection.
@@ -52,7 +52,7 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
     #[comptime] cfg: TileConfig,
     #[comptime] sel: SelectionConfig,
 ) {
-    let mut keys = SharedMemory::<f32>::new(comptime!(cfg.tile_keys * cfg.d_k));
+    let mut keys = SharedMemory::<f32>::new(comptime!(cfg.tile_keys * cfg.key_stride()));
     let mut values = SharedMemory::<f32>::new(comptime!(cfg.tile_keys * cfg.d_v));
     let mut scores = SharedMemory::<f32>::new(comptime!(cfg.group * cfg.tile_keys));
     let mut row_lse = SharedMemory::<f32>::new(cfg.group);
@@ -105,19 +105,7 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
         while row < visible {
             let valid = min(visible - row, cfg.tile_keys);
             // Keys of this tile into shared memory (values are not needed here).
-            let mut idx = unit;
-            while idx < comptime!(cfg.tile_keys * cfg.d_k) {
-                let r = idx / cfg.d_k;
-                let c = idx % cfg.d_k;
-                let mut value = 0.0f32;
-                if r < valid {
-                    value = f32::cast_from(
-                        k_cmp[k_at.base + (row + r) * k_at.row_stride + c * k_at.dim_stride],
-                    );
-                }
-                keys[idx] = value;
-                idx += units;
-            }
+            load_rows::<F>(k_cmp, k_at, row, valid, &mut keys, cfg.d_k, cfg.key_stride(), cfg);
             sync_cube();
             tile_scores::<F>(q, q_at, &keys, valid, scale, &mut scores, cfg);
             sync_cube();

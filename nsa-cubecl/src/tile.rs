@@ -38,9 +38,15 @@ impl TileConfig {
         self.d_v.div_ceil(self.parts)
     }
 
+    /// Row stride of the keys in shared memory: one word of padding, so the units that
+    /// score consecutive keys read different banks.
+    pub fn key_stride(&self) -> usize {
+        self.d_k + 1
+    }
+
     /// f32 words of shared memory the tile needs: keys, values and scores.
     pub fn shared_words(&self) -> usize {
-        self.tile_keys * (self.d_k + self.d_v) + self.group * self.tile_keys
+        self.tile_keys * (self.key_stride() + self.d_v) + self.group * self.tile_keys
     }
 }
 
@@ -68,15 +74,17 @@ pub fn state_new(#[comptime] cfg: TileConfig) -> Array<f32> {
 }
 
 /// Copies `valid` rows starting at `first_row` of `src` (one KV head) into `dst` as f32
-/// `[rows, dim]`, zero past `valid`.
+/// rows of `dim` values, `stride` words apart; zero past `valid`.
 #[cube]
-fn load_rows<F: Float>(
+#[allow(clippy::too_many_arguments)]
+pub fn load_rows<F: Float>(
     src: &Tensor<F>,
     at: Rows,
     first_row: usize,
     valid: usize,
     dst: &mut SharedMemory<f32>,
     #[comptime] dim: usize,
+    #[comptime] stride: usize,
     #[comptime] cfg: TileConfig,
 ) {
     let mut idx = UNIT_POS as usize;
@@ -87,7 +95,7 @@ fn load_rows<F: Float>(
         if row < valid {
             value = f32::cast_from(src[at.base + (first_row + row) * at.row_stride + col * at.dim_stride]);
         }
-        dst[idx] = value;
+        dst[row * stride + col] = value;
         idx += comptime!(cfg.units());
     }
 }
@@ -113,7 +121,7 @@ pub fn tile_scores<F: Float>(
             let query = q_at.base + head * q_at.head_stride;
             let mut dot = 0.0f32;
             for c in 0..cfg.d_k {
-                dot += f32::cast_from(q[query + c * q_at.dim_stride]) * keys[key * cfg.d_k + c];
+                dot += f32::cast_from(q[query + c * q_at.dim_stride]) * keys[key * cfg.key_stride() + c];
             }
             score = dot * scale;
         }
@@ -182,8 +190,8 @@ pub fn attend_tile<F: Float>(
     scores: &mut SharedMemory<f32>,
     #[comptime] cfg: TileConfig,
 ) {
-    load_rows::<F>(k, k_at, first_row, valid, keys, cfg.d_k, cfg);
-    load_rows::<F>(v, v_at, first_row, valid, values, cfg.d_v, cfg);
+    load_rows::<F>(k, k_at, first_row, valid, keys, cfg.d_k, cfg.key_stride(), cfg);
+    load_rows::<F>(v, v_at, first_row, valid, values, cfg.d_v, cfg.d_v, cfg);
     sync_cube();
     tile_scores::<F>(q, q_at, keys, valid, scale, scores, cfg);
     sync_cube();

@@ -17,7 +17,7 @@ pub fn window_attention_kernel<F: Float>(
     #[comptime] cfg: TileConfig,
     #[comptime] window: usize,
 ) {
-    let mut keys = SharedMemory::<f32>::new(comptime!(cfg.tile_keys * cfg.d_k));
+    let mut keys = SharedMemory::<f32>::new(comptime!(cfg.tile_keys * cfg.key_stride()));
     let mut values = SharedMemory::<f32>::new(comptime!(cfg.tile_keys * cfg.d_v));
     let mut scores = SharedMemory::<f32>::new(comptime!(cfg.group * cfg.tile_keys));
     let (b, head, t, active) = cube_position(q.shape(0), k.shape(2), q.shape(1));
