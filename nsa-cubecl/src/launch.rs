@@ -46,12 +46,12 @@ const MAX_UNITS: usize = 128;
 
 /// The tile for `shape` on this device: `G * parts` units (`parts` the largest power of two
 /// keeping the cube within [`MAX_UNITS`] and `d_v`), and the largest power-of-two number
-/// of key rows, at most 32 and dividing `divides`, whose shared memory (plus
+/// of key rows, at most 32 and dividing `divides` when given, whose shared memory (plus
 /// `extra_words` f32 words) fits the device.
 pub fn tile_config<R: Runtime>(
     client: &ComputeClient<R>,
     shape: &AttentionShape,
-    divides: usize,
+    divides: Option<usize>,
     extra_words: usize,
 ) -> TileConfig {
     let group = shape.group();
@@ -70,7 +70,7 @@ pub fn tile_config<R: Runtime>(
             parts,
         };
         let fits = (cfg.shared_words() + extra_words) * 4 <= shared_bytes;
-        if tile_keys == 1 || (fits && divides % tile_keys == 0) {
+        if tile_keys == 1 || (fits && divides.is_none_or(|d| d % tile_keys == 0)) {
             return cfg;
         }
         tile_keys /= 2;
@@ -111,7 +111,7 @@ pub fn launch_window<R: Runtime, F: Float + CubeElement>(
     scale: f32,
     window: usize,
 ) {
-    let cfg = tile_config(client, shape, 1, 0);
+    let cfg = tile_config(client, shape, None, 0);
     let (count, dim) = grid(client, shape, &cfg);
     window_attention_kernel::launch::<F, R>(
         client,
@@ -144,7 +144,7 @@ pub fn launch_selected<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>
     scale: f32,
     select_block: usize,
 ) {
-    let cfg = tile_config(client, shape, select_block, 0);
+    let cfg = tile_config(client, shape, Some(select_block), 0);
     let (count, dim) = grid(client, shape, &cfg);
     selected_attention_kernel::launch::<F, I, R>(
         client,
@@ -187,9 +187,9 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
         max_blocks,
         ..selection
     };
-    let probe = tile_config(client, shape, 1, 0);
+    let probe = tile_config(client, shape, None, 0);
     let extra = max_blocks + 2 * probe.units() + probe.group + probe.tile_keys;
-    let cfg = tile_config(client, shape, 1, extra);
+    let cfg = tile_config(client, shape, None, extra);
     let (count, dim) = grid(client, shape, &cfg);
     compressed_attention_kernel::launch::<F, I, R>(
         client,
