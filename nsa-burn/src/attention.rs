@@ -25,7 +25,8 @@ pub struct NsaInput<B: Backend> {
     pub q: Tensor<B, 4>,
     /// Compressed keys and values `[B, N_cmp, H_kv, d]`, `N_cmp =
     /// config.num_compressed_blocks(T)`: the compressor's output (see [`crate::Compressor`]).
-    pub compressed: BranchKv<B>,
+    /// `None` exactly when `N_cmp = 0` (`T < l`): GPU runtimes cannot hold empty tensors.
+    pub compressed: Option<BranchKv<B>>,
     /// Keys and values of the selection branch, `[B, T, H_kv, d]`.
     pub selected: BranchKv<B>,
     /// Keys and values of the sliding-window branch, `[B, T, H_kv, d]`.
@@ -132,9 +133,33 @@ impl<B: Backend> NsaInput<B> {
             });
         }
         let num_compressed = config.num_compressed_blocks(seq);
+        match (&self.compressed, num_compressed) {
+            (None, 0) => {}
+            (Some(compressed), 1..) => {
+                let kv = [
+                    ("compressed.k", &compressed.k, d_k, "[B, N_cmp, H_kv, d_k]"),
+                    ("compressed.v", &compressed.v, d_v, "[B, N_cmp, H_kv, d_v]"),
+                ];
+                for (name, tensor, dim, names) in kv {
+                    expect_shape(name, tensor.dims(), [batch, num_compressed, kv_heads, dim], names)?;
+                }
+            }
+            (Some(compressed), 0) => {
+                return Err(NsaShapeError {
+                    tensor: "compressed",
+                    actual: compressed.k.dims().to_vec(),
+                    expected: format!("None: T = {seq} < l = {} leaves no compression block", config.compress_block),
+                })
+            }
+            (None, _) => {
+                return Err(NsaShapeError {
+                    tensor: "compressed",
+                    actual: Vec::new(),
+                    expected: format!("[B, N_cmp, H_kv, d] with N_cmp = {num_compressed} for T = {seq}, got None"),
+                })
+            }
+        }
         let kv = [
-            ("compressed.k", &self.compressed.k, num_compressed, d_k, "[B, N_cmp, H_kv, d_k]"),
-            ("compressed.v", &self.compressed.v, num_compressed, d_v, "[B, N_cmp, H_kv, d_v]"),
             ("selected.k", &self.selected.k, seq, d_k, "[B, T, H_kv, d_k]"),
             ("selected.v", &self.selected.v, seq, d_v, "[B, T, H_kv, d_v]"),
             ("window.k", &self.window.k, seq, d_k, "[B, T, H_kv, d_k]"),
@@ -155,7 +180,8 @@ impl<B: Backend> NsaInput<B> {
 /// the inputs disagree, or when `config` is invalid; [`try_nsa_attention`] returns those
 /// errors instead.
 ///
-/// Shapes: `q: [B, T, H, d_k]`; `compressed: [B, N_cmp, H_kv, d_k | d_v]`;
+/// Shapes: `q: [B, T, H, d_k]`; `compressed: [B, N_cmp, H_kv, d_k | d_v]` (or `None` when
+/// `T < l`);
 /// `selected`, `window: [B, T, H_kv, d_k | d_v]`; `gates: [B, T, H, 3]` ->
 /// `output: [B, T, H, d_v]`, `selected_blocks: [B, H_kv, T, n]`.
 pub fn nsa_attention<B: NsaBackend>(input: NsaInput<B>, config: &NsaAttentionConfig) -> NsaOutput<B> {
@@ -177,25 +203,48 @@ pub fn try_nsa_attention<B: NsaBackend>(
         gates,
     } = input;
     let float = |t: Tensor<B, 4>| t.into_primitive().tensor();
-    let (o_cmp, selected_blocks) = B::nsa_compressed(
-        float(q.clone()),
-        float(compressed.k),
-        float(compressed.v),
-        config,
-    );
+    let [batch, seq, _, _] = q.dims();
+    let kv_heads = selected.k.dims()[2];
+    let (o_cmp, selected_blocks) = match compressed {
+        Some(compressed) => {
+            let (o, blocks) = B::nsa_compressed(
+                float(q.clone()),
+                float(compressed.k),
+                float(compressed.v),
+                config,
+            );
+            (Some(o), Tensor::<B, 4, Int>::from_primitive(blocks))
+        }
+        None => {
+            // T < l <= l': block 0 is the only selection block, and every query takes it.
+            let device = q.device();
+            let first = Tensor::<B, 4, Int>::zeros([batch, kv_heads, seq, 1], &device);
+            let blocks = match config.n_selected {
+                1 => first,
+                n => {
+                    let empty = Tensor::full([batch, kv_heads, seq, n - 1], -1, &device);
+                    Tensor::cat(vec![first, empty], 3)
+                }
+            };
+            (None, blocks)
+        }
+    };
     let o_slc = B::nsa_selected(
         float(q.clone()),
         float(selected.k),
         float(selected.v),
-        selected_blocks.clone(),
+        selected_blocks.clone().into_primitive(),
         config,
     );
     let o_win = B::nsa_window(float(q), float(window.k), float(window.v), config);
     let tensor = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
-    let (o_cmp, o_slc, o_win) = (tensor(o_cmp), tensor(o_slc), tensor(o_win));
-    let selected_blocks = Tensor::<B, 4, Int>::from_primitive(selected_blocks);
     let gate = |branch: usize| gates.clone().narrow(3, branch, 1);
-    let output = o_cmp * gate(0) + o_slc * gate(1) + o_win * gate(2);
+    let output = tensor(o_slc) * gate(1) + tensor(o_win) * gate(2);
+    // Without compression blocks the compressed branch is exactly zero.
+    let output = match o_cmp {
+        Some(o_cmp) => tensor(o_cmp) * gate(0) + output,
+        None => output,
+    };
     Ok(NsaOutput {
         output,
         selected_blocks,

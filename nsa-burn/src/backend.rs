@@ -20,7 +20,8 @@ fn float<B: Backend>(tensor: FloatTensor<B>) -> Tensor<B, 4> {
 pub trait NsaBackend: Backend {
     /// Compressed attention and top-n selection (see [`compressed_attention`]).
     ///
-    /// `q: [B, T, H, d_k]`, `k_cmp: [B, N_cmp, H_kv, d_k]`, `v_cmp: [B, N_cmp, H_kv, d_v]` ->
+    /// `q: [B, T, H, d_k]`, `k_cmp: [B, N_cmp, H_kv, d_k]`, `v_cmp: [B, N_cmp, H_kv, d_v]`
+    /// with `N_cmp >= 1` ([`crate::nsa_attention`] handles `T < l` itself) ->
     /// (`o_cmp: [B, T, H, d_v]`, `selected: [B, H_kv, T, n]` Int).
     fn nsa_compressed(
         q: FloatTensor<Self>,

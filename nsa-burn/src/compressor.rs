@@ -73,13 +73,14 @@ impl<B: Backend> Compressor<B> {
         }
     }
 
-    /// `x: [B, T, H_kv, d]` -> `[B, N_cmp, H_kv, d]` with `N_cmp = num_blocks(T)`.
-    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    /// `x: [B, T, H_kv, d]` -> `[B, N_cmp, H_kv, d]` with `N_cmp = num_blocks(T)`, or `None`
+    /// when `T < l` (no block has ended; GPU runtimes cannot hold an empty tensor).
+    pub fn forward(&self, x: Tensor<B, 4>) -> Option<Tensor<B, 4>> {
         let [batch, seq, heads, dim] = x.dims();
         let blocks = self.num_blocks(seq);
         let device = x.device();
         if blocks == 0 {
-            return Tensor::zeros([batch, 0, heads, dim], (&device, x.dtype()));
+            return None;
         }
         // Positions i*d + r of every block, flattened: [N_cmp * l].
         let starts = Tensor::<B, 1, Int>::arange(0..blocks as i64, &device)
@@ -94,13 +95,13 @@ impl<B: Backend> Compressor<B> {
             .select(1, rows)
             .reshape([batch, blocks, self.block, heads, dim]);
         match &self.mlp {
-            None => grouped.mean_dim(2).reshape([batch, blocks, heads, dim]),
+            None => Some(grouped.mean_dim(2).reshape([batch, blocks, heads, dim])),
             Some(mlp) => {
                 let position = mlp.position.val().reshape([1, 1, 1, self.block, dim]);
                 let flat = (grouped.permute([0, 1, 3, 2, 4]) + position)
                     .reshape([batch, blocks, heads, self.block * dim]);
                 let hidden = gelu(mlp.hidden.forward(flat));
-                mlp.output.forward(hidden)
+                Some(mlp.output.forward(hidden))
             }
         }
     }

@@ -122,13 +122,6 @@ where
             max_blocks: 0,
         };
         let client = q.client.clone();
-        // An empty compressed tensor has no buffer to bind: give the kernel a one-row
-        // stand-in it never reads (no block is visible).
-        let (k_cmp, v_cmp) = if num_compressed == 0 {
-            (stand_in(&q, shape.kv_heads, shape.d_k), stand_in(&q, shape.kv_heads, shape.d_v))
-        } else {
-            (k_cmp, v_cmp)
-        };
         with_float_type!(q.dtype, Fl => with_int_type!(selected.dtype, In => {
             launch_compressed::<R, Fl, In>(
                 &client,
@@ -199,15 +192,4 @@ where
         });
         o
     }
-}
-
-/// A `[B, 1, H_kv, dim]` tensor in `like`'s dtype, never read.
-fn stand_in<R: CubeRuntime>(like: &CubeTensor<R>, kv_heads: usize, dim: usize) -> CubeTensor<R> {
-    let batch = dims(like)[0];
-    empty_device_contiguous_dtype(
-        like.client.clone(),
-        like.device.clone(),
-        Shape::new([batch, 1, kv_heads, dim]),
-        like.dtype,
-    )
 }

@@ -150,10 +150,11 @@ impl<B: NsaBackend> Nsa<B> {
             }
         };
         let raw = project(Branch::Compressed);
-        let compressed = BranchKv {
-            k: self.compress_key.forward(raw.k),
-            v: self.compress_value.forward(raw.v),
-        };
+        let compressed = self
+            .compress_key
+            .forward(raw.k)
+            .zip(self.compress_value.forward(raw.v))
+            .map(|(k, v)| BranchKv { k, v });
         let gates = self.gate.forward(x.clone());
         let attention = nsa_attention(
             NsaInput {

@@ -10,9 +10,10 @@
 //! reference runs on Flex in f32 on the same values (rounded to the kernel's dtype first).
 
 use burn::backend::Flex;
+use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData, TensorPrimitive};
 use nsa_burn::reference::{compressed_attention, selected_attention, window_attention};
-use nsa_burn::{NsaAttentionConfig, NsaBackend};
+use nsa_burn::{nsa_attention, BranchKv, NsaAttentionConfig, NsaBackend, NsaInput};
 
 /// One parity case: head layout, sizes and block settings.
 #[derive(Debug, Clone, Copy)]
@@ -117,16 +118,26 @@ fn random(shape: [usize; 4], dtype: DType) -> TensorData {
     x.cast(dtype).cast(DType::F32).into_data()
 }
 
-/// `data` on `B` in `dtype`. An empty tensor is made with `zeros`, as the layer makes it
-/// (the CUDA runtime rejects uploading zero bytes).
+/// The operator's input from `[q, k, v, k_cmp, v_cmp, gates]` (the same keys and values
+/// for the selected and window branches; no compressed keys when `k_cmp` is empty).
+fn operator_input<Bk: Backend>(tensors: [Tensor<Bk, 4>; 6]) -> NsaInput<Bk> {
+    let [q, k, v, k_cmp, v_cmp, gates] = tensors;
+    NsaInput {
+        q,
+        compressed: (k_cmp.dims()[1] > 0).then_some(BranchKv { k: k_cmp, v: v_cmp }),
+        selected: BranchKv { k: k.clone(), v: v.clone() },
+        window: BranchKv { k, v },
+        gates,
+    }
+}
+
+/// `data` on `B` in `dtype`.
+fn tensor<B: NsaBackend>(data: &TensorData, dtype: DType, device: &B::Device) -> Tensor<B, 4> {
+    Tensor::<B, 4>::from_data(data.clone(), device).cast(dtype)
+}
+
 fn on<B: NsaBackend>(data: &TensorData, dtype: DType, device: &B::Device) -> B::FloatTensorPrimitive {
-    let tensor = if data.num_elements() == 0 {
-        let dims: [usize; 4] = data.shape.dims();
-        Tensor::<B, 4>::zeros(dims, device)
-    } else {
-        Tensor::<B, 4>::from_data(data.clone(), device)
-    };
-    tensor.cast(dtype).into_primitive().tensor()
+    tensor::<B>(data, dtype, device).into_primitive().tensor()
 }
 
 fn back<B: NsaBackend>(tensor: B::FloatTensorPrimitive) -> TensorData {
@@ -147,13 +158,26 @@ fn check_case<B: NsaBackend>(case: &Case, dtype: DType, device: &B::Device) -> f
     let q = random([batch, seq, heads, d_k], dtype);
     let k = random([batch, seq, kv_heads, d_k], dtype);
     let v = random([batch, seq, kv_heads, d_v], dtype);
-    let (k_cmp, v_cmp) = if blocks == 0 {
-        let empty = |d| TensorData::new(Vec::<f32>::new(), [batch, 0, kv_heads, d]);
-        (empty(d_k), empty(d_v))
-    } else {
-        (random([batch, blocks, kv_heads, d_k], dtype), random([batch, blocks, kv_heads, d_v], dtype))
-    };
+    let k_cmp = random([batch, blocks, kv_heads, d_k], dtype);
+    let v_cmp = random([batch, blocks, kv_heads, d_v], dtype);
+    let gates = Tensor::<Flex, 4>::random([batch, seq, heads, 3], Distribution::Uniform(0.0, 1.0), &Default::default())
+        .into_data();
 
+    // The whole operator, gates included (with `compressed: None` when T < l).
+    let all = [&q, &k, &v, &k_cmp, &v_cmp, &gates];
+    let got = nsa_attention(operator_input(all.map(|d| tensor::<B>(d, dtype, device))), &config);
+    let want = nsa_attention(operator_input(all.map(reference)), &config);
+    assert_eq!(
+        ints(got.selected_blocks.into_data()),
+        ints(want.selected_blocks.into_data()),
+        "{case:?} {dtype:?}: selected blocks differ (whole operator)"
+    );
+    let mut worst = compare(case, dtype, "whole operator", got.output.cast(DType::F32).into_data(), want.output.into_data());
+    if blocks == 0 {
+        return worst;
+    }
+
+    // Each branch on its own.
     let (o_cmp, selected) = B::nsa_compressed(
         on::<B>(&q, dtype, device),
         on::<B>(&k_cmp, dtype, device),
@@ -184,23 +208,26 @@ fn check_case<B: NsaBackend>(case: &Case, dtype: DType, device: &B::Device) -> f
     );
     let ref_slc = selected_attention(reference(&q), reference(&k), reference(&v), ref_selected, &config);
     let ref_win = window_attention(reference(&q), reference(&k), reference(&v), &config);
-    let mut worst = 0.0f64;
     for (name, kernel, expected) in [
         ("compressed", o_cmp, ref_cmp),
         ("selected", o_slc, ref_slc),
         ("window", o_win, ref_win),
     ] {
-        let got = floats(back::<B>(kernel));
-        let want = floats(expected.into_data());
-        let error = relative_error(&got, &want);
-        let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
-        assert!(
-            error < tolerance,
-            "{case:?} {dtype:?}: {name} branch relative error {error:e} (tolerance {tolerance:e})"
-        );
+        let error = compare(case, dtype, name, back::<B>(kernel), expected.into_data());
         worst = worst.max(error);
     }
     worst
+}
+
+/// Relative error of `got` against `want`, asserted below the dtype's tolerance.
+fn compare(case: &Case, dtype: DType, name: &str, got: TensorData, want: TensorData) -> f64 {
+    let error = relative_error(&floats(got), &floats(want));
+    let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+    assert!(
+        error < tolerance,
+        "{case:?} {dtype:?}: {name} relative error {error:e} (tolerance {tolerance:e})"
+    );
+    error
 }
 
 fn check_all<B: NsaBackend>(device: &B::Device, dtype: DType) {

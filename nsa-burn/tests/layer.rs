@@ -85,18 +85,15 @@ fn operator_input(
         k: normal([1, len, kv_heads, dim]),
         v: normal([1, len, kv_heads, dim]),
     };
-    let boosts: Vec<f32> = (0..blocks).map(&boost).collect();
-    let compressed_k = if blocks == 0 {
-        Tensor::zeros([1, 0, kv_heads, dim], &device())
-    } else {
-        Tensor::<B, 1>::from_floats(boosts.as_slice(), &device())
-            .reshape([1, blocks, 1, 1])
-            .expand([1, blocks, kv_heads, dim])
-    };
-    let compressed = BranchKv {
-        k: compressed_k,
-        v: normal([1, blocks, kv_heads, dim]),
-    };
+    let compressed = (blocks > 0).then(|| {
+        let boosts: Vec<f32> = (0..blocks).map(&boost).collect();
+        BranchKv {
+            k: Tensor::<B, 1>::from_floats(boosts.as_slice(), &device())
+                .reshape([1, blocks, 1, 1])
+                .expand([1, blocks, kv_heads, dim]),
+            v: normal([1, blocks, kv_heads, dim]),
+        }
+    });
     NsaInput {
         q: Tensor::ones([1, seq, heads, dim], &device()),
         compressed,
@@ -322,7 +319,9 @@ fn wrong_shapes_are_errors_naming_the_tensor() {
     assert!(try_nsa_attention(good(), &config).is_ok());
 
     let mut wrong_blocks = good();
-    wrong_blocks.compressed.k = normal([1, 3, 1, 4]);
+    wrong_blocks.compressed.as_mut().unwrap().k = normal([1, 3, 1, 4]);
+    let mut missing_blocks = good();
+    missing_blocks.compressed = None;
     let mut wrong_dim = good();
     wrong_dim.window.v = normal([1, 20, 1, 5]);
     let mut wrong_gates = good();
@@ -333,6 +332,7 @@ fn wrong_shapes_are_errors_naming_the_tensor() {
     wrong_group.selected.v = normal([1, 20, 2, 4]);
     for (input, tensor) in [
         (wrong_blocks, "compressed.k"),
+        (missing_blocks, "compressed"),
         (wrong_dim, "window.v"),
         (wrong_gates, "gates"),
         (wrong_group, "q"),

@@ -550,7 +550,7 @@ impl OperatorCase {
         let device = Default::default();
         let n_cmp = config.num_compressed_blocks(seq);
         let normal = Distribution::Normal(0.0, 1.0);
-        let input = seeded(seed, || {
+        let mut input = seeded(seed, || {
             let random = |shape: [usize; 4]| Tensor::<Flex, 4>::random(shape, normal, &device);
             let k_cmp = if self.zero_compressed_keys {
                 Tensor::zeros([batch, n_cmp, kv_heads, d_k], &device)
@@ -559,10 +559,10 @@ impl OperatorCase {
             };
             NsaInput {
                 q: random([batch, seq, heads, d_k]),
-                compressed: BranchKv {
+                compressed: Some(BranchKv {
                     k: k_cmp,
                     v: random([batch, n_cmp, kv_heads, d_v]),
-                },
+                }),
                 selected: BranchKv {
                     k: random([batch, seq, kv_heads, d_k]),
                     v: random([batch, seq, kv_heads, d_v]),
@@ -580,14 +580,18 @@ impl OperatorCase {
         });
         let inputs = AttentionInputs {
             q: to_array(input.q.clone()),
-            k_cmp: to_array(input.compressed.k.clone()),
-            v_cmp: to_array(input.compressed.v.clone()),
+            k_cmp: to_array(input.compressed.as_ref().expect("built above").k.clone()),
+            v_cmp: to_array(input.compressed.as_ref().expect("built above").v.clone()),
             k_slc: to_array(input.selected.k.clone()),
             v_slc: to_array(input.selected.v.clone()),
             k_win: to_array(input.window.k.clone()),
             v_win: to_array(input.window.v.clone()),
             gates: to_array(input.gates.clone()),
         };
+        // The operator takes `None` when no compression block exists (T < l).
+        if n_cmp == 0 {
+            input.compressed = None;
+        }
         let sp = sparsity(&config);
         let result = nsa_attention(input, &config);
         let ties_mode = if self.zero_compressed_keys {
