@@ -112,7 +112,7 @@ fn bench<B: NsaBackend>(args: &Args, dtype: DType) {
             nsa_attention(
                 NsaInput {
                     q: q.clone(),
-                    compressed: BranchKv { k: k_cmp.clone(), v: v_cmp.clone() },
+                    compressed: Some(BranchKv { k: k_cmp.clone(), v: v_cmp.clone() }),
                     selected: BranchKv { k: k.clone(), v: v.clone() },
                     window: BranchKv { k: k.clone(), v: v.clone() },
                     gates: gates.clone(),
