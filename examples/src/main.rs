@@ -144,6 +144,7 @@ where
         let out = inner.forward_detailed(x.inner());
         B::InnerBackend::sync(device).expect("device sync");
         println!("output: {:?}, forward: {:.3} s", out.output.dims(), seconds(start));
+        branch_times::<B::InnerBackend>(args, &config.attention_config(), device);
         out.selected_blocks
     } else {
         let x = x.require_grad();
@@ -163,6 +164,45 @@ where
     if let Some(peak) = peak_rss_gib() {
         println!("peak resident memory of this process: {peak:.2} GiB");
     }
+}
+
+/// Times each branch of the attention operator on random heads of the layer's shapes (the
+/// CubeCL kernels on CUDA and wgpu, the reference elsewhere), after one untimed call.
+fn branch_times<B: NsaBackend>(args: &Args, config: &NsaAttentionConfig, device: &B::Device) {
+    let blocks = config.num_compressed_blocks(args.seq_len);
+    let random = |heads, len, dim| {
+        Tensor::<B, 4>::random([args.batch, len, heads, dim], Distribution::Normal(0.0, 1.0), device)
+            .into_primitive()
+            .tensor()
+    };
+    let (q, k, v) = (
+        random(args.heads, args.seq_len, args.d_k),
+        random(args.kv_heads, args.seq_len, args.d_k),
+        random(args.kv_heads, args.seq_len, args.d_v),
+    );
+    let timed = |name: &str, run: &dyn Fn()| {
+        run();
+        B::sync(device).expect("device sync");
+        let start = Instant::now();
+        run();
+        B::sync(device).expect("device sync");
+        println!("  {name}: {:.2} ms", seconds(start) * 1e3);
+    };
+    println!("branch times at T = {} (second call):", args.seq_len);
+    if blocks > 0 {
+        let k_cmp = random(args.kv_heads, blocks, args.d_k);
+        let v_cmp = random(args.kv_heads, blocks, args.d_v);
+        timed("compressed + top-n", &|| {
+            B::nsa_compressed(q.clone(), k_cmp.clone(), v_cmp.clone(), config);
+        });
+        let (_, selected) = B::nsa_compressed(q.clone(), k_cmp, v_cmp, config);
+        timed("selected", &|| {
+            B::nsa_selected(q.clone(), k.clone(), v.clone(), selected.clone(), config);
+        });
+    }
+    timed("window", &|| {
+        B::nsa_window(q.clone(), k.clone(), v.clone(), config);
+    });
 }
 
 fn seconds(start: Instant) -> f64 {
