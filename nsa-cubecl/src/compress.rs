@@ -86,9 +86,7 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
             );
             row += cfg.tile_keys;
         }
-        let o_at = group_rows::<F>(o, b, t, head, cfg.group);
-        let lse_index = b * lse.stride(0) + head * cfg.group * lse.stride(1) + t * lse.stride(2);
-        state_finish::<F>(&state, o, o_at, lse, lse_index, lse.stride(1), cfg);
+        state_finish::<F>(&state, o, lse, b, t, head, cfg);
         if unit % cfg.parts == 0 {
             row_lse[unit / cfg.parts] = state[0] + state[1].ln();
         }

@@ -52,8 +52,6 @@ pub fn selected_attention_kernel<F: Float, I: Int>(
                 );
             }
         }
-        let o_at = group_rows::<F>(o, b, t, head, cfg.group);
-        let lse_index = b * lse.stride(0) + head * cfg.group * lse.stride(1) + t * lse.stride(2);
-        state_finish::<F>(&state, o, o_at, lse, lse_index, lse.stride(1), cfg);
+        state_finish::<F>(&state, o, lse, b, t, head, cfg);
     }
 }

@@ -199,19 +199,23 @@ pub fn attend_tile<F: Float>(
     sync_cube();
 }
 
-/// Writes this unit's share of the output row `o = acc / sum` (0 for an empty row) and,
-/// from the unit owning part 0, the row's log-sum-exp (`NEG_BIG` for an empty row) to
-/// `lse[lse_index + head * lse_head_stride]`.
+/// Writes this unit's share of the group's output rows at `(b, t)` of `o: [B, T, H, d_v]`,
+/// `acc / sum` (0 for an empty row), and from the unit owning part 0 the row's
+/// log-sum-exp to `lse: [B, H, T]` (`NEG_BIG` for an empty row).
 #[cube]
+#[allow(clippy::too_many_arguments)]
 pub fn state_finish<F: Float>(
     state: &Array<f32>,
     o: &mut Tensor<F>,
-    o_at: Rows,
     lse: &mut Tensor<f32>,
-    lse_index: usize,
-    lse_head_stride: usize,
+    b: usize,
+    t: usize,
+    kv_head: usize,
     #[comptime] cfg: TileConfig,
 ) {
+    let o_at = group_rows::<F>(o, b, t, kv_head, cfg.group);
+    let lse_index = b * lse.stride(0) + kv_head * cfg.group * lse.stride(1) + t * lse.stride(2);
+    let lse_head_stride = lse.stride(1);
     let head = UNIT_POS as usize / cfg.parts;
     let part = UNIT_POS as usize % cfg.parts;
     let sum = state[1];
