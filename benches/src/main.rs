@@ -107,14 +107,25 @@ fn bench<B: NsaBackend>(args: &Args, dtype: DType) {
         let selected_ms = time::<B, _>(args, &device, || {
             B::nsa_selected(p(&q), p(&k), p(&v), selected.clone(), &config)
         });
-        let window = time::<B, _>(args, &device, || B::nsa_window(p(&q), p(&k), p(&v), &config));
+        let window = time::<B, _>(args, &device, || {
+            B::nsa_window(p(&q), p(&k), p(&v), &config)
+        });
         let total = time::<B, _>(args, &device, || {
             nsa_attention(
                 NsaInput {
                     q: q.clone(),
-                    compressed: Some(BranchKv { k: k_cmp.clone(), v: v_cmp.clone() }),
-                    selected: BranchKv { k: k.clone(), v: v.clone() },
-                    window: BranchKv { k: k.clone(), v: v.clone() },
+                    compressed: Some(BranchKv {
+                        k: k_cmp.clone(),
+                        v: v_cmp.clone(),
+                    }),
+                    selected: BranchKv {
+                        k: k.clone(),
+                        v: v.clone(),
+                    },
+                    window: BranchKv {
+                        k: k.clone(),
+                        v: v.clone(),
+                    },
                     gates: gates.clone(),
                 },
                 &config,

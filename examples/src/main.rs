@@ -76,7 +76,9 @@ fn main() {
         }
         DeviceChoice::Flex => run::<Autodiff<Flex>>(&args, &config, "flex", &Default::default()),
         other => {
-            eprintln!("{other:?} is not compiled in: enable the `{other:?}` feature of nsa-examples");
+            eprintln!(
+                "{other:?} is not compiled in: enable the `{other:?}` feature of nsa-examples"
+            );
             std::process::exit(2);
         }
     }
@@ -135,7 +137,11 @@ where
         config.window,
         nsa.num_params()
     );
-    let x = Tensor::<B, 3>::random([batch, seq, config.d_model], Distribution::Normal(0.0, 1.0), device);
+    let x = Tensor::<B, 3>::random(
+        [batch, seq, config.d_model],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
     println!("input x: {:?}", x.dims());
 
     let selected = if args.forward_only {
@@ -143,7 +149,11 @@ where
         let start = Instant::now();
         let out = inner.forward_detailed(x.inner());
         B::InnerBackend::sync(device).expect("device sync");
-        println!("output: {:?}, forward: {:.3} s", out.output.dims(), seconds(start));
+        println!(
+            "output: {:?}, forward: {:.3} s",
+            out.output.dims(),
+            seconds(start)
+        );
         branch_times::<B::InnerBackend>(args, &config.attention_config(), device);
         out.selected_blocks
     } else {
@@ -151,15 +161,26 @@ where
         let start = Instant::now();
         let out = nsa.forward_detailed(x.clone());
         B::sync(device).expect("device sync");
-        println!("output: {:?}, forward: {:.3} s", out.output.dims(), seconds(start));
+        println!(
+            "output: {:?}, forward: {:.3} s",
+            out.output.dims(),
+            seconds(start)
+        );
         let start = Instant::now();
         let grads = out.output.sum().backward();
         B::sync(device).expect("device sync");
         let grad = x.grad(&grads).expect("input gradient");
-        println!("backward: {:.3} s (input gradient {:?})", seconds(start), grad.dims());
+        println!(
+            "backward: {:.3} s (input gradient {:?})",
+            seconds(start),
+            grad.dims()
+        );
         out.selected_blocks.inner()
     };
-    println!("selected blocks: {:?} (batch, KV head, t, n)", selected.dims());
+    println!(
+        "selected blocks: {:?} (batch, KV head, t, n)",
+        selected.dims()
+    );
     report_sparsity::<B::InnerBackend>(selected, nsa.attention_config());
     if let Some(peak) = peak_rss_gib() {
         println!("peak resident memory of this process: {peak:.2} GiB");
@@ -171,9 +192,13 @@ where
 fn branch_times<B: NsaBackend>(args: &Args, config: &NsaAttentionConfig, device: &B::Device) {
     let blocks = config.num_compressed_blocks(args.seq_len);
     let random = |heads, len, dim| {
-        Tensor::<B, 4>::random([args.batch, len, heads, dim], Distribution::Normal(0.0, 1.0), device)
-            .into_primitive()
-            .tensor()
+        Tensor::<B, 4>::random(
+            [args.batch, len, heads, dim],
+            Distribution::Normal(0.0, 1.0),
+            device,
+        )
+        .into_primitive()
+        .tensor()
     };
     let (q, k, v) = (
         random(args.heads, args.seq_len, args.d_k),
@@ -212,7 +237,11 @@ fn seconds(start: Instant) -> f64 {
 /// Average keys each query attends per branch, against dense causal attention.
 fn report_sparsity<B: Backend>(selected: Tensor<B, 4, Int>, config: &NsaAttentionConfig) {
     let [batch, kv_heads, seq, n] = selected.dims();
-    let blocks: Vec<i64> = selected.into_data().convert::<i64>().to_vec().expect("indices");
+    let blocks: Vec<i64> = selected
+        .into_data()
+        .convert::<i64>()
+        .to_vec()
+        .expect("indices");
     let block = config.select_block as i64;
     let (mut cmp, mut slc, mut win) = (0usize, 0usize, 0usize);
     for row in 0..batch * kv_heads * seq {

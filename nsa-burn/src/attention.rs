@@ -141,34 +141,61 @@ impl<B: Backend> NsaInput<B> {
                     ("compressed.v", &compressed.v, d_v, "[B, N_cmp, H_kv, d_v]"),
                 ];
                 for (name, tensor, dim, names) in kv {
-                    expect_shape(name, tensor.dims(), [batch, num_compressed, kv_heads, dim], names)?;
+                    expect_shape(
+                        name,
+                        tensor.dims(),
+                        [batch, num_compressed, kv_heads, dim],
+                        names,
+                    )?;
                 }
             }
             (Some(compressed), 0) => {
                 return Err(NsaShapeError {
                     tensor: "compressed",
                     actual: compressed.k.dims().to_vec(),
-                    expected: format!("None: T = {seq} < l = {} leaves no compression block", config.compress_block),
+                    expected: format!(
+                        "None: T = {seq} < l = {} leaves no compression block",
+                        config.compress_block
+                    ),
                 })
             }
             (None, _) => {
                 return Err(NsaShapeError {
                     tensor: "compressed",
                     actual: Vec::new(),
-                    expected: format!("[B, N_cmp, H_kv, d] with N_cmp = {num_compressed} for T = {seq}, got None"),
+                    expected: format!(
+                        "[B, N_cmp, H_kv, d] with N_cmp = {num_compressed} for T = {seq}, got None"
+                    ),
                 })
             }
         }
         let kv = [
-            ("selected.k", &self.selected.k, seq, d_k, "[B, T, H_kv, d_k]"),
-            ("selected.v", &self.selected.v, seq, d_v, "[B, T, H_kv, d_v]"),
+            (
+                "selected.k",
+                &self.selected.k,
+                seq,
+                d_k,
+                "[B, T, H_kv, d_k]",
+            ),
+            (
+                "selected.v",
+                &self.selected.v,
+                seq,
+                d_v,
+                "[B, T, H_kv, d_v]",
+            ),
             ("window.k", &self.window.k, seq, d_k, "[B, T, H_kv, d_k]"),
             ("window.v", &self.window.v, seq, d_v, "[B, T, H_kv, d_v]"),
         ];
         for (name, tensor, len, dim, names) in kv {
             expect_shape(name, tensor.dims(), [batch, len, kv_heads, dim], names)?;
         }
-        expect_shape("gates", self.gates.dims(), [batch, seq, heads, 3], "[B, T, H, 3]")
+        expect_shape(
+            "gates",
+            self.gates.dims(),
+            [batch, seq, heads, 3],
+            "[B, T, H, 3]",
+        )
     }
 }
 
@@ -184,7 +211,10 @@ impl<B: Backend> NsaInput<B> {
 /// `T < l`);
 /// `selected`, `window: [B, T, H_kv, d_k | d_v]`; `gates: [B, T, H, 3]` ->
 /// `output: [B, T, H, d_v]`, `selected_blocks: [B, H_kv, T, n]`.
-pub fn nsa_attention<B: NsaBackend>(input: NsaInput<B>, config: &NsaAttentionConfig) -> NsaOutput<B> {
+pub fn nsa_attention<B: NsaBackend>(
+    input: NsaInput<B>,
+    config: &NsaAttentionConfig,
+) -> NsaOutput<B> {
     try_nsa_attention(input, config).unwrap_or_else(|error| panic!("{error}"))
 }
 

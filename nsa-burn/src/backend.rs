@@ -29,7 +29,8 @@ pub trait NsaBackend: Backend {
         v_cmp: FloatTensor<Self>,
         config: &NsaAttentionConfig,
     ) -> (FloatTensor<Self>, IntTensor<Self>) {
-        let (o, selected) = compressed_attention(float::<Self>(q), float(k_cmp), float(v_cmp), config);
+        let (o, selected) =
+            compressed_attention(float::<Self>(q), float(k_cmp), float(v_cmp), config);
         (o.into_primitive().tensor(), selected.into_primitive())
     }
 

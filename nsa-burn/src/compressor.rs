@@ -98,8 +98,12 @@ impl<B: Backend> Compressor<B> {
             None => Some(grouped.mean_dim(2).reshape([batch, blocks, heads, dim])),
             Some(mlp) => {
                 let position = mlp.position.val().reshape([1, 1, 1, self.block, dim]);
-                let flat = (grouped.permute([0, 1, 3, 2, 4]) + position)
-                    .reshape([batch, blocks, heads, self.block * dim]);
+                let flat = (grouped.permute([0, 1, 3, 2, 4]) + position).reshape([
+                    batch,
+                    blocks,
+                    heads,
+                    self.block * dim,
+                ]);
                 let hidden = gelu(mlp.hidden.forward(flat));
                 Some(mlp.output.forward(hidden))
             }

@@ -11,7 +11,8 @@ use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorI
 
 use crate::{NsaAttentionConfig, NsaBackend};
 
-type Handles<B> = HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
+type Handles<B> =
+    HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
 
 /// Which branch a [`BranchOp`] runs.
 #[derive(Debug, Clone, Copy)]
@@ -113,9 +114,13 @@ impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
             Shape::new([q.shape[0], v_cmp.shape[2], q.shape[1], config.n_selected]),
             B::IntElem::dtype(),
         );
-        let [o, selected] =
-            register::<B>(Branch::Compressed, vec![q, k_cmp, v_cmp], &[o, selected], config)
-                .outputs();
+        let [o, selected] = register::<B>(
+            Branch::Compressed,
+            vec![q, k_cmp, v_cmp],
+            &[o, selected],
+            config,
+        )
+        .outputs();
         (o, selected)
     }
 

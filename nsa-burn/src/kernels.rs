@@ -5,7 +5,9 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use nsa_cubecl::{launch_compressed, launch_selected, launch_window, AttentionShape, SelectionConfig};
+use nsa_cubecl::{
+    launch_compressed, launch_selected, launch_window, AttentionShape, SelectionConfig,
+};
 
 use crate::{NsaAttentionConfig, NsaBackend};
 

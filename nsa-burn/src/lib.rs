@@ -5,6 +5,9 @@
 //! - [`nsa_attention`]: the attention operator on projected heads (queries, per-branch
 //!   keys/values, gates), returning the output and the selected blocks.
 //! - [`reference`]: the operator in plain Burn tensor ops, differentiable on every backend.
+//! - [`NsaBackend`]: the backend extension trait the operator dispatches through; Burn's
+//!   CubeCL backends (`Cuda`, `Wgpu`, `Rocm`, fused or not) run the `nsa-cubecl` forward
+//!   kernels, Flex and `Autodiff<B>` run the reference.
 
 mod attention;
 mod backend;
@@ -16,7 +19,9 @@ mod kernels;
 mod module;
 pub mod reference;
 
-pub use attention::{nsa_attention, try_nsa_attention, BranchKv, NsaError, NsaInput, NsaOutput, NsaShapeError};
+pub use attention::{
+    nsa_attention, try_nsa_attention, BranchKv, NsaError, NsaInput, NsaOutput, NsaShapeError,
+};
 pub use backend::NsaBackend;
 pub use compressor::{Compressor, CompressorMlp};
 pub use config::{CompressorKind, KvSharing, NsaAttentionConfig, NsaConfig, NsaConfigError};

@@ -137,7 +137,8 @@ impl<B: NsaBackend> Nsa<B> {
         let [batch, seq, width] = x.dims();
         let d_model = self.query.weight.dims()[0];
         assert_eq!(
-            width, d_model,
+            width,
+            d_model,
             "Nsa::forward: x must be [batch, T, d_model] with d_model = {d_model}, got {:?}",
             x.dims()
         );

@@ -64,13 +64,20 @@ fn cases() -> Vec<Case> {
         d_v: 32,
         config: small(),
     };
-    cases.push(Case { seq: 40, config: small().with_n_selected(8), ..base });
+    cases.push(Case {
+        seq: 40,
+        config: small().with_n_selected(8),
+        ..base
+    });
     cases.push(Case {
         config: small().with_compress_block(16).with_compress_stride(16),
         ..base
     });
     cases.push(Case {
-        config: small().with_n_initial_blocks(2).with_n_local_blocks(0).with_n_selected(5),
+        config: small()
+            .with_n_initial_blocks(2)
+            .with_n_local_blocks(0)
+            .with_n_selected(5),
         ..base
     });
     cases.push(Case {
@@ -82,7 +89,14 @@ fn cases() -> Vec<Case> {
         config: NsaAttentionConfig::new().with_window(96),
         ..base
     });
-    cases.push(Case { heads: 64, kv_heads: 1, d_k: 16, d_v: 16, seq: 70, ..base });
+    cases.push(Case {
+        heads: 64,
+        kv_heads: 1,
+        d_k: 16,
+        d_v: 16,
+        seq: 70,
+        ..base
+    });
     cases
 }
 
@@ -126,7 +140,10 @@ fn operator_input<Bk: Backend>(tensors: [Option<Tensor<Bk, 4>>; 6]) -> NsaInput<
     NsaInput {
         q: q.expect("q"),
         compressed: k_cmp.zip(v_cmp).map(|(k, v)| BranchKv { k, v }),
-        selected: BranchKv { k: k.clone(), v: v.clone() },
+        selected: BranchKv {
+            k: k.clone(),
+            v: v.clone(),
+        },
         window: BranchKv { k, v },
         gates: gates.expect("gates"),
     }
@@ -137,7 +154,11 @@ fn tensor<B: NsaBackend>(data: &TensorData, dtype: DType, device: &B::Device) ->
     Tensor::<B, 4>::from_data(data.clone(), device).cast(dtype)
 }
 
-fn on<B: NsaBackend>(data: &TensorData, dtype: DType, device: &B::Device) -> B::FloatTensorPrimitive {
+fn on<B: NsaBackend>(
+    data: &TensorData,
+    dtype: DType,
+    device: &B::Device,
+) -> B::FloatTensorPrimitive {
     tensor::<B>(data, dtype, device).into_primitive().tensor()
 }
 
@@ -154,28 +175,49 @@ fn reference(data: &TensorData) -> Tensor<Flex, 4> {
 /// Runs every branch of `case` on `B` in `dtype` and on the reference; returns the worst
 /// relative error, and panics if the selected blocks differ.
 fn check_case<B: NsaBackend>(case: &Case, dtype: DType, device: &B::Device) -> f64 {
-    let Case { batch, seq, heads, kv_heads, d_k, d_v, config } = *case;
+    let Case {
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        d_k,
+        d_v,
+        config,
+    } = *case;
     let blocks = config.num_compressed_blocks(seq);
     let q = random([batch, seq, heads, d_k], dtype);
     let k = random([batch, seq, kv_heads, d_k], dtype);
     let v = random([batch, seq, kv_heads, d_v], dtype);
     let k_cmp = random([batch, blocks, kv_heads, d_k], dtype);
     let v_cmp = random([batch, blocks, kv_heads, d_v], dtype);
-    let gates = Tensor::<Flex, 4>::random([batch, seq, heads, 3], Distribution::Uniform(0.0, 1.0), &Default::default())
-        .into_data();
+    let gates = Tensor::<Flex, 4>::random(
+        [batch, seq, heads, 3],
+        Distribution::Uniform(0.0, 1.0),
+        &Default::default(),
+    )
+    .into_data();
 
     // The whole operator, gates included (with `compressed: None` when T < l).
     // Empty tensors stay on the host: the CUDA runtime rejects zero-byte uploads.
     let all = [&q, &k, &v, &k_cmp, &v_cmp, &gates];
     let upload = |d: &TensorData| (d.num_elements() > 0).then(|| tensor::<B>(d, dtype, device));
     let got = nsa_attention(operator_input(all.map(upload)), &config);
-    let want = nsa_attention(operator_input(all.map(|d| (d.num_elements() > 0).then(|| reference(d)))), &config);
+    let want = nsa_attention(
+        operator_input(all.map(|d| (d.num_elements() > 0).then(|| reference(d)))),
+        &config,
+    );
     assert_eq!(
         ints(got.selected_blocks.into_data()),
         ints(want.selected_blocks.into_data()),
         "{case:?} {dtype:?}: selected blocks differ (whole operator)"
     );
-    let mut worst = compare(case, dtype, "whole operator", got.output.cast(DType::F32).into_data(), want.output.into_data());
+    let mut worst = compare(
+        case,
+        dtype,
+        "whole operator",
+        got.output.cast(DType::F32).into_data(),
+        want.output.into_data(),
+    );
     if blocks == 0 {
         return worst;
     }
@@ -209,7 +251,13 @@ fn check_case<B: NsaBackend>(case: &Case, dtype: DType, device: &B::Device) -> f
         ints(ref_selected.clone().into_data()),
         "{case:?} {dtype:?}: selected blocks differ"
     );
-    let ref_slc = selected_attention(reference(&q), reference(&k), reference(&v), ref_selected, &config);
+    let ref_slc = selected_attention(
+        reference(&q),
+        reference(&k),
+        reference(&v),
+        ref_selected,
+        &config,
+    );
     let ref_win = window_attention(reference(&q), reference(&k), reference(&v), &config);
     for (name, kernel, expected) in [
         ("compressed", o_cmp, ref_cmp),
@@ -238,7 +286,10 @@ fn check_all<B: NsaBackend>(device: &B::Device, dtype: DType) {
     for case in cases() {
         worst = worst.max(check_case::<B>(&case, dtype, device));
     }
-    println!("{dtype:?}: {} cases, worst relative error {worst:e}", cases().len());
+    println!(
+        "{dtype:?}: {} cases, worst relative error {worst:e}",
+        cases().len()
+    );
 }
 
 /// Whether the backend's device can run a tiny computation (the runtime panics without a
@@ -257,7 +308,10 @@ fn wgpu_kernels_match_the_reference() {
     let device = Default::default();
     if !device_answers::<B>(&device) {
         let required = std::env::var_os("NSA_REQUIRE_GPU_ADAPTER").is_some();
-        assert!(!required, "no wgpu adapter, and NSA_REQUIRE_GPU_ADAPTER is set");
+        assert!(
+            !required,
+            "no wgpu adapter, and NSA_REQUIRE_GPU_ADAPTER is set"
+        );
         eprintln!("skipped: no wgpu adapter (set NSA_REQUIRE_GPU_ADAPTER to make this fail)");
         return;
     }

@@ -63,7 +63,10 @@ fn causal_no_output_depends_on_a_later_position() {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0, f64::max);
             if t < changed {
-                assert!(diff <= 1e-6, "output at t={t} moved by {diff} when x[{changed}] changed");
+                assert!(
+                    diff <= 1e-6,
+                    "output at t={t} moved by {diff} when x[{changed}] changed"
+                );
             } else if t == changed {
                 assert!(diff > 0.0, "output at t={t} ignores its own input");
             }
@@ -103,7 +106,11 @@ fn operator_input(
     }
 }
 
-fn selection(config: &NsaAttentionConfig, seq: usize, boost: impl Fn(usize) -> f32) -> Vec<Vec<i64>> {
+fn selection(
+    config: &NsaAttentionConfig,
+    seq: usize,
+    boost: impl Fn(usize) -> f32,
+) -> Vec<Vec<i64>> {
     let out = nsa_attention(operator_input(config, seq, boost), config);
     let (flat, [_, _, t, n]) = indices(out.selected_blocks);
     (0..t).map(|t| flat[t * n..(t + 1) * n].to_vec()).collect()
@@ -140,10 +147,19 @@ fn forced_blocks_are_always_selected_and_top_scores_fill_the_rest() {
         let chosen: Vec<i64> = picked.iter().copied().filter(|&j| j >= 0).collect();
         // Any slot left over goes to a tied zero-boost block; only inclusion is checked.
         for block in &expected {
-            assert!(chosen.contains(block), "t={t}: {block} missing from {chosen:?}");
+            assert!(
+                chosen.contains(block),
+                "t={t}: {block} missing from {chosen:?}"
+            );
         }
-        assert!(chosen.windows(2).all(|w| w[0] < w[1]), "t={t}: not ascending {picked:?}");
-        assert!(chosen.iter().all(|&j| j <= own), "t={t}: future block in {picked:?}");
+        assert!(
+            chosen.windows(2).all(|w| w[0] < w[1]),
+            "t={t}: not ascending {picked:?}"
+        );
+        assert!(
+            chosen.iter().all(|&j| j <= own),
+            "t={t}: future block in {picked:?}"
+        );
     }
 }
 
@@ -202,11 +218,17 @@ fn queries_that_see_no_compressed_block_get_exactly_zero() {
         input.gates = gates.reshape([1, 1, 1, 3]).expand([1, seq, 2, 3]);
         let out = nsa_attention(input, &config).output;
         let flat: Vec<f64> = out.into_data().convert::<f64>().to_vec().unwrap();
-        assert!(flat.iter().all(|x| x.is_finite()), "T={seq}: non-finite output");
+        assert!(
+            flat.iter().all(|x| x.is_finite()),
+            "T={seq}: non-finite output"
+        );
         for t in 0..seq {
             let row = &flat[t * 8..(t + 1) * 8];
             if t < 7 {
-                assert!(row.iter().all(|&x| x == 0.0), "T={seq} t={t}: {row:?} should be 0");
+                assert!(
+                    row.iter().all(|&x| x == 0.0),
+                    "T={seq} t={t}: {row:?} should be 0"
+                );
             } else {
                 assert!(row.iter().any(|&x| x != 0.0), "T={seq} t={t}: sees block 0");
             }
@@ -221,7 +243,9 @@ fn every_config_rule_is_a_typed_error_naming_the_field() {
     let cases: Vec<(NsaConfig, NsaConfigError, &str)> = vec![
         (
             ok.clone().with_n_selected(0),
-            NsaConfigError::Zero { field: "n_selected" },
+            NsaConfigError::Zero {
+                field: "n_selected",
+            },
             "`n_selected` must be at least 1",
         ),
         (
@@ -250,7 +274,10 @@ fn every_config_rule_is_a_typed_error_naming_the_field() {
             "`compress_stride` (3) must divide `compress_block` (8)",
         ),
         (
-            ok.clone().with_compress_block(8).with_compress_stride(8).with_select_block(12),
+            ok.clone()
+                .with_compress_block(8)
+                .with_compress_stride(8)
+                .with_select_block(12),
             NsaConfigError::NotDivisible {
                 dividend: "select_block",
                 dividend_value: 12,
@@ -283,25 +310,38 @@ fn every_config_rule_is_a_typed_error_naming_the_field() {
         ),
         (
             ok.clone().with_gate_hidden(Some(0)),
-            NsaConfigError::Zero { field: "gate_hidden" },
+            NsaConfigError::Zero {
+                field: "gate_hidden",
+            },
             "`gate_hidden`",
         ),
         (
             ok.clone().with_compressor_hidden(Some(0)),
-            NsaConfigError::Zero { field: "compressor_hidden" },
+            NsaConfigError::Zero {
+                field: "compressor_hidden",
+            },
             "`compressor_hidden`",
         ),
-        (ok.clone().with_window(0), NsaConfigError::Zero { field: "window" }, "`window`"),
+        (
+            ok.clone().with_window(0),
+            NsaConfigError::Zero { field: "window" },
+            "`window`",
+        ),
         (
             ok.clone().with_query_chunk(0),
-            NsaConfigError::Zero { field: "query_chunk" },
+            NsaConfigError::Zero {
+                field: "query_chunk",
+            },
             "`query_chunk`",
         ),
     ];
     for (config, error, message) in cases {
         assert_eq!(config.validate(), Err(error.clone()));
         assert_eq!(config.try_init::<B>(&device()).err(), Some(error.clone()));
-        assert!(error.to_string().contains(message), "{error} lacks {message}");
+        assert!(
+            error.to_string().contains(message),
+            "{error} lacks {message}"
+        );
         let panic = std::panic::catch_unwind(|| config.init::<B>(&device()))
             .expect_err("init must panic on an invalid config");
         let text = panic.downcast_ref::<String>().cloned().unwrap_or_default();
@@ -357,13 +397,18 @@ fn wrong_shapes_are_errors_naming_the_tensor() {
     })
     .expect_err("nsa_attention must panic on a bad shape");
     let text = panic.downcast_ref::<String>().cloned().unwrap_or_default();
-    assert!(text.contains("`gates`") && text.contains("[B, T, H, 3]"), "{text}");
+    assert!(
+        text.contains("`gates`") && text.contains("[B, T, H, 3]"),
+        "{text}"
+    );
 }
 
 #[test]
 #[should_panic(expected = "x must be [batch, T, d_model] with d_model = 24")]
 fn forward_rejects_the_wrong_model_width() {
-    small_config().init::<B>(&device()).forward(normal([1, 5, 23]));
+    small_config()
+        .init::<B>(&device())
+        .forward(normal([1, 5, 23]));
 }
 
 /// Casts every float parameter to f64 (as a fresh leaf that requires a gradient).
@@ -384,10 +429,14 @@ struct DirectionalGradients<'a> {
 
 impl ModuleVisitor<AD> for DirectionalGradients<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AD, D>>) {
-        let grad = param.val().grad(self.grads).expect("every parameter gets a gradient");
+        let grad = param
+            .val()
+            .grad(self.grads)
+            .expect("every parameter gets a gradient");
         let direction = grad.random_like(Distribution::Normal(0.0, 1.0));
         let derivative = scalar((grad * direction.clone()).sum());
-        self.found.push((param.id, direction.into_data(), derivative));
+        self.found
+            .push((param.id, direction.into_data(), derivative));
     }
 }
 
@@ -415,7 +464,11 @@ impl ModuleMapper<B> for Perturb<'_> {
 /// The value of a one-element tensor at full precision (`into_scalar` gives the backend's
 /// default element type, f32 on Flex).
 fn scalar(tensor: Tensor<B, 1>) -> f64 {
-    tensor.into_data().iter::<f64>().next().expect("one element")
+    tensor
+        .into_data()
+        .iter::<f64>()
+        .next()
+        .expect("one element")
 }
 
 /// Whether an autodiff derivative matches a central difference: relative error below 1e-5,
@@ -457,7 +510,11 @@ fn gradients_match_finite_differences_for_the_input_and_every_parameter() {
     };
     nsa.visit(&mut visitor);
     let params = visitor.found;
-    assert!(params.len() >= 20, "expected every parameter, found {}", params.len());
+    assert!(
+        params.len() >= 20,
+        "expected every parameter, found {}",
+        params.len()
+    );
 
     let inner = nsa.valid();
     let step = 1e-6;

@@ -81,8 +81,20 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
         while row < visible {
             let valid = min(visible - row, cfg.tile_keys);
             attend_tile::<F>(
-                q, q_at, k_cmp, k_at, v_cmp, v_at, row, valid, scale, &mut state, &mut keys,
-                &mut values, &mut scores, cfg,
+                q,
+                q_at,
+                k_cmp,
+                k_at,
+                v_cmp,
+                v_at,
+                row,
+                valid,
+                scale,
+                &mut state,
+                &mut keys,
+                &mut values,
+                &mut scores,
+                cfg,
             );
             row += cfg.tile_keys;
         }
@@ -103,7 +115,16 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
         while row < visible {
             let valid = min(visible - row, cfg.tile_keys);
             // Keys of this tile into shared memory (values are not needed here).
-            load_rows::<F>(k_cmp, k_at, row, valid, &mut keys, cfg.d_k, cfg.key_stride(), cfg);
+            load_rows::<F>(
+                k_cmp,
+                k_at,
+                row,
+                valid,
+                &mut keys,
+                cfg.d_k,
+                cfg.key_stride(),
+                cfg,
+            );
             sync_cube();
             tile_scores::<F>(q, q_at, &keys, valid, scale, &mut scores, cfg);
             sync_cube();

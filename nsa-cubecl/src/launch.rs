@@ -35,8 +35,8 @@ impl AttentionShape {
     /// Whether some tensor of the call has more elements than 32-bit offsets reach.
     fn needs_64_bit_offsets(&self, kv_rows: usize) -> bool {
         let d = self.d_k.max(self.d_v);
-        let largest = (self.batch * self.seq * self.heads * d)
-            .max(self.batch * kv_rows * self.kv_heads * d);
+        let largest =
+            (self.batch * self.seq * self.heads * d).max(self.batch * kv_rows * self.kv_heads * d);
         largest > u32::MAX as usize
     }
 }
@@ -182,7 +182,10 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
     selection: SelectionConfig,
 ) {
     // Round the block-score buffer up to a power of two so few variants get compiled.
-    let max_blocks = shape.seq.div_ceil(selection.select_block).next_power_of_two();
+    let max_blocks = shape
+        .seq
+        .div_ceil(selection.select_block)
+        .next_power_of_two();
     let selection = SelectionConfig {
         max_blocks,
         ..selection

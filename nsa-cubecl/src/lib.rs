@@ -5,11 +5,11 @@
 //! `G` query heads (the paper's group-centric layout) and streams keys through the shared
 //! online-softmax tile of [`tile`].
 
-pub mod tile;
-pub mod window;
-pub mod select;
 pub mod compress;
 pub mod launch;
+pub mod select;
+pub mod tile;
+pub mod window;
 
 pub use compress::SelectionConfig;
 pub use launch::{launch_compressed, launch_selected, launch_window, tile_config, AttentionShape};

@@ -3,7 +3,9 @@
 
 use cubecl::prelude::*;
 
-use crate::tile::{attend_tile, cube_position, group_rows, head_rows, state_finish, state_new, TileConfig};
+use crate::tile::{
+    attend_tile, cube_position, group_rows, head_rows, state_finish, state_new, TileConfig,
+};
 
 /// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]`,
 /// `selected: [B, H_kv, T, n]` (block indices, -1 for an empty slot) ->
@@ -47,8 +49,20 @@ pub fn selected_attention_kernel<F: Float, I: Int>(
                     }
                 }
                 attend_tile::<F>(
-                    q, q_at, k, k_at, v, v_at, first, valid, scale, &mut state, &mut keys,
-                    &mut values, &mut scores, cfg,
+                    q,
+                    q_at,
+                    k,
+                    k_at,
+                    v,
+                    v_at,
+                    first,
+                    valid,
+                    scale,
+                    &mut state,
+                    &mut keys,
+                    &mut values,
+                    &mut scores,
+                    cfg,
                 );
             }
         }

@@ -93,7 +93,9 @@ pub fn load_rows<F: Float>(
         let col = idx % dim;
         let mut value = 0.0f32;
         if row < valid {
-            value = f32::cast_from(src[at.base + (first_row + row) * at.row_stride + col * at.dim_stride]);
+            value = f32::cast_from(
+                src[at.base + (first_row + row) * at.row_stride + col * at.dim_stride],
+            );
         }
         dst[row * stride + col] = value;
         idx += comptime!(cfg.units());
@@ -121,7 +123,8 @@ pub fn tile_scores<F: Float>(
             let query = q_at.base + head * q_at.head_stride;
             let mut dot = 0.0f32;
             for c in 0..cfg.d_k {
-                dot += f32::cast_from(q[query + c * q_at.dim_stride]) * keys[key * cfg.key_stride() + c];
+                dot += f32::cast_from(q[query + c * q_at.dim_stride])
+                    * keys[key * cfg.key_stride() + c];
             }
             score = dot * scale;
         }
@@ -190,7 +193,16 @@ pub fn attend_tile<F: Float>(
     scores: &mut SharedMemory<f32>,
     #[comptime] cfg: TileConfig,
 ) {
-    load_rows::<F>(k, k_at, first_row, valid, keys, cfg.d_k, cfg.key_stride(), cfg);
+    load_rows::<F>(
+        k,
+        k_at,
+        first_row,
+        valid,
+        keys,
+        cfg.d_k,
+        cfg.key_stride(),
+        cfg,
+    );
     load_rows::<F>(v, v_at, first_row, valid, values, cfg.d_v, cfg.d_v, cfg);
     sync_cube();
     tile_scores::<F>(q, q_at, keys, valid, scale, scores, cfg);
@@ -254,7 +266,13 @@ pub fn cube_position(batch: usize, kv_heads: usize, seq: usize) -> (usize, usize
 /// The group's query (or output) rows at `(b, t)` of a `[B, T, H, d]` tensor: heads
 /// `kv_head * G ..` of that position.
 #[cube]
-pub fn group_rows<F: Float>(x: &Tensor<F>, b: usize, t: usize, kv_head: usize, #[comptime] group: usize) -> Rows {
+pub fn group_rows<F: Float>(
+    x: &Tensor<F>,
+    b: usize,
+    t: usize,
+    kv_head: usize,
+    #[comptime] group: usize,
+) -> Rows {
     Rows {
         base: b * x.stride(0) + t * x.stride(1) + kv_head * group * x.stride(2),
         row_stride: 0,

@@ -2,7 +2,9 @@
 
 use cubecl::prelude::*;
 
-use crate::tile::{attend_tile, cube_position, group_rows, head_rows, state_finish, state_new, TileConfig};
+use crate::tile::{
+    attend_tile, cube_position, group_rows, head_rows, state_finish, state_new, TileConfig,
+};
 
 /// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]` ->
 /// `o: [B, T, H, d_v]`, `lse: [B, H, T]` (f32). One cube per `(b, KV head, t)`.
@@ -33,8 +35,20 @@ pub fn window_attention_kernel<F: Float>(
         while row <= t {
             let valid = min(t + 1 - row, cfg.tile_keys);
             attend_tile::<F>(
-                q, q_at, k, k_at, v, v_at, row, valid, scale, &mut state, &mut keys, &mut values,
-                &mut scores, cfg,
+                q,
+                q_at,
+                k,
+                k_at,
+                v,
+                v_at,
+                row,
+                valid,
+                scale,
+                &mut state,
+                &mut keys,
+                &mut values,
+                &mut scores,
+                cfg,
             );
             row += cfg.tile_keys;
         }

@@ -4,8 +4,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use super::{
-    block_overlap, group_heads, grouped_masked_attention, heads_first, position_grid,
-    query_chunks, top_n_blocks, ungroup_heads,
+    block_overlap, group_heads, grouped_masked_attention, heads_first, position_grid, query_chunks,
+    top_n_blocks, ungroup_heads,
 };
 use crate::NsaAttentionConfig;
 
@@ -57,12 +57,15 @@ pub fn compressed_attention<B: Backend>(
                 Tensor::zeros([batch, kv_heads, len, num_selection], (&device, dtype)),
             )
         } else {
-            let q_chunk = q
-                .clone()
-                .narrow(2, start, len)
-                .reshape([batch, kv_heads, len * group, d_k]);
+            let q_chunk =
+                q.clone()
+                    .narrow(2, start, len)
+                    .reshape([batch, kv_heads, len * group, d_k]);
             let (t, i) = position_grid::<B>((start, end), (0, visible), &device);
-            let block_end = i.clone().mul_scalar(stride as i64).add_scalar(block as i64 - 1);
+            let block_end = i
+                .clone()
+                .mul_scalar(stride as i64)
+                .add_scalar(block as i64 - 1);
             let sees_block = block_end.lower_equal(t.clone());
             // A query that sees no block attends block 0 and is then zeroed, so the softmax
             // never meets an all-masked row (which would give NaN).
@@ -79,17 +82,28 @@ pub fn compressed_attention<B: Backend>(
                 .narrow(1, 0, 1)
                 .reshape([1, 1, len, 1, 1])
                 .expand([batch, kv_heads, len, group, 1]);
-            let o = o
-                .reshape([batch, kv_heads, len, group, d_v])
-                .mask_fill(blind_rows.clone().expand([batch, kv_heads, len, group, d_v]), 0.0);
+            let o = o.reshape([batch, kv_heads, len, group, d_v]).mask_fill(
+                blind_rows
+                    .clone()
+                    .expand([batch, kv_heads, len, group, d_v]),
+                0.0,
+            );
             let group_probs = probs
                 .detach()
                 .reshape([batch, kv_heads, len, group, visible])
-                .mask_fill(blind_rows.expand([batch, kv_heads, len, group, visible]), 0.0)
+                .mask_fill(
+                    blind_rows.expand([batch, kv_heads, len, group, visible]),
+                    0.0,
+                )
                 .sum_dim(3)
                 .reshape([batch * kv_heads * len, visible]);
             let scores = group_probs
-                .matmul(overlap.clone().expect("visible > 0 implies N_cmp > 0").narrow(0, 0, visible))
+                .matmul(
+                    overlap
+                        .clone()
+                        .expect("visible > 0 implies N_cmp > 0")
+                        .narrow(0, 0, visible),
+                )
                 .reshape([batch, kv_heads, len, num_selection]);
             (o, scores)
         };

@@ -88,7 +88,10 @@ pub(crate) fn masked_softmax<B: Backend, const D: usize>(
     scores: Tensor<B, D>,
     allowed: Tensor<B, D, Bool>,
 ) -> Tensor<B, D> {
-    softmax(scores.mask_fill(allowed.bool_not(), f32::NEG_INFINITY), D - 1)
+    softmax(
+        scores.mask_fill(allowed.bool_not(), f32::NEG_INFINITY),
+        D - 1,
+    )
 }
 
 /// Dense attention of grouped query rows against one set of keys per KV head, with a mask

@@ -26,7 +26,11 @@ pub fn block_overlap<B: Backend>(
     cmp_start
         .clone()
         .lower(slc_start.clone().add_scalar(config.select_block as i64))
-        .bool_and(cmp_start.add_scalar(config.compress_block as i64).greater(slc_start))
+        .bool_and(
+            cmp_start
+                .add_scalar(config.compress_block as i64)
+                .greater(slc_start),
+        )
         .float()
 }
 
@@ -48,18 +52,21 @@ pub fn top_n_blocks<B: Backend>(
     let device = scores.device();
     let n = config.n_selected;
     let shape = [batch, kv_heads, chunk, blocks];
-    let broadcast = |grid: Tensor<B, 2, burn::tensor::Bool>| {
-        grid.reshape([1, 1, chunk, blocks]).expand(shape)
-    };
+    let broadcast =
+        |grid: Tensor<B, 2, burn::tensor::Bool>| grid.reshape([1, 1, chunk, blocks]).expand(shape);
 
     let (t, j) = position_grid::<B>((start, start + chunk), (0, blocks), &device);
     let own_block = t.clone().div_scalar(config.select_block as i64);
-    let candidate = j.clone().mul_scalar(config.select_block as i64).lower_equal(t);
-    let initial = j.clone().lower_elem(config.n_initial_blocks as i64);
-    let local = j
+    let candidate = j
         .clone()
-        .lower_equal(own_block.clone())
-        .bool_and(j.clone().add_scalar(config.n_local_blocks as i64).greater(own_block));
+        .mul_scalar(config.select_block as i64)
+        .lower_equal(t);
+    let initial = j.clone().lower_elem(config.n_initial_blocks as i64);
+    let local = j.clone().lower_equal(own_block.clone()).bool_and(
+        j.clone()
+            .add_scalar(config.n_local_blocks as i64)
+            .greater(own_block),
+    );
     let forced = broadcast(initial.bool_or(local).bool_and(candidate.clone()));
     let candidate = broadcast(candidate);
 
@@ -81,7 +88,11 @@ pub fn top_n_blocks<B: Backend>(
     // The n-th largest key; everything above it is in, and of the keys equal to it the
     // lowest-indexed ones fill the remaining slots. (A full sort rather than `topk`, which
     // burn-autodiff does not implement for float tensors.)
-    let nth = key.clone().sort_descending(3).narrow(3, n - 1, 1).expand(shape);
+    let nth = key
+        .clone()
+        .sort_descending(3)
+        .narrow(3, n - 1, 1)
+        .expand(shape);
     let above = key.clone().greater(nth.clone());
     let tied = key.equal(nth);
     let slots_left = above

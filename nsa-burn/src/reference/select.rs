@@ -48,7 +48,8 @@ pub fn selected_attention<B: Backend>(
     let head_base = Tensor::<B, 1, Int>::arange(0..(batch * kv_heads) as i64, &device)
         .mul_scalar(num_blocks as i64)
         .reshape([batch, kv_heads, 1, 1]);
-    let offsets = Tensor::<B, 1, Int>::arange(0..block as i64, &device).reshape([1, 1, 1, 1, block]);
+    let offsets =
+        Tensor::<B, 1, Int>::arange(0..block as i64, &device).reshape([1, 1, 1, 1, block]);
 
     let q = group_heads(q, kv_heads);
     let chunks = query_chunks(seq, config.query_chunk)
@@ -69,7 +70,9 @@ pub fn selected_attention<B: Backend>(
                 .select(0, rows)
                 .reshape([batch, kv_heads, len, keys, d_v]);
             // Key position of every gathered slot, and whether query t may attend it.
-            let position = (indices.mul_scalar(block as i64).reshape([batch, kv_heads, len, n, 1])
+            let position = (indices
+                .mul_scalar(block as i64)
+                .reshape([batch, kv_heads, len, n, 1])
                 + offsets.clone().expand([batch, kv_heads, len, n, block]))
             .reshape([batch, kv_heads, len, keys]);
             let t = Tensor::<B, 1, Int>::arange(start as i64..end as i64, &device)

@@ -4,8 +4,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use super::{
-    group_heads, grouped_masked_attention, heads_first, position_grid, query_chunks,
-    ungroup_heads,
+    group_heads, grouped_masked_attention, heads_first, position_grid, query_chunks, ungroup_heads,
 };
 use crate::NsaAttentionConfig;
 
@@ -34,10 +33,10 @@ pub fn window_attention<B: Backend>(
         .map(|(start, end)| {
             let len = end - start;
             let key_start = (start + 1).saturating_sub(window);
-            let q_chunk = q
-                .clone()
-                .narrow(2, start, len)
-                .reshape([batch, kv_heads, len * group, d_k]);
+            let q_chunk =
+                q.clone()
+                    .narrow(2, start, len)
+                    .reshape([batch, kv_heads, len * group, d_k]);
             let k_chunk = k.clone().narrow(2, key_start, end - key_start);
             let v_chunk = v.clone().narrow(2, key_start, end - key_start);
             // Key p is visible to query t iff t - w < p <= t.
