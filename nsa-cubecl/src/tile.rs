@@ -103,7 +103,8 @@ pub fn load_rows<F: Float>(
 }
 
 /// Scaled scores `[G, tile_keys]` of the group's queries against the keys in shared memory;
-/// [`NEG_BIG`] past `valid`.
+/// [`NEG_BIG`] past `valid`. Unit `(head, part)` scores keys `part, part + parts, ..` of its
+/// head, reading each query element once for all of them.
 #[cube]
 pub fn tile_scores<F: Float>(
     q: &Tensor<F>,
@@ -114,22 +115,35 @@ pub fn tile_scores<F: Float>(
     scores: &mut SharedMemory<f32>,
     #[comptime] cfg: TileConfig,
 ) {
-    let mut idx = UNIT_POS as usize;
-    while idx < comptime!(cfg.group * cfg.tile_keys) {
-        let head = idx / cfg.tile_keys;
-        let key = idx % cfg.tile_keys;
-        let mut score = f32::new(NEG_BIG);
-        if key < valid {
-            let query = q_at.base + head * q_at.head_stride;
-            let mut dot = 0.0f32;
-            for c in 0..cfg.d_k {
-                dot += f32::cast_from(q[query + c * q_at.dim_stride])
-                    * keys[key * cfg.key_stride() + c];
+    let head = UNIT_POS as usize / cfg.parts;
+    let part = UNIT_POS as usize % cfg.parts;
+    let per_unit = comptime!(cfg.tile_keys.div_ceil(cfg.parts));
+    let query = q_at.base + head * q_at.head_stride;
+    let mut dots = Array::<f32>::new(per_unit);
+    #[unroll]
+    for i in 0..per_unit {
+        dots[i] = 0.0;
+    }
+    for c in 0..cfg.d_k {
+        let q_c = f32::cast_from(q[query + c * q_at.dim_stride]);
+        #[unroll]
+        for i in 0..per_unit {
+            let key = part + i * cfg.parts;
+            if key < cfg.tile_keys {
+                dots[i] += q_c * keys[key * cfg.key_stride() + c];
             }
-            score = dot * scale;
         }
-        scores[idx] = score;
-        idx += comptime!(cfg.units());
+    }
+    #[unroll]
+    for i in 0..per_unit {
+        let key = part + i * cfg.parts;
+        if key < cfg.tile_keys {
+            let mut score = f32::new(NEG_BIG);
+            if key < valid {
+                score = dots[i] * scale;
+            }
+            scores[head * cfg.tile_keys + key] = score;
+        }
     }
 }
 
