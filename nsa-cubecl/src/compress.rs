@@ -4,7 +4,7 @@
 use cubecl::prelude::*;
 
 use crate::tile::{
-    attend_tile, cube_position, group_rows, head_rows, load_rows, state_finish, state_new,
+    attend_range, cube_position, group_rows, head_rows, load_rows, state_finish, state_new,
     tile_scores, TileConfig, NEG_BIG,
 };
 
@@ -77,27 +77,22 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
 
         // Attention over the visible compressed keys.
         let mut state = state_new(cfg);
-        let mut row = 0usize;
-        while row < visible {
-            let valid = min(visible - row, cfg.tile_keys);
-            attend_tile::<F>(
-                q,
-                q_at,
-                k_cmp,
-                k_at,
-                v_cmp,
-                v_at,
-                row,
-                valid,
-                scale,
-                &mut state,
-                &mut keys,
-                &mut values,
-                &mut scores,
-                cfg,
-            );
-            row += cfg.tile_keys;
-        }
+        attend_range::<F>(
+            q,
+            q_at,
+            k_cmp,
+            k_at,
+            v_cmp,
+            v_at,
+            0,
+            visible,
+            scale,
+            &mut state,
+            &mut keys,
+            &mut values,
+            &mut scores,
+            cfg,
+        );
         state_finish::<F>(&state, o, lse, b, t, head, cfg);
         if unit % cfg.parts == 0 {
             row_lse[unit / cfg.parts] = state[0] + state[1].ln();

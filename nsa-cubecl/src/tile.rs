@@ -225,6 +225,36 @@ pub fn attend_tile<F: Float>(
     sync_cube();
 }
 
+/// Attends the key rows `start..end` (a range every unit of the cube agrees on), tile by
+/// tile, through [`attend_tile`].
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn attend_range<F: Float>(
+    q: &Tensor<F>,
+    q_at: Rows,
+    k: &Tensor<F>,
+    k_at: Rows,
+    v: &Tensor<F>,
+    v_at: Rows,
+    start: usize,
+    end: usize,
+    scale: f32,
+    state: &mut Array<f32>,
+    keys: &mut SharedMemory<f32>,
+    values: &mut SharedMemory<f32>,
+    scores: &mut SharedMemory<f32>,
+    #[comptime] cfg: TileConfig,
+) {
+    let mut row = start;
+    while row < end {
+        let valid = min(end - row, cfg.tile_keys);
+        attend_tile::<F>(
+            q, q_at, k, k_at, v, v_at, row, valid, scale, state, keys, values, scores, cfg,
+        );
+        row += cfg.tile_keys;
+    }
+}
+
 /// Writes this unit's share of the group's output rows at `(b, t)` of `o: [B, T, H, d_v]`,
 /// `acc / sum` (0 for an empty row), and from the unit owning part 0 the row's
 /// log-sum-exp to `lse: [B, H, T]` (`NEG_BIG` for an empty row).

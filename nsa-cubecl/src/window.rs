@@ -3,7 +3,7 @@
 use cubecl::prelude::*;
 
 use crate::tile::{
-    attend_tile, cube_position, group_rows, head_rows, state_finish, state_new, TileConfig,
+    attend_range, cube_position, group_rows, head_rows, state_finish, state_new, TileConfig,
 };
 
 /// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]` ->
@@ -28,30 +28,26 @@ pub fn window_attention_kernel<F: Float>(
         let k_at = head_rows::<F>(k, b, head);
         let v_at = head_rows::<F>(v, b, head);
         let mut state = state_new(cfg);
-        let mut row = 0usize;
+        let mut start = 0usize;
         if t + 1 > window {
-            row = t + 1 - window;
+            start = t + 1 - window;
         }
-        while row <= t {
-            let valid = min(t + 1 - row, cfg.tile_keys);
-            attend_tile::<F>(
-                q,
-                q_at,
-                k,
-                k_at,
-                v,
-                v_at,
-                row,
-                valid,
-                scale,
-                &mut state,
-                &mut keys,
-                &mut values,
-                &mut scores,
-                cfg,
-            );
-            row += cfg.tile_keys;
-        }
+        attend_range::<F>(
+            q,
+            q_at,
+            k,
+            k_at,
+            v,
+            v_at,
+            start,
+            t + 1,
+            scale,
+            &mut state,
+            &mut keys,
+            &mut values,
+            &mut scores,
+            cfg,
+        );
         state_finish::<F>(&state, o, lse, b, t, head, cfg);
     }
 }
