@@ -6,6 +6,7 @@ use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
+use crate::config::compressed_blocks;
 use crate::{CompressorKind, NsaConfig};
 
 /// The paper's compressor MLP with its intra-block position embedding.
@@ -66,11 +67,7 @@ impl<B: Backend> Compressor<B> {
 
     /// Number of complete blocks in `seq_len` positions.
     pub fn num_blocks(&self, seq_len: usize) -> usize {
-        if seq_len < self.block {
-            0
-        } else {
-            (seq_len - self.block) / self.stride + 1
-        }
+        compressed_blocks(seq_len, self.block, self.stride)
     }
 
     /// `x: [B, T, H_kv, d]` -> `[B, N_cmp, H_kv, d]` with `N_cmp = num_blocks(T)`, or `None`

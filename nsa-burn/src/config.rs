@@ -228,6 +228,16 @@ fn divides(
     }
 }
 
+/// Compression blocks of length `block` every `stride` positions that fit in `seq_len`
+/// positions: `floor((T - l) / d) + 1`, or 0 when `T < l`.
+pub(crate) fn compressed_blocks(seq_len: usize, block: usize, stride: usize) -> usize {
+    if seq_len < block {
+        0
+    } else {
+        (seq_len - block) / stride + 1
+    }
+}
+
 impl NsaAttentionConfig {
     /// Checks every rule of the spec: positive sizes, `d | l`, `d | l'`, `l <= l'`, forced
     /// blocks within `n`, a finite positive scale.
@@ -265,11 +275,7 @@ impl NsaAttentionConfig {
     /// Number of compression blocks for `seq_len` keys: `floor((T - l) / d) + 1`, or 0 when
     /// `T < l`.
     pub fn num_compressed_blocks(&self, seq_len: usize) -> usize {
-        if seq_len < self.compress_block {
-            0
-        } else {
-            (seq_len - self.compress_block) / self.compress_stride + 1
-        }
+        compressed_blocks(seq_len, self.compress_block, self.compress_stride)
     }
 
     /// Number of selection blocks for `seq_len` keys: `ceil(T / l')`.

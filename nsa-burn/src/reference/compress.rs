@@ -46,11 +46,7 @@ pub fn compressed_attention<B: Backend>(
     for (start, end) in query_chunks(seq, config.query_chunk) {
         let len = end - start;
         // Blocks that have ended by the chunk's last query.
-        let visible = if end < block {
-            0
-        } else {
-            ((end - block) / stride + 1).min(num_compressed)
-        };
+        let visible = config.num_compressed_blocks(end).min(num_compressed);
         let (o, scores) = if visible == 0 {
             (
                 Tensor::zeros([batch, kv_heads, len, group, d_v], (&device, dtype)),
