@@ -237,7 +237,7 @@ pub fn try_nsa_attention<B: NsaBackend>(
     let kv_heads = selected.k.dims()[2];
     let (o_cmp, selected_blocks) = match compressed {
         Some(compressed) => {
-            let (o, blocks) = B::nsa_compressed(
+            let (o, _, blocks) = B::nsa_compressed(
                 float(q.clone()),
                 float(compressed.k),
                 float(compressed.v),
@@ -259,14 +259,14 @@ pub fn try_nsa_attention<B: NsaBackend>(
             (None, blocks)
         }
     };
-    let o_slc = B::nsa_selected(
+    let (o_slc, _) = B::nsa_selected(
         float(q.clone()),
         float(selected.k),
         float(selected.v),
         selected_blocks.clone().into_primitive(),
         config,
     );
-    let o_win = B::nsa_window(float(q), float(window.k), float(window.v), config);
+    let (o_win, _) = B::nsa_window(float(q), float(window.k), float(window.v), config);
     let tensor = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
     let gate = |branch: usize| gates.clone().narrow(3, branch, 1);
     let output = tensor(o_slc) * gate(1) + tensor(o_win) * gate(2);

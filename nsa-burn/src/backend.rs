@@ -1,74 +1,170 @@
-//! The backend extension trait: one method per NSA branch. The default methods run the
-//! reference ([`crate::reference`]); Burn's CubeCL backends (`Cuda`, `Wgpu`, `Rocm`, with or
-//! without fusion) override them with the kernels of `nsa-cubecl`.
+//! The backend extension trait: one forward method per NSA branch, and the backward kernels
+//! when a backend has them. The default methods run the reference ([`crate::reference`]);
+//! Burn's CubeCL backends (`Cuda`, `Wgpu`, `Rocm`, with or without fusion) override them
+//! with the kernels of `nsa-cubecl`, and `Autodiff<B>` records each branch as one operation
+//! whose backward pass calls `B`'s backward kernels (see `autodiff.rs`).
 
-use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Int, Tensor, TensorPrimitive};
 
-use crate::reference::{compressed_attention, selected_attention, window_attention};
+use crate::reference::{compressed_attention, selected_attention, window_attention, Attended};
 use crate::NsaAttentionConfig;
 
 fn float<B: Backend>(tensor: FloatTensor<B>) -> Tensor<B, 4> {
     Tensor::from_primitive(TensorPrimitive::Float(tensor))
 }
 
+fn primitive<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> FloatTensor<B> {
+    tensor.into_primitive().tensor()
+}
+
+fn attended<B: Backend>(attended: Attended<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+    (primitive(attended.output), primitive(attended.lse))
+}
+
+/// What the backward pass of one branch reads: its float inputs, its output and the row
+/// log-sum-exp of its forward pass.
+#[derive(Debug, Clone)]
+pub struct BranchSaved<B: Backend> {
+    /// Queries `[B, T, H, d_k]`.
+    pub q: FloatTensor<B>,
+    /// The branch's keys `[B, L, H_kv, d_k]` (`L = N_cmp` for the compression branch).
+    pub k: FloatTensor<B>,
+    /// The branch's values `[B, L, H_kv, d_v]`.
+    pub v: FloatTensor<B>,
+    /// The branch output `[B, T, H, d_v]`.
+    pub output: FloatTensor<B>,
+    /// Row log-sum-exp `[B, H, T]` f32.
+    pub lse: FloatTensor<B>,
+}
+
+/// Gradients of one branch's float inputs, shaped like them.
+#[derive(Debug, Clone)]
+pub struct BranchGrads<B: Backend> {
+    /// `[B, T, H, d_k]`.
+    pub q: FloatTensor<B>,
+    /// `[B, L, H_kv, d_k]`.
+    pub k: FloatTensor<B>,
+    /// `[B, L, H_kv, d_v]`.
+    pub v: FloatTensor<B>,
+}
+
+/// Compressed attention in the reference (the trait's default).
+pub(crate) fn reference_compressed<B: Backend>(
+    q: FloatTensor<B>,
+    k_cmp: FloatTensor<B>,
+    v_cmp: FloatTensor<B>,
+    config: &NsaAttentionConfig,
+) -> (FloatTensor<B>, FloatTensor<B>, IntTensor<B>) {
+    let (attended_cmp, selected) =
+        compressed_attention(float::<B>(q), float(k_cmp), float(v_cmp), config);
+    let (o, lse) = attended(attended_cmp);
+    (o, lse, selected.into_primitive())
+}
+
+/// Selected-block attention in the reference (the trait's default).
+pub(crate) fn reference_selected<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    selected: IntTensor<B>,
+    config: &NsaAttentionConfig,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let selected = Tensor::<B, 4, Int>::from_primitive(selected);
+    attended(selected_attention(
+        float::<B>(q),
+        float(k),
+        float(v),
+        selected,
+        config,
+    ))
+}
+
+/// Sliding-window attention in the reference (the trait's default).
+pub(crate) fn reference_window<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    config: &NsaAttentionConfig,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    attended(window_attention(float::<B>(q), float(k), float(v), config))
+}
+
+/// The backward passes of the three branches on a backend that has them as kernels.
+/// Each takes what the branch's forward pass saved and the gradient `[B, T, H, d_v]` of its
+/// output; the selection branch also takes the selected blocks `[B, H_kv, T, n]`.
+pub struct NsaBackward<B: Backend> {
+    /// Gradients of `q`, `k_cmp` and `v_cmp` (the selection is not differentiated).
+    pub compressed: BranchBackwardFn<B>,
+    /// Gradients of `q`, `k` and `v` of the selection branch.
+    pub selected: SelectedBackwardFn<B>,
+    /// Gradients of `q`, `k` and `v` of the window branch.
+    pub window: BranchBackwardFn<B>,
+}
+
+/// A branch's backward pass: saved tensors, output gradient, config -> input gradients.
+pub type BranchBackwardFn<B> =
+    fn(BranchSaved<B>, FloatTensor<B>, &NsaAttentionConfig) -> BranchGrads<B>;
+
+/// The selection branch's backward pass, which also reads the selected blocks.
+pub type SelectedBackwardFn<B> =
+    fn(BranchSaved<B>, IntTensor<B>, FloatTensor<B>, &NsaAttentionConfig) -> BranchGrads<B>;
+
 /// A backend that runs the three NSA branches. Shapes are checked by
-/// [`crate::nsa_attention`] before these are called.
+/// [`crate::nsa_attention`] before these are called. Every forward method also returns the
+/// row log-sum-exp `[B, H, T]` (f32) of the branch's scaled scores, which its backward
+/// method reads.
 pub trait NsaBackend: Backend {
     /// Compressed attention and top-n selection (see [`compressed_attention`]).
     ///
     /// `q: [B, T, H, d_k]`, `k_cmp: [B, N_cmp, H_kv, d_k]`, `v_cmp: [B, N_cmp, H_kv, d_v]`
     /// with `N_cmp >= 1` ([`crate::nsa_attention`] handles `T < l` itself) ->
-    /// (`o_cmp: [B, T, H, d_v]`, `selected: [B, H_kv, T, n]` Int).
+    /// (`o_cmp: [B, T, H, d_v]`, `lse: [B, H, T]`, `selected: [B, H_kv, T, n]` Int).
     fn nsa_compressed(
         q: FloatTensor<Self>,
         k_cmp: FloatTensor<Self>,
         v_cmp: FloatTensor<Self>,
         config: &NsaAttentionConfig,
-    ) -> (FloatTensor<Self>, IntTensor<Self>) {
-        let (o, selected) =
-            compressed_attention(float::<Self>(q), float(k_cmp), float(v_cmp), config);
-        (o.into_primitive().tensor(), selected.into_primitive())
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
+        reference_compressed::<Self>(q, k_cmp, v_cmp, config)
     }
 
     /// Selected-block attention (see [`selected_attention`]).
     ///
     /// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]`,
-    /// `selected: [B, H_kv, T, n]` Int -> `[B, T, H, d_v]`.
+    /// `selected: [B, H_kv, T, n]` Int -> (`[B, T, H, d_v]`, `lse: [B, H, T]`).
     fn nsa_selected(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         selected: IntTensor<Self>,
         config: &NsaAttentionConfig,
-    ) -> FloatTensor<Self> {
-        let selected = Tensor::<Self, 4, Int>::from_primitive(selected);
-        selected_attention(float::<Self>(q), float(k), float(v), selected, config)
-            .into_primitive()
-            .tensor()
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference_selected::<Self>(q, k, v, selected, config)
     }
 
     /// Sliding-window attention (see [`window_attention`]).
     ///
-    /// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]` -> `[B, T, H, d_v]`.
+    /// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]` ->
+    /// (`[B, T, H, d_v]`, `lse: [B, H, T]`).
     fn nsa_window(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         config: &NsaAttentionConfig,
-    ) -> FloatTensor<Self> {
-        window_attention(float::<Self>(q), float(k), float(v), config)
-            .into_primitive()
-            .tensor()
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference_window::<Self>(q, k, v, config)
+    }
+
+    /// The backward kernels, if this backend has them. With them, `Autodiff<Self>` records
+    /// each branch as one operation whose backward pass calls them; without (the default),
+    /// `Autodiff<Self>` differentiates the reference in Burn ops.
+    fn nsa_backward() -> Option<NsaBackward<Self>> {
+        None
     }
 }
 
-/// The CPU backend runs the reference.
+/// The CPU backend runs the reference, forward and backward.
 impl NsaBackend for Flex {}
-
-/// Under autodiff every backend runs the differentiable reference for now; the backward
-/// kernels that let `Autodiff<B>` train on the forward kernels are not written yet.
-impl<B: NsaBackend, C: CheckpointStrategy> NsaBackend for Autodiff<B, C> {}

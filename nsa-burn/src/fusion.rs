@@ -1,84 +1,158 @@
-//! [`NsaBackend`] on `Fusion<B>` (the default `Cuda`, `Wgpu` and `Rocm` types): each branch
-//! is registered as a custom operation that runs `B`'s kernels when the stream executes.
+//! [`NsaBackend`] on `Fusion<B>` (the default `Cuda`, `Wgpu` and `Rocm` types): each branch's
+//! forward and backward pass is registered as a custom operation that runs `B`'s kernels
+//! when the stream executes.
 
 use core::marker::PhantomData;
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{Element, Shape};
+use burn::tensor::{DType, Element, Shape};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
-use crate::{NsaAttentionConfig, NsaBackend};
+use crate::{BranchGrads, BranchSaved, NsaAttentionConfig, NsaBackend, NsaBackward};
 
 type Handles<B> =
     HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
 
-/// Which branch a [`BranchOp`] runs.
+/// Which branch, and which pass of it, a [`BranchOp`] runs.
 #[derive(Debug, Clone, Copy)]
-enum Branch {
+enum Step {
     Compressed,
     Selected,
     Window,
+    CompressedBackward,
+    SelectedBackward,
+    WindowBackward,
+}
+
+impl Step {
+    fn name(self) -> &'static str {
+        match self {
+            Step::Compressed => "nsa_compressed",
+            Step::Selected => "nsa_selected",
+            Step::Window => "nsa_window",
+            Step::CompressedBackward => "nsa_compressed_backward",
+            Step::SelectedBackward => "nsa_selected_backward",
+            Step::WindowBackward => "nsa_window_backward",
+        }
+    }
 }
 
 #[derive(Debug)]
 struct BranchOp<B> {
     desc: CustomOpIr,
-    branch: Branch,
+    step: Step,
     config: NsaAttentionConfig,
     _backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + NsaBackend> BranchOp<B> {
+    fn float(&self, handles: &mut Handles<B>, input: usize) -> FloatTensor<B> {
+        handles.get_float_tensor::<B>(&self.desc.inputs[input])
+    }
+
+    /// Backward inputs are `q, k, v, output, lse, grad` (then `selected`).
+    fn saved(&self, handles: &mut Handles<B>) -> BranchSaved<B> {
+        BranchSaved {
+            q: self.float(handles, 0),
+            k: self.float(handles, 1),
+            v: self.float(handles, 2),
+            output: self.float(handles, 3),
+            lse: self.float(handles, 4),
+        }
+    }
+
+    fn register_floats(
+        &self,
+        handles: &mut Handles<B>,
+        tensors: impl IntoIterator<Item = FloatTensor<B>>,
+    ) {
+        for (ir, tensor) in self.desc.outputs.iter().zip(tensors) {
+            handles.register_float_tensor::<B>(&ir.id, tensor);
+        }
+    }
 }
 
 impl<B: FusionBackend + NsaBackend> Operation<B::FusionRuntime> for BranchOp<B> {
     fn execute(&self, handles: &mut Handles<B>) {
         let config = &self.config;
-        match self.branch {
-            Branch::Compressed => {
-                let ([q, k, v], [o, selected]) = self.desc.as_fixed();
-                let (out, blocks) = B::nsa_compressed(
-                    handles.get_float_tensor::<B>(q),
-                    handles.get_float_tensor::<B>(k),
-                    handles.get_float_tensor::<B>(v),
+        match self.step {
+            Step::Compressed => {
+                let (o, lse, selected) = B::nsa_compressed(
+                    self.float(handles, 0),
+                    self.float(handles, 1),
+                    self.float(handles, 2),
                     config,
                 );
-                handles.register_float_tensor::<B>(&o.id, out);
-                handles.register_int_tensor::<B>(&selected.id, blocks);
+                self.register_floats(handles, [o, lse]);
+                handles.register_int_tensor::<B>(&self.desc.outputs[2].id, selected);
             }
-            Branch::Selected => {
-                let ([q, k, v, selected], [o]) = self.desc.as_fixed();
-                let out = B::nsa_selected(
-                    handles.get_float_tensor::<B>(q),
-                    handles.get_float_tensor::<B>(k),
-                    handles.get_float_tensor::<B>(v),
-                    handles.get_int_tensor::<B>(selected),
+            Step::Selected => {
+                let selected = handles.get_int_tensor::<B>(&self.desc.inputs[3]);
+                let (o, lse) = B::nsa_selected(
+                    self.float(handles, 0),
+                    self.float(handles, 1),
+                    self.float(handles, 2),
+                    selected,
                     config,
                 );
-                handles.register_float_tensor::<B>(&o.id, out);
+                self.register_floats(handles, [o, lse]);
             }
-            Branch::Window => {
-                let ([q, k, v], [o]) = self.desc.as_fixed();
-                let out = B::nsa_window(
-                    handles.get_float_tensor::<B>(q),
-                    handles.get_float_tensor::<B>(k),
-                    handles.get_float_tensor::<B>(v),
+            Step::Window => {
+                let (o, lse) = B::nsa_window(
+                    self.float(handles, 0),
+                    self.float(handles, 1),
+                    self.float(handles, 2),
                     config,
                 );
-                handles.register_float_tensor::<B>(&o.id, out);
+                self.register_floats(handles, [o, lse]);
+            }
+            Step::CompressedBackward | Step::SelectedBackward | Step::WindowBackward => {
+                let saved = self.saved(handles);
+                let grad = self.float(handles, 5);
+                let kernels =
+                    B::nsa_backward().expect("registered only when B has backward kernels");
+                let BranchGrads { q, k, v } = match self.step {
+                    Step::CompressedBackward => (kernels.compressed)(saved, grad, config),
+                    Step::SelectedBackward => {
+                        let selected = handles.get_int_tensor::<B>(&self.desc.inputs[6]);
+                        (kernels.selected)(saved, selected, grad, config)
+                    }
+                    _ => (kernels.window)(saved, grad, config),
+                };
+                self.register_floats(handles, [q, k, v]);
             }
         }
     }
 }
 
-/// The branch output `[B, T, H, d_v]` of query `q: [B, T, H, d_k]` and values `v: [.., d_v]`.
-fn output_ir<R: FusionRuntime>(q: &FusionTensor<R>, v: &FusionTensor<R>) -> TensorIr {
-    let shape = Shape::new([q.shape[0], q.shape[1], q.shape[2], v.shape[3]]);
-    TensorIr::uninit(q.client.create_empty_handle(), shape, q.dtype)
+/// The branch output `[B, T, H, d_v]` of query `q: [B, T, H, d_k]` and values `v: [.., d_v]`,
+/// and its log-sum-exp `[B, H, T]` f32.
+fn output_irs<R: FusionRuntime>(q: &FusionTensor<R>, v: &FusionTensor<R>) -> [TensorIr; 2] {
+    let [batch, seq, heads, _] = [q.shape[0], q.shape[1], q.shape[2], q.shape[3]];
+    [
+        TensorIr::uninit(
+            q.client.create_empty_handle(),
+            Shape::new([batch, seq, heads, v.shape[3]]),
+            q.dtype,
+        ),
+        TensorIr::uninit(
+            q.client.create_empty_handle(),
+            Shape::new([batch, heads, seq]),
+            DType::F32,
+        ),
+    ]
 }
 
-/// Registers `branch` with the given inputs and output descriptions.
+/// An uninitialised tensor shaped and typed like `x` (for a gradient).
+fn like<R: FusionRuntime>(x: &FusionTensor<R>) -> TensorIr {
+    TensorIr::uninit(x.client.create_empty_handle(), x.shape.clone(), x.dtype)
+}
+
+/// Registers `step` with the given inputs and output descriptions.
 fn register<B: FusionBackend + NsaBackend>(
-    branch: Branch,
+    step: Step,
     inputs: Vec<FusionTensor<B::FusionRuntime>>,
     outputs: &[TensorIr],
     config: &NsaAttentionConfig,
@@ -86,19 +160,30 @@ fn register<B: FusionBackend + NsaBackend>(
     let client = inputs[0].client.clone();
     let streams = OperationStreams::with_inputs(inputs.iter());
     let inputs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
-    let name = match branch {
-        Branch::Compressed => "nsa_compressed",
-        Branch::Selected => "nsa_selected",
-        Branch::Window => "nsa_window",
-    };
-    let desc = CustomOpIr::new(name, &inputs, outputs);
+    let desc = CustomOpIr::new(step.name(), &inputs, outputs);
     let op = BranchOp::<B> {
         desc: desc.clone(),
-        branch,
+        step,
         config: *config,
         _backend: PhantomData,
     };
     client.register(streams, OperationIr::Custom(desc), op)
+}
+
+/// Registers a backward step: inputs `saved`, `grad` and `extra`; outputs the gradients of
+/// `q`, `k` and `v`.
+fn register_backward<B: FusionBackend + NsaBackend>(
+    step: Step,
+    saved: BranchSaved<Fusion<B>>,
+    grad: FloatTensor<Fusion<B>>,
+    extra: Option<IntTensor<Fusion<B>>>,
+    config: &NsaAttentionConfig,
+) -> BranchGrads<Fusion<B>> {
+    let outputs = [like(&saved.q), like(&saved.k), like(&saved.v)];
+    let mut inputs = vec![saved.q, saved.k, saved.v, saved.output, saved.lse, grad];
+    inputs.extend(extra);
+    let [q, k, v] = register::<B>(step, inputs, &outputs, config).outputs();
+    BranchGrads { q, k, v }
 }
 
 impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
@@ -107,21 +192,21 @@ impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
         k_cmp: FloatTensor<Self>,
         v_cmp: FloatTensor<Self>,
         config: &NsaAttentionConfig,
-    ) -> (FloatTensor<Self>, IntTensor<Self>) {
-        let o = output_ir(&q, &v_cmp);
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
+        let [o, lse] = output_irs(&q, &v_cmp);
         let selected = TensorIr::uninit(
             q.client.create_empty_handle(),
             Shape::new([q.shape[0], v_cmp.shape[2], q.shape[1], config.n_selected]),
             B::IntElem::dtype(),
         );
-        let [o, selected] = register::<B>(
-            Branch::Compressed,
+        let [o, lse, selected] = register::<B>(
+            Step::Compressed,
             vec![q, k_cmp, v_cmp],
-            &[o, selected],
+            &[o, lse, selected],
             config,
         )
         .outputs();
-        (o, selected)
+        (o, lse, selected)
     }
 
     fn nsa_selected(
@@ -130,9 +215,11 @@ impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
         v: FloatTensor<Self>,
         selected: IntTensor<Self>,
         config: &NsaAttentionConfig,
-    ) -> FloatTensor<Self> {
-        let o = output_ir(&q, &v);
-        register::<B>(Branch::Selected, vec![q, k, v, selected], &[o], config).output()
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let outputs = output_irs(&q, &v);
+        let [o, lse] =
+            register::<B>(Step::Selected, vec![q, k, v, selected], &outputs, config).outputs();
+        (o, lse)
     }
 
     fn nsa_window(
@@ -140,8 +227,24 @@ impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         config: &NsaAttentionConfig,
-    ) -> FloatTensor<Self> {
-        let o = output_ir(&q, &v);
-        register::<B>(Branch::Window, vec![q, k, v], &[o], config).output()
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let outputs = output_irs(&q, &v);
+        let [o, lse] = register::<B>(Step::Window, vec![q, k, v], &outputs, config).outputs();
+        (o, lse)
+    }
+
+    fn nsa_backward() -> Option<NsaBackward<Self>> {
+        B::nsa_backward()?;
+        Some(NsaBackward {
+            compressed: |saved, grad, config| {
+                register_backward::<B>(Step::CompressedBackward, saved, grad, None, config)
+            },
+            selected: |saved, selected, grad, config| {
+                register_backward::<B>(Step::SelectedBackward, saved, grad, Some(selected), config)
+            },
+            window: |saved, grad, config| {
+                register_backward::<B>(Step::WindowBackward, saved, grad, None, config)
+            },
+        })
     }
 }

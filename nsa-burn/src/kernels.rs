@@ -1,15 +1,17 @@
-//! [`NsaBackend`] on Burn's generic CubeCL backend: launches the `nsa-cubecl` kernels.
+//! [`NsaBackend`] on Burn's generic CubeCL backend: launches the `nsa-cubecl` kernels,
+//! forward and backward.
 
-use burn::tensor::{bf16, f16, DType, Shape};
+use burn::tensor::{bf16, f16, DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use nsa_cubecl::{
-    launch_compressed, launch_selected, launch_window, AttentionShape, SelectionConfig,
+    launch_compressed, launch_grad_key_value, launch_grad_query, launch_selected, launch_window,
+    AttentionShape, GradArgs, KeySet, SelectionConfig,
 };
 
-use crate::{NsaAttentionConfig, NsaBackend};
+use crate::{BranchGrads, BranchSaved, NsaAttentionConfig, NsaBackend, NsaBackward};
 
 /// Calls `$launch::<R, F, ..>` with `F` the Rust type of the float dtype `$dtype`
 /// (and `I` that of the int dtype, for the kernels that take one).
@@ -92,6 +94,95 @@ fn scale(config: &NsaAttentionConfig, shape: &AttentionShape) -> f32 {
     config.scale(shape.d_k) as f32
 }
 
+/// An uninitialised contiguous tensor shaped and typed like `x`.
+fn empty_like<R: CubeRuntime>(x: &CubeTensor<R>) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(
+        x.client.clone(),
+        x.device.clone(),
+        x.meta.shape().clone(),
+        x.dtype,
+    )
+}
+
+/// The backward pass of one branch: `delta = rowsum(dO * O)` in Burn ops, then the
+/// query-side and key-side kernels. `selected` is the selection for
+/// [`KeySet::Selected`]; the other branches pass none (the kernels then get a one-element
+/// placeholder they never read).
+fn branch_backward<R, F, I, BT>(
+    saved: BranchSaved<CubeBackend<R, F, I, BT>>,
+    selected: Option<CubeTensor<R>>,
+    grad: CubeTensor<R>,
+    keys: KeySet,
+    config: &NsaAttentionConfig,
+) -> BranchGrads<CubeBackend<R, F, I, BT>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    type Backend<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+    let float = |x: CubeTensor<R>| {
+        Tensor::<Backend<R, F, I, BT>, 4>::from_primitive(TensorPrimitive::Float(x))
+            .cast(DType::F32)
+    };
+    // [B, T, H, 1] f32
+    let delta = (float(grad.clone()) * float(saved.output))
+        .sum_dim(3)
+        .into_primitive()
+        .tensor();
+    let q = saved.q;
+    let shape = attention_shape(&q, &saved.v);
+    let key_rows = dims(&saved.k)[1];
+    let selected = match selected {
+        Some(selected) => into_contiguous(selected),
+        None => empty_device_contiguous_dtype(
+            q.client.clone(),
+            q.device.clone(),
+            Shape::new([1, 1, 1, 1]),
+            I::dtype(),
+        ),
+    };
+    let args = || GradArgs {
+        q: q.clone().into_tensor_arg(),
+        k: saved.k.clone().into_tensor_arg(),
+        v: saved.v.clone().into_tensor_arg(),
+        d_o: grad.clone().into_tensor_arg(),
+        delta: delta.clone().into_tensor_arg(),
+        lse: saved.lse.clone().into_tensor_arg(),
+        selected: selected.clone().into_tensor_arg(),
+    };
+    let (dq, dk, dv) = (empty_like(&q), empty_like(&saved.k), empty_like(&saved.v));
+    let client = q.client.clone();
+    let scale = scale(config, &shape);
+    with_float_type!(q.dtype, Fl => with_int_type!(selected.dtype, In => {
+        launch_grad_query::<R, Fl, In>(
+            &client,
+            &shape,
+            key_rows,
+            keys,
+            args(),
+            dq.clone().into_tensor_arg(),
+            scale,
+        );
+        launch_grad_key_value::<R, Fl, In>(
+            &client,
+            &shape,
+            key_rows,
+            keys,
+            args(),
+            dk.clone().into_tensor_arg(),
+            dv.clone().into_tensor_arg(),
+            scale,
+        );
+    }));
+    BranchGrads {
+        q: dq,
+        k: dk,
+        v: dv,
+    }
+}
+
 impl<R, F, I, BT> NsaBackend for CubeBackend<R, F, I, BT>
 where
     R: CubeRuntime,
@@ -104,7 +195,7 @@ where
         k_cmp: CubeTensor<R>,
         v_cmp: CubeTensor<R>,
         config: &NsaAttentionConfig,
-    ) -> (CubeTensor<R>, CubeTensor<R>) {
+    ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
         let shape = attention_shape(&q, &v_cmp);
         let num_compressed = dims(&k_cmp)[1];
         let (o, lse) = outputs(&q, &shape);
@@ -133,13 +224,13 @@ where
                 k_cmp.into_tensor_arg(),
                 v_cmp.into_tensor_arg(),
                 o.clone().into_tensor_arg(),
-                lse.into_tensor_arg(),
+                lse.clone().into_tensor_arg(),
                 selected.clone().into_tensor_arg(),
                 scale(config, &shape),
                 selection,
             )
         }));
-        (o, selected)
+        (o, lse, selected)
     }
 
     fn nsa_selected(
@@ -148,7 +239,7 @@ where
         v: CubeTensor<R>,
         selected: CubeTensor<R>,
         config: &NsaAttentionConfig,
-    ) -> CubeTensor<R> {
+    ) -> (CubeTensor<R>, CubeTensor<R>) {
         let shape = attention_shape(&q, &v);
         let (o, lse) = outputs(&q, &shape);
         let client = q.client.clone();
@@ -162,12 +253,12 @@ where
                 v.into_tensor_arg(),
                 selected.into_tensor_arg(),
                 o.clone().into_tensor_arg(),
-                lse.into_tensor_arg(),
+                lse.clone().into_tensor_arg(),
                 scale(config, &shape),
                 config.select_block,
             )
         }));
-        o
+        (o, lse)
     }
 
     fn nsa_window(
@@ -175,7 +266,7 @@ where
         k: CubeTensor<R>,
         v: CubeTensor<R>,
         config: &NsaAttentionConfig,
-    ) -> CubeTensor<R> {
+    ) -> (CubeTensor<R>, CubeTensor<R>) {
         let shape = attention_shape(&q, &v);
         let (o, lse) = outputs(&q, &shape);
         let client = q.client.clone();
@@ -187,11 +278,35 @@ where
                 k.into_tensor_arg(),
                 v.into_tensor_arg(),
                 o.clone().into_tensor_arg(),
-                lse.into_tensor_arg(),
+                lse.clone().into_tensor_arg(),
                 scale(config, &shape),
                 config.window,
             )
         });
-        o
+        (o, lse)
+    }
+
+    fn nsa_backward() -> Option<NsaBackward<Self>> {
+        Some(NsaBackward {
+            compressed: |saved, grad, config| {
+                let keys = KeySet::Compressed {
+                    block: config.compress_block,
+                    stride: config.compress_stride,
+                };
+                branch_backward(saved, None, grad, keys, config)
+            },
+            selected: |saved, selected, grad, config| {
+                let keys = KeySet::Selected {
+                    block: config.select_block,
+                };
+                branch_backward(saved, Some(selected), grad, keys, config)
+            },
+            window: |saved, grad, config| {
+                let keys = KeySet::Window {
+                    size: config.window,
+                };
+                branch_backward(saved, None, grad, keys, config)
+            },
+        })
     }
 }

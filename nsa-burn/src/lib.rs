@@ -7,9 +7,11 @@
 //! - [`reference`]: the operator in plain Burn tensor ops, differentiable on every backend.
 //! - [`NsaBackend`]: the backend extension trait the operator dispatches through; Burn's
 //!   CubeCL backends (`Cuda`, `Wgpu`, `Rocm`, fused or not) run the `nsa-cubecl` forward
-//!   kernels, Flex and `Autodiff<B>` run the reference.
+//!   and backward kernels, Flex runs the reference, and `Autodiff<B>` trains on whatever
+//!   `B` runs.
 
 mod attention;
+mod autodiff;
 mod backend;
 mod compressor;
 mod config;
@@ -22,11 +24,13 @@ pub mod reference;
 pub use attention::{
     nsa_attention, try_nsa_attention, BranchKv, NsaError, NsaInput, NsaOutput, NsaShapeError,
 };
-pub use backend::NsaBackend;
+pub use backend::{
+    BranchBackwardFn, BranchGrads, BranchSaved, NsaBackend, NsaBackward, SelectedBackwardFn,
+};
 pub use compressor::{Compressor, CompressorMlp};
 pub use config::{CompressorKind, KvSharing, NsaAttentionConfig, NsaConfig, NsaConfigError};
 pub use gate::Gate;
-pub use module::{KvProjection, Nsa, NsaForward};
+pub use module::{KvProjection, Nsa, NsaForward, NsaRecord};
 
 /// The README's code compiles and runs as a doctest, so its snippet cannot rot.
 #[cfg(doctest)]

@@ -3,6 +3,7 @@
 
 use cubecl::prelude::*;
 
+use crate::keys::{key_range, KeySet};
 use crate::tile::{
     attend_range, cube_position, group_rows, head_rows, load_rows, state_finish, state_new,
     tile_scores, TileConfig, NEG_BIG,
@@ -28,6 +29,16 @@ pub struct SelectionConfig {
     pub n_local: usize,
     /// Capacity of the shared block-score buffer, at least `ceil(T / l')`.
     pub max_blocks: usize,
+}
+
+impl SelectionConfig {
+    /// The compressed keys' attention pattern.
+    pub fn key_set(&self) -> KeySet {
+        KeySet::Compressed {
+            block: self.compress_block,
+            stride: self.compress_stride,
+        }
+    }
 }
 
 /// `q: [B, T, H, d_k]`, `k_cmp: [B, N_cmp, H_kv, d_k]`, `v_cmp: [B, N_cmp, H_kv, d_v]` ->
@@ -67,13 +78,7 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
         let q_at = group_rows::<F>(q, b, t, head, cfg.group);
         let k_at = head_rows::<F>(k_cmp, b, head);
         let v_at = head_rows::<F>(v_cmp, b, head);
-        let mut visible = 0usize;
-        if t + 1 >= sel.compress_block {
-            visible = min(
-                (t + 1 - sel.compress_block) / sel.compress_stride + 1,
-                k_cmp.shape(1),
-            );
-        }
+        let (_, visible) = key_range(t, k_cmp.shape(1), comptime!(sel.key_set()));
 
         // Attention over the visible compressed keys.
         let mut state = state_new(cfg);
@@ -116,12 +121,23 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
                 row,
                 valid,
                 &mut keys,
+                cfg.tile_keys,
+                cfg.d_k,
+                cfg.key_stride(),
+                cfg.units(),
+            );
+            sync_cube();
+            tile_scores::<F>(
+                q,
+                q_at,
+                &keys,
+                valid,
+                scale,
+                &mut scores,
                 cfg.d_k,
                 cfg.key_stride(),
                 cfg,
             );
-            sync_cube();
-            tile_scores::<F>(q, q_at, &keys, valid, scale, &mut scores, cfg);
             sync_cube();
             // p_cmp summed over the group, per compression block of the tile.
             let mut key = unit;

@@ -5,6 +5,9 @@ use cubecl::prelude::*;
 use cubecl::{calculate_cube_count_elemwise, CubeElement};
 
 use crate::compress::{compressed_attention_kernel, SelectionConfig};
+use crate::grad_key::{grad_key_value_kernel, KeyTileConfig};
+use crate::grad_query::grad_query_kernel;
+use crate::keys::KeySet;
 use crate::select::selected_attention_kernel;
 use crate::tile::TileConfig;
 use crate::window::window_attention_kernel;
@@ -46,13 +49,13 @@ const MAX_UNITS: usize = 128;
 
 /// The tile for `shape` on this device: `G * parts` units (`parts` the largest power of two
 /// keeping the cube within [`MAX_UNITS`] and `d_v`), and the largest power-of-two number
-/// of key rows, at most 32 and dividing `divides` when given, whose shared memory (plus
-/// `extra_words` f32 words) fits the device.
+/// of key rows, at most 32 and dividing `divides` when given, for which the kernel's
+/// shared memory (`words(&tile)` f32 words) fits the device.
 pub fn tile_config<R: Runtime>(
     client: &ComputeClient<R>,
     shape: &AttentionShape,
     divides: Option<usize>,
-    extra_words: usize,
+    words: impl Fn(&TileConfig) -> usize,
 ) -> TileConfig {
     let group = shape.group();
     let mut parts = 1;
@@ -69,7 +72,7 @@ pub fn tile_config<R: Runtime>(
             tile_keys,
             parts,
         };
-        let fits = (cfg.shared_words() + extra_words) * 4 <= shared_bytes;
+        let fits = words(&cfg) * 4 <= shared_bytes;
         if tile_keys == 1 || (fits && divides.is_none_or(|d| d % tile_keys == 0)) {
             return cfg;
         }
@@ -111,7 +114,7 @@ pub fn launch_window<R: Runtime, F: Float + CubeElement>(
     scale: f32,
     window: usize,
 ) {
-    let cfg = tile_config(client, shape, None, 0);
+    let cfg = tile_config(client, shape, None, TileConfig::shared_words);
     let (count, dim) = grid(client, shape, &cfg);
     window_attention_kernel::launch::<F, R>(
         client,
@@ -144,7 +147,7 @@ pub fn launch_selected<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>
     scale: f32,
     select_block: usize,
 ) {
-    let cfg = tile_config(client, shape, Some(select_block), 0);
+    let cfg = tile_config(client, shape, Some(select_block), TileConfig::shared_words);
     let (count, dim) = grid(client, shape, &cfg);
     selected_attention_kernel::launch::<F, I, R>(
         client,
@@ -190,9 +193,9 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
         max_blocks,
         ..selection
     };
-    let probe = tile_config(client, shape, None, 0);
-    let extra = max_blocks + 2 * probe.units() + probe.group + probe.tile_keys;
-    let cfg = tile_config(client, shape, None, extra);
+    let cfg = tile_config(client, shape, None, |tile| {
+        tile.shared_words() + max_blocks + 2 * tile.units() + tile.group + tile.tile_keys
+    });
     let (count, dim) = grid(client, shape, &cfg);
     compressed_attention_kernel::launch::<F, I, R>(
         client,
@@ -208,5 +211,133 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
         scale,
         cfg,
         selection,
+    );
+}
+
+/// Tensors of one branch's backward pass, in the layouts of [`launch_grad_query`].
+pub struct GradArgs<R: Runtime> {
+    /// `[B, T, H, d_k]`.
+    pub q: TensorArg<R>,
+    /// The branch's keys `[B, L, H_kv, d_k]`.
+    pub k: TensorArg<R>,
+    /// The branch's values `[B, L, H_kv, d_v]`.
+    pub v: TensorArg<R>,
+    /// Gradient of the branch output, `[B, T, H, d_v]`.
+    pub d_o: TensorArg<R>,
+    /// `rowsum(dO * O)`, `[B, T, H]` f32.
+    pub delta: TensorArg<R>,
+    /// The forward row log-sum-exp, `[B, H, T]` f32.
+    pub lse: TensorArg<R>,
+    /// `[B, H_kv, T, n]` Int for [`KeySet::Selected`]; any Int tensor otherwise (unread).
+    pub selected: TensorArg<R>,
+}
+
+/// Backward, query side: `dq: [B, T, H, d_k]` of the branch whose attention pattern is
+/// `keys`, over `key_rows` key rows (`L`).
+#[allow(clippy::too_many_arguments)]
+pub fn launch_grad_query<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    key_rows: usize,
+    keys: KeySet,
+    args: GradArgs<R>,
+    dq: TensorArg<R>,
+    scale: f32,
+) {
+    let divides = keys.is_selected().then(|| keys.select_block());
+    let cfg = tile_config(client, shape, divides, |tile| {
+        tile.tile_keys * (tile.key_stride() + tile.d_v + 1) + 2 * tile.group * tile.tile_keys
+    });
+    let (count, dim) = grid(client, shape, &cfg);
+    grad_query_kernel::launch::<F, I, R>(
+        client,
+        count,
+        dim,
+        address_type(shape, key_rows),
+        args.q,
+        args.k,
+        args.v,
+        args.d_o,
+        args.delta,
+        args.lse,
+        args.selected,
+        dq,
+        scale,
+        cfg,
+        keys,
+    );
+}
+
+/// Units of the key-side backward cube.
+const KEY_GRAD_UNITS: usize = 128;
+
+/// The key-side backward cube for `shape`: the most key rows (at most 32, dividing `l'`
+/// for the selection branch) and query rows per step (at most 32) whose shared memory
+/// fits the device.
+pub fn key_tile_config<R: Runtime>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    keys: KeySet,
+) -> KeyTileConfig {
+    let shared_bytes = client.properties().hardware.max_shared_memory_size;
+    let mut tile_keys = 32;
+    while keys.select_block() % tile_keys != 0 {
+        tile_keys /= 2;
+    }
+    let mut rows = 32;
+    loop {
+        let cfg = KeyTileConfig {
+            group: shape.group(),
+            d_k: shape.d_k,
+            d_v: shape.d_v,
+            tile_keys,
+            rows,
+            units: KEY_GRAD_UNITS,
+        };
+        if cfg.shared_words() * 4 <= shared_bytes || (tile_keys == 1 && rows == 1) {
+            return cfg;
+        }
+        if rows >= tile_keys && rows > 1 {
+            rows /= 2;
+        } else {
+            tile_keys /= 2;
+        }
+    }
+}
+
+/// Backward, key side: `dk: [B, L, H_kv, d_k]` and `dv: [B, L, H_kv, d_v]` of the branch
+/// whose attention pattern is `keys`, over `key_rows` key rows (`L`).
+#[allow(clippy::too_many_arguments)]
+pub fn launch_grad_key_value<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    key_rows: usize,
+    keys: KeySet,
+    args: GradArgs<R>,
+    dk: TensorArg<R>,
+    dv: TensorArg<R>,
+    scale: f32,
+) {
+    let cfg = key_tile_config(client, shape, keys);
+    let cube_dim = CubeDim::new_1d(cfg.units as u32);
+    let cubes = shape.batch * shape.kv_heads * key_rows.div_ceil(cfg.tile_keys);
+    let count = calculate_cube_count_elemwise(client, cubes * cfg.units, cube_dim);
+    grad_key_value_kernel::launch::<F, I, R>(
+        client,
+        count,
+        cube_dim,
+        address_type(shape, key_rows),
+        args.q,
+        args.k,
+        args.v,
+        args.d_o,
+        args.delta,
+        args.lse,
+        args.selected,
+        dk,
+        dv,
+        scale,
+        cfg,
+        keys,
     );
 }

@@ -6,11 +6,18 @@
 //! online-softmax tile of [`tile`].
 
 pub mod compress;
+pub mod grad_key;
+pub mod grad_query;
+pub mod keys;
 pub mod launch;
 pub mod select;
 pub mod tile;
 pub mod window;
 
 pub use compress::SelectionConfig;
-pub use launch::{launch_compressed, launch_selected, launch_window, tile_config, AttentionShape};
+pub use keys::KeySet;
+pub use launch::{
+    launch_compressed, launch_grad_key_value, launch_grad_query, launch_selected, launch_window,
+    tile_config, AttentionShape, GradArgs,
+};
 pub use tile::TileConfig;

@@ -38,6 +38,11 @@ impl TileConfig {
         self.d_v.div_ceil(self.parts)
     }
 
+    /// Query dimensions each unit accumulates in the backward pass, `ceil(d_k / parts)`.
+    pub fn query_width(&self) -> usize {
+        self.d_k.div_ceil(self.parts)
+    }
+
     /// Row stride of the keys in shared memory: one word of padding, so the units that
     /// score consecutive keys read different banks.
     pub fn key_stride(&self) -> usize {
@@ -73,8 +78,9 @@ pub fn state_new(#[comptime] cfg: TileConfig) -> Array<f32> {
     state
 }
 
-/// Copies `valid` rows starting at `first_row` of `src` (one KV head) into `dst` as f32
-/// rows of `dim` values, `stride` words apart; zero past `valid`.
+/// Copies `valid` rows starting at `first_row` of `src` (one KV head) into the `rows` rows
+/// of `dst` as f32 rows of `dim` values, `stride` words apart; zero past `valid`. The
+/// cube's `units` units share the copy.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn load_rows<F: Float>(
@@ -83,12 +89,13 @@ pub fn load_rows<F: Float>(
     first_row: usize,
     valid: usize,
     dst: &mut SharedMemory<f32>,
+    #[comptime] rows: usize,
     #[comptime] dim: usize,
     #[comptime] stride: usize,
-    #[comptime] cfg: TileConfig,
+    #[comptime] units: usize,
 ) {
     let mut idx = UNIT_POS as usize;
-    while idx < comptime!(cfg.tile_keys * dim) {
+    while idx < comptime!(rows * dim) {
         let row = idx / dim;
         let col = idx % dim;
         let mut value = 0.0f32;
@@ -98,14 +105,17 @@ pub fn load_rows<F: Float>(
             );
         }
         dst[row * stride + col] = value;
-        idx += comptime!(cfg.units());
+        idx += units;
     }
 }
 
-/// Scaled scores `[G, tile_keys]` of the group's queries against the keys in shared memory;
-/// [`NEG_BIG`] past `valid`. Unit `(head, part)` scores keys `part, part + parts, ..` of its
-/// head, reading each query element once for all of them.
+/// Scaled dot products `[G, tile_keys]` of the group's rows of `q` (`dim` values each)
+/// with the rows in shared memory (`stride` words apart); [`NEG_BIG`] past `valid`. Unit
+/// `(head, part)` computes rows `part, part + parts, ..` of its head, reading each element
+/// of its query row once for all of them. The forward kernels score queries against keys;
+/// the backward kernels also take output gradients against values.
 #[cube]
+#[allow(clippy::too_many_arguments)]
 pub fn tile_scores<F: Float>(
     q: &Tensor<F>,
     q_at: Rows,
@@ -113,6 +123,8 @@ pub fn tile_scores<F: Float>(
     valid: usize,
     scale: f32,
     scores: &mut SharedMemory<f32>,
+    #[comptime] dim: usize,
+    #[comptime] stride: usize,
     #[comptime] cfg: TileConfig,
 ) {
     let head = UNIT_POS as usize / cfg.parts;
@@ -124,13 +136,13 @@ pub fn tile_scores<F: Float>(
     for i in 0..per_unit {
         dots[i] = 0.0;
     }
-    for c in 0..cfg.d_k {
+    for c in 0..dim {
         let q_c = f32::cast_from(q[query + c * q_at.dim_stride]);
         #[unroll]
         for i in 0..per_unit {
             let key = part + i * cfg.parts;
             if key < cfg.tile_keys {
-                dots[i] += q_c * keys[key * cfg.key_stride() + c];
+                dots[i] += q_c * keys[key * stride + c];
             }
         }
     }
@@ -213,13 +225,34 @@ pub fn attend_tile<F: Float>(
         first_row,
         valid,
         keys,
+        cfg.tile_keys,
+        cfg.d_k,
+        cfg.key_stride(),
+        cfg.units(),
+    );
+    load_rows::<F>(
+        v,
+        v_at,
+        first_row,
+        valid,
+        values,
+        cfg.tile_keys,
+        cfg.d_v,
+        cfg.d_v,
+        cfg.units(),
+    );
+    sync_cube();
+    tile_scores::<F>(
+        q,
+        q_at,
+        keys,
+        valid,
+        scale,
+        scores,
         cfg.d_k,
         cfg.key_stride(),
         cfg,
     );
-    load_rows::<F>(v, v_at, first_row, valid, values, cfg.d_v, cfg.d_v, cfg);
-    sync_cube();
-    tile_scores::<F>(q, q_at, keys, valid, scale, scores, cfg);
     sync_cube();
     tile_update(state, scores, values, valid, cfg);
     sync_cube();

@@ -2,6 +2,7 @@
 
 use cubecl::prelude::*;
 
+use crate::keys::{key_range, KeySet};
 use crate::tile::{
     attend_range, cube_position, group_rows, head_rows, state_finish, state_new, TileConfig,
 };
@@ -28,10 +29,7 @@ pub fn window_attention_kernel<F: Float>(
         let k_at = head_rows::<F>(k, b, head);
         let v_at = head_rows::<F>(v, b, head);
         let mut state = state_new(cfg);
-        let mut start = 0usize;
-        if t + 1 > window {
-            start = t + 1 - window;
-        }
+        let (start, end) = key_range(t, k.shape(1), comptime!(KeySet::Window { size: window }));
         attend_range::<F>(
             q,
             q_at,
@@ -40,7 +38,7 @@ pub fn window_attention_kernel<F: Float>(
             v,
             v_at,
             start,
-            t + 1,
+            end,
             scale,
             &mut state,
             &mut keys,

@@ -4,8 +4,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use super::{
-    block_overlap, group_heads, grouped_masked_attention, heads_first, position_grid, query_chunks,
-    top_n_blocks, ungroup_heads,
+    block_overlap, group_heads, grouped_masked_attention, heads_first, lse_heads, position_grid,
+    query_chunks, top_n_blocks, ungroup_heads, Attended, EMPTY_ROW_LSE,
 };
 use crate::NsaAttentionConfig;
 
@@ -19,14 +19,14 @@ use crate::NsaAttentionConfig;
 /// through [`top_n_blocks`]. Scores are computed chunk by chunk and never stored whole.
 ///
 /// `q: [B, T, H, d_k]`, `k_cmp: [B, N_cmp, H_kv, d_k]`, `v_cmp: [B, N_cmp, H_kv, d_v]` with
-/// `N_cmp = config.num_compressed_blocks(T)` -> (`o_cmp: [B, T, H, d_v]`,
-/// `selected: [B, H_kv, T, n]` Int, ascending, padded with -1).
+/// `N_cmp = config.num_compressed_blocks(T)` -> (`o_cmp: [B, T, H, d_v]` with its row
+/// log-sum-exp `[B, H, T]`, `selected: [B, H_kv, T, n]` Int, ascending, padded with -1).
 pub fn compressed_attention<B: Backend>(
     q: Tensor<B, 4>,
     k_cmp: Tensor<B, 4>,
     v_cmp: Tensor<B, 4>,
     config: &NsaAttentionConfig,
-) -> (Tensor<B, 4>, Tensor<B, 4, Int>) {
+) -> (Attended<B>, Tensor<B, 4, Int>) {
     let [batch, seq, heads, d_k] = q.dims();
     let [_, num_compressed, kv_heads, d_v] = v_cmp.dims();
     let group = heads / kv_heads;
@@ -42,14 +42,20 @@ pub fn compressed_attention<B: Backend>(
     let k_cmp = heads_first(k_cmp);
     let v_cmp = heads_first(v_cmp);
     let mut outputs = Vec::new();
+    let mut row_lse = Vec::new();
     let mut selections = Vec::new();
     for (start, end) in query_chunks(seq, config.query_chunk) {
         let len = end - start;
         // Blocks that have ended by the chunk's last query.
         let visible = config.num_compressed_blocks(end).min(num_compressed);
-        let (o, scores) = if visible == 0 {
+        let (o, lse, scores) = if visible == 0 {
             (
                 Tensor::zeros([batch, kv_heads, len, group, d_v], (&device, dtype)),
+                Tensor::full(
+                    [batch, kv_heads, len, group],
+                    EMPTY_ROW_LSE,
+                    (&device, dtype),
+                ),
                 Tensor::zeros([batch, kv_heads, len, num_selection], (&device, dtype)),
             )
         } else {
@@ -67,7 +73,7 @@ pub fn compressed_attention<B: Backend>(
             // never meets an all-masked row (which would give NaN).
             let blind = t.lower_elem(block as i64 - 1);
             let allowed = sees_block.bool_or(blind.clone().bool_and(i.equal_elem(0)));
-            let (o, probs) = grouped_masked_attention(
+            let (o, probs, lse) = grouped_masked_attention(
                 q_chunk,
                 k_cmp.clone().narrow(2, 0, visible),
                 v_cmp.clone().narrow(2, 0, visible),
@@ -83,6 +89,10 @@ pub fn compressed_attention<B: Backend>(
                     .clone()
                     .expand([batch, kv_heads, len, group, d_v]),
                 0.0,
+            );
+            let lse = lse.reshape([batch, kv_heads, len, group]).mask_fill(
+                blind_rows.clone().reshape([batch, kv_heads, len, group]),
+                EMPTY_ROW_LSE,
             );
             let group_probs = probs
                 .detach()
@@ -101,13 +111,17 @@ pub fn compressed_attention<B: Backend>(
                         .narrow(0, 0, visible),
                 )
                 .reshape([batch, kv_heads, len, num_selection]);
-            (o, scores)
+            (o, lse, scores)
         };
         outputs.push(o);
+        row_lse.push(lse);
         selections.push(top_n_blocks(scores, start, config));
     }
     (
-        ungroup_heads(Tensor::cat(outputs, 2)),
+        Attended {
+            output: ungroup_heads(Tensor::cat(outputs, 2)),
+            lse: lse_heads(Tensor::cat(row_lse, 2)),
+        },
         Tensor::cat(selections, 2),
     )
 }

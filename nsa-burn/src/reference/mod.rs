@@ -80,18 +80,41 @@ pub(crate) fn position_grid<B: Backend>(
     (t, p)
 }
 
-/// Softmax over the last dimension where `allowed` is true, exactly 0 elsewhere. Every row
-/// needs at least one allowed entry (the callers guarantee it).
+/// Log-sum-exp value of a query row that attends no key (the kernels' finite stand-in for
+/// minus infinity).
+pub const EMPTY_ROW_LSE: f32 = -1.0e30;
+
+/// One branch's attention: its output and the log-sum-exp of each query row's scaled
+/// scores over the keys the row attends (what the backward kernels need).
+#[derive(Debug, Clone)]
+pub struct Attended<B: Backend> {
+    /// `[B, T, H, d_v]`.
+    pub output: Tensor<B, 4>,
+    /// `[B, H, T]`, f32; [`EMPTY_ROW_LSE`] for a row that attends no key.
+    pub lse: Tensor<B, 3>,
+}
+
+/// Softmax over the last dimension where `allowed` is true, exactly 0 elsewhere, and the
+/// log-sum-exp of the allowed entries. Every row needs at least one allowed entry (the
+/// callers guarantee it).
 ///
-/// `scores: [.., L]`, `allowed: [.., L]` (same shape) -> `[.., L]`.
+/// `scores: [.., L]`, `allowed: [.., L]` (same shape) -> (`[.., L]`, `[.., 1]`).
 pub(crate) fn masked_softmax<B: Backend, const D: usize>(
     scores: Tensor<B, D>,
     allowed: Tensor<B, D, Bool>,
-) -> Tensor<B, D> {
-    softmax(
-        scores.mask_fill(allowed.bool_not(), f32::NEG_INFINITY),
-        D - 1,
-    )
+) -> (Tensor<B, D>, Tensor<B, D>) {
+    let scores = scores.mask_fill(allowed.bool_not(), f32::NEG_INFINITY);
+    let max = scores.clone().detach().max_dim(D - 1);
+    let lse = (scores.clone() - max.clone()).exp().sum_dim(D - 1).log() + max;
+    (softmax(scores, D - 1), lse.detach())
+}
+
+/// Per-row log-sum-exp `[B, H_kv, T, G]` (group member last) to `[B, H, T]` in f32.
+pub(crate) fn lse_heads<B: Backend>(lse: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [batch, kv_heads, seq, group] = lse.dims();
+    lse.swap_dims(2, 3)
+        .reshape([batch, kv_heads * group, seq])
+        .cast(burn::tensor::DType::F32)
 }
 
 /// Dense attention of grouped query rows against one set of keys per KV head, with a mask
@@ -100,14 +123,14 @@ pub(crate) fn masked_softmax<B: Backend, const D: usize>(
 ///
 /// `q: [B, H_kv, C * G, d_k]`, `k: [B, H_kv, L, d_k]`, `v: [B, H_kv, L, d_v]`,
 /// `allowed: [C, L]` (per query position) -> (`o: [B, H_kv, C * G, d_v]`,
-/// `p: [B, H_kv, C * G, L]`, the attention probabilities).
+/// `p: [B, H_kv, C * G, L]`, the attention probabilities, `lse: [B, H_kv, C * G, 1]`).
 pub(crate) fn grouped_masked_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     allowed: Tensor<B, 2, Bool>,
     scale: f64,
-) -> (Tensor<B, 4>, Tensor<B, 4>) {
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
     let [batch, kv_heads, rows, _] = q.dims();
     let [chunk, keys] = allowed.dims();
     let group = rows / chunk;
@@ -117,6 +140,6 @@ pub(crate) fn grouped_masked_attention<B: Backend>(
         .reshape([1, 1, rows, keys])
         .expand([batch, kv_heads, rows, keys]);
     let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-    let probs = masked_softmax(scores, allowed);
-    (probs.clone().matmul(v), probs)
+    let (probs, lse) = masked_softmax(scores, allowed);
+    (probs.clone().matmul(v), probs, lse)
 }

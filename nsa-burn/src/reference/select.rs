@@ -3,7 +3,9 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
-use super::{group_heads, heads_first, masked_softmax, query_chunks, ungroup_heads};
+use super::{
+    group_heads, heads_first, lse_heads, masked_softmax, query_chunks, ungroup_heads, Attended,
+};
 use crate::NsaAttentionConfig;
 
 /// Attention over the concatenated selected blocks, causally masked inside the block that
@@ -12,14 +14,14 @@ use crate::NsaAttentionConfig;
 /// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]`,
 /// `selected: [B, H_kv, T, n]` Int (block indices, -1 for an empty slot; every query needs
 /// at least one block starting at or before it, as [`super::top_n_blocks`] guarantees)
-/// -> `[B, T, H, d_v]`.
+/// -> output `[B, T, H, d_v]` and row log-sum-exp `[B, H, T]`.
 pub fn selected_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     selected: Tensor<B, 4, Int>,
     config: &NsaAttentionConfig,
-) -> Tensor<B, 4> {
+) -> Attended<B> {
     let [batch, seq, heads, d_k] = q.dims();
     let [_, _, kv_heads, d_v] = v.dims();
     let n = selected.dims()[3];
@@ -89,8 +91,15 @@ pub fn selected_attention<B: Backend>(
                 .expand([batch, kv_heads, len, group, keys]);
             let q_chunk = q.clone().narrow(2, start, len);
             let scores = q_chunk.matmul(k_sel.swap_dims(3, 4)).mul_scalar(scale);
-            masked_softmax(scores, allowed).matmul(v_sel)
+            let (probs, lse) = masked_softmax(scores, allowed);
+            (
+                probs.matmul(v_sel),
+                lse.reshape([batch, kv_heads, len, group]),
+            )
         })
-        .collect();
-    ungroup_heads(Tensor::cat(chunks, 2))
+        .unzip::<_, _, Vec<_>, Vec<_>>();
+    Attended {
+        output: ungroup_heads(Tensor::cat(chunks.0, 2)),
+        lse: lse_heads(Tensor::cat(chunks.1, 2)),
+    }
 }

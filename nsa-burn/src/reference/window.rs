@@ -4,20 +4,22 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use super::{
-    group_heads, grouped_masked_attention, heads_first, position_grid, query_chunks, ungroup_heads,
+    group_heads, grouped_masked_attention, heads_first, lse_heads, position_grid, query_chunks,
+    ungroup_heads, Attended,
 };
 use crate::NsaAttentionConfig;
 
 /// Causal sliding-window attention.
 ///
-/// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]` -> `[B, T, H, d_v]`.
-/// Shapes are not checked here; [`crate::nsa_attention`] checks them.
+/// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]` -> output
+/// `[B, T, H, d_v]` and row log-sum-exp `[B, H, T]`. Shapes are not checked here;
+/// [`crate::nsa_attention`] checks them.
 pub fn window_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     config: &NsaAttentionConfig,
-) -> Tensor<B, 4> {
+) -> Attended<B> {
     let [batch, seq, heads, d_k] = q.dims();
     let kv_heads = k.dims()[2];
     let d_v = v.dims()[3];
@@ -45,9 +47,15 @@ pub fn window_attention<B: Backend>(
                 .clone()
                 .lower_equal(t.clone())
                 .bool_and(p.add_scalar(window as i64).greater(t));
-            let (o, _) = grouped_masked_attention(q_chunk, k_chunk, v_chunk, allowed, scale);
-            o.reshape([batch, kv_heads, len, group, d_v])
+            let (o, _, lse) = grouped_masked_attention(q_chunk, k_chunk, v_chunk, allowed, scale);
+            (
+                o.reshape([batch, kv_heads, len, group, d_v]),
+                lse.reshape([batch, kv_heads, len, group]),
+            )
         })
-        .collect();
-    ungroup_heads(Tensor::cat(chunks, 2))
+        .unzip::<_, _, Vec<_>, Vec<_>>();
+    Attended {
+        output: ungroup_heads(Tensor::cat(chunks.0, 2)),
+        lse: lse_heads(Tensor::cat(chunks.1, 2)),
+    }
 }

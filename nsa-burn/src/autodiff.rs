@@ -1,0 +1,174 @@
+//! [`NsaBackend`] on `Autodiff<B>`. When `B` has backward kernels ([`NsaBackend::nsa_backward`])
+//! each branch is one recorded operation: its forward pass runs `B`'s forward method (the
+//! kernels) and keeps the inputs, the output and the row log-sum-exp, and its backward pass
+//! calls `B`'s backward kernel. Otherwise the reference runs on `Autodiff<B>` and autodiff
+//! differentiates its Burn ops. Selected block indices are never differentiated. Gates,
+//! projections and the compressor stay ordinary Burn ops either way.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+
+use crate::backend::{
+    reference_compressed, reference_selected, reference_window, BranchBackwardFn, BranchGrads,
+    BranchSaved, SelectedBackwardFn,
+};
+use crate::{NsaAttentionConfig, NsaBackend};
+
+/// What one recorded branch keeps for its backward pass, and the kernel that runs it.
+#[derive(Debug, Clone)]
+enum BranchState<B: NsaBackend> {
+    Branch(BranchSaved<B>, NsaAttentionConfig, BranchBackwardFn<B>),
+    Selected(
+        BranchSaved<B>,
+        IntTensor<B>,
+        NsaAttentionConfig,
+        SelectedBackwardFn<B>,
+    ),
+}
+
+/// The backward step of a recorded branch (parents: `q`, `k`, `v`).
+#[derive(Debug)]
+struct BranchBackward;
+
+impl<B: NsaBackend> Backward<B, 3> for BranchBackward {
+    type State = BranchState<B>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let BranchGrads { q, k, v } = match ops.state {
+            BranchState::Branch(saved, config, backward) => backward(saved, grad, &config),
+            BranchState::Selected(saved, selected, config, backward) => {
+                backward(saved, selected, grad, &config)
+            }
+        };
+        let [node_q, node_k, node_v] = ops.parents;
+        for (node, grad) in [(node_q, q), (node_k, k), (node_v, v)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+/// Records one branch: runs `forward` on the inner tensors (-> output, row log-sum-exp,
+/// and whatever else the branch returns) and, when any input is tracked, keeps what
+/// `state` builds from the saved tensors. The log-sum-exp comes back untracked.
+fn record<B, C, X>(
+    [q, k, v]: [FloatTensor<Autodiff<B, C>>; 3],
+    forward: impl FnOnce(
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>, X),
+    state: impl FnOnce(BranchSaved<B>) -> BranchState<B>,
+) -> (FloatTensor<Autodiff<B, C>>, FloatTensor<Autodiff<B, C>>, X)
+where
+    B: NsaBackend,
+    C: CheckpointStrategy,
+{
+    let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
+    match BranchBackward
+        .prepare::<C>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (output, lse, extra) = forward(
+                q.primitive.clone(),
+                k.primitive.clone(),
+                v.primitive.clone(),
+            );
+            let saved = BranchSaved {
+                q: q.primitive,
+                k: k.primitive,
+                v: v.primitive,
+                output: output.clone(),
+                lse: lse.clone(),
+            };
+            let state = state(saved);
+            (
+                prep.finish(state, output),
+                Autodiff::<B, C>::from_inner(lse),
+                extra,
+            )
+        }
+        OpsKind::UnTracked(prep) => {
+            let (output, lse, extra) = forward(q.primitive, k.primitive, v.primitive);
+            (
+                prep.finish(output),
+                Autodiff::<B, C>::from_inner(lse),
+                extra,
+            )
+        }
+    }
+}
+
+impl<B: NsaBackend, C: CheckpointStrategy> NsaBackend for Autodiff<B, C> {
+    fn nsa_compressed(
+        q: FloatTensor<Self>,
+        k_cmp: FloatTensor<Self>,
+        v_cmp: FloatTensor<Self>,
+        config: &NsaAttentionConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
+        let Some(kernels) = B::nsa_backward() else {
+            return reference_compressed::<Self>(q, k_cmp, v_cmp, config);
+        };
+        record::<B, C, _>(
+            [q, k_cmp, v_cmp],
+            |q, k, v| B::nsa_compressed(q, k, v, config),
+            |saved| BranchState::Branch(saved, *config, kernels.compressed),
+        )
+    }
+
+    fn nsa_selected(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        selected: IntTensor<Self>,
+        config: &NsaAttentionConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let Some(kernels) = B::nsa_backward() else {
+            return reference_selected::<Self>(q, k, v, selected, config);
+        };
+        let kept = selected.clone();
+        let (output, lse, ()) = record::<B, C, _>(
+            [q, k, v],
+            |q, k, v| {
+                let (output, lse) = B::nsa_selected(q, k, v, selected, config);
+                (output, lse, ())
+            },
+            |saved| BranchState::Selected(saved, kept, *config, kernels.selected),
+        );
+        (output, lse)
+    }
+
+    fn nsa_window(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        config: &NsaAttentionConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let Some(kernels) = B::nsa_backward() else {
+            return reference_window::<Self>(q, k, v, config);
+        };
+        let (output, lse, ()) = record::<B, C, _>(
+            [q, k, v],
+            |q, k, v| {
+                let (output, lse) = B::nsa_window(q, k, v, config);
+                (output, lse, ())
+            },
+            |saved| BranchState::Branch(saved, *config, kernels.window),
+        );
+        (output, lse)
+    }
+}

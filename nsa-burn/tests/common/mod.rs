@@ -1,0 +1,52 @@
+//! Helpers shared by the test files that run kernels.
+
+#![allow(dead_code)]
+
+use burn::backend::wgpu::WgpuDevice;
+use burn::backend::Wgpu;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+/// `||a - b||_2 / ||b||_2`, infinite when either holds a NaN.
+pub fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        if x.is_nan() || y.is_nan() {
+            return f64::INFINITY;
+        }
+        diff += (x as f64 - y as f64).powi(2);
+        norm += (y as f64).powi(2);
+    }
+    if norm == 0.0 {
+        diff.sqrt()
+    } else {
+        (diff / norm).sqrt()
+    }
+}
+
+/// Whether the backend's device can run a tiny computation (the runtime panics without a
+/// driver or adapter).
+pub fn device_answers<B: Backend>(device: &B::Device) -> bool {
+    let device = device.clone();
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        Tensor::<B, 1>::ones([4], &device).sum().into_data();
+    }))
+    .is_ok()
+}
+
+/// The default wgpu device when it answers. Without an adapter: `None` with a message,
+/// or a failure when `NSA_REQUIRE_GPU_ADAPTER` is set (CI sets it).
+pub fn wgpu_device() -> Option<WgpuDevice> {
+    let device = WgpuDevice::default();
+    if device_answers::<Wgpu>(&device) {
+        return Some(device);
+    }
+    let required = std::env::var_os("NSA_REQUIRE_GPU_ADAPTER").is_some();
+    assert!(
+        !required,
+        "no wgpu adapter, and NSA_REQUIRE_GPU_ADAPTER is set"
+    );
+    eprintln!("skipped: no wgpu adapter (set NSA_REQUIRE_GPU_ADAPTER to make this fail)");
+    None
+}

@@ -1,0 +1,360 @@
+//! Backward pass, key side: `dK` and `dV` of one branch from the saved row log-sum-exp.
+//!
+//! One cube owns a tile of `tile_keys` key rows of one `(batch, KV head)` and walks the
+//! queries that see them, in chunks of `units` positions: each unit checks one position
+//! (for the selection branch: whether its group selected the tile's block, which inverts
+//! the selection on the device without atomics), a prefix sum compacts the positions that
+//! do into a list, and the list's `(position, head)` rows go through in steps of `rows` rows:
+//! `P = exp(S - lse)`, `dS = P * (dP - delta)`, `dV += P^T dO`, `dK += scale * dS^T Q`.
+//! Every output is a fixed-order sum (deterministic).
+
+use cubecl::prelude::*;
+
+use crate::keys::{first_query, query_end, query_sees, KeySet};
+use crate::tile::{head_rows, load_rows};
+
+/// Comptime shape of the key-side backward cube.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KeyTileConfig {
+    /// Query heads per KV head, `G`.
+    pub group: usize,
+    /// Query/key head dimension.
+    pub d_k: usize,
+    /// Value head dimension.
+    pub d_v: usize,
+    /// Key rows per cube.
+    pub tile_keys: usize,
+    /// `(position, head)` query rows per step.
+    pub rows: usize,
+    /// Units per cube (also the query positions checked per chunk).
+    pub units: usize,
+}
+
+impl KeyTileConfig {
+    /// `dK` values each unit accumulates, `ceil(tile_keys * d_k / units)`.
+    pub fn key_width(&self) -> usize {
+        (self.tile_keys * self.d_k).div_ceil(self.units)
+    }
+
+    /// `dV` values each unit accumulates.
+    pub fn value_width(&self) -> usize {
+        (self.tile_keys * self.d_v).div_ceil(self.units)
+    }
+
+    /// f32 words of shared memory: keys, values, query and output-gradient rows (all
+    /// padded by one word), probabilities and score gradients, row statistics, position list.
+    pub fn shared_words(&self) -> usize {
+        let padded = self.d_k + 1 + self.d_v + 1;
+        (self.tile_keys + self.rows) * padded
+            + 2 * self.rows * self.tile_keys
+            + 3 * self.rows
+            + 2 * self.units
+    }
+}
+
+/// Shared memory of the cube.
+#[derive(CubeType)]
+struct KeyTile {
+    keys: SharedMemory<f32>,
+    values: SharedMemory<f32>,
+    queries: SharedMemory<f32>,
+    grads: SharedMemory<f32>,
+    probs: SharedMemory<f32>,
+    score_grads: SharedMemory<f32>,
+    row_lse: SharedMemory<f32>,
+    row_delta: SharedMemory<f32>,
+    /// Query position + 1 of each row of the step, 0 for an empty row.
+    row_position: SharedMemory<u32>,
+    /// Whether each position of the chunk sees the tile, then the running count.
+    takes: SharedMemory<u32>,
+    /// Positions of the chunk that see the tile, in order.
+    positions: SharedMemory<u32>,
+}
+
+/// Whether position `t`'s group selected selection block `block` (`slots` is the offset of
+/// `selected[b, kv_head, 0, 0]`).
+#[cube]
+fn selects<I: Int>(selected: &Tensor<I>, slots: usize, t: usize, block: usize) -> bool {
+    let mut found = false;
+    let base = slots + t * selected.stride(2);
+    for slot in 0..selected.shape(3) {
+        let index = i32::cast_from(selected[base + slot * selected.stride(3)]);
+        if index >= 0 && usize::cast_from(index) == block {
+            found = true;
+        }
+    }
+    found
+}
+
+/// `q: [B, T, H, d_k]`, `k: [B, L, H_kv, d_k]`, `v: [B, L, H_kv, d_v]` (the branch's keys),
+/// `d_o: [B, T, H, d_v]`, `delta: [B, T, H]` f32, `lse: [B, H, T]` f32,
+/// `selected: [B, H_kv, T, n]` (read by [`KeySet::Selected`] only) ->
+/// `dk: [B, L, H_kv, d_k]`, `dv: [B, L, H_kv, d_v]`. One cube per
+/// `(b, KV head, tile of key rows)`; for the selection branch `tile_keys` divides `l'`.
+#[cube(launch, address_type = "dynamic")]
+#[allow(clippy::too_many_arguments)]
+pub fn grad_key_value_kernel<F: Float, I: Int>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    d_o: &Tensor<F>,
+    delta: &Tensor<f32>,
+    lse: &Tensor<f32>,
+    selected: &Tensor<I>,
+    dk: &mut Tensor<F>,
+    dv: &mut Tensor<F>,
+    scale: f32,
+    #[comptime] cfg: KeyTileConfig,
+    #[comptime] keys: KeySet,
+) {
+    let key_stride = comptime!(cfg.d_k + 1);
+    let value_stride = comptime!(cfg.d_v + 1);
+    let mut tile = KeyTile {
+        keys: SharedMemory::<f32>::new(comptime!(cfg.tile_keys * (cfg.d_k + 1))),
+        values: SharedMemory::<f32>::new(comptime!(cfg.tile_keys * (cfg.d_v + 1))),
+        queries: SharedMemory::<f32>::new(comptime!(cfg.rows * (cfg.d_k + 1))),
+        grads: SharedMemory::<f32>::new(comptime!(cfg.rows * (cfg.d_v + 1))),
+        probs: SharedMemory::<f32>::new(comptime!(cfg.rows * cfg.tile_keys)),
+        score_grads: SharedMemory::<f32>::new(comptime!(cfg.rows * cfg.tile_keys)),
+        row_lse: SharedMemory::<f32>::new(cfg.rows),
+        row_delta: SharedMemory::<f32>::new(cfg.rows),
+        row_position: SharedMemory::<u32>::new(cfg.rows),
+        takes: SharedMemory::<u32>::new(cfg.units),
+        positions: SharedMemory::<u32>::new(cfg.units),
+    };
+    let unit = UNIT_POS as usize;
+    let n_keys_total = k.shape(1);
+    let key_tiles = (n_keys_total + cfg.tile_keys - 1) / cfg.tile_keys;
+    let kv_heads = k.shape(2);
+    let cube = CUBE_POS;
+    let key_tile = cube % key_tiles;
+    let kv_head = (cube / key_tiles) % kv_heads;
+    let b = cube / (key_tiles * kv_heads);
+    if cube < q.shape(0) * kv_heads * key_tiles {
+        let seq = q.shape(1);
+        let first_key = key_tile * cfg.tile_keys;
+        let n_keys = min(cfg.tile_keys, n_keys_total - first_key);
+        load_rows::<F>(
+            k,
+            head_rows::<F>(k, b, kv_head),
+            first_key,
+            n_keys,
+            &mut tile.keys,
+            cfg.tile_keys,
+            cfg.d_k,
+            key_stride,
+            cfg.units,
+        );
+        load_rows::<F>(
+            v,
+            head_rows::<F>(v, b, kv_head),
+            first_key,
+            n_keys,
+            &mut tile.values,
+            cfg.tile_keys,
+            cfg.d_v,
+            value_stride,
+            cfg.units,
+        );
+        let mut acc_k = Array::<f32>::new(comptime!(cfg.key_width()));
+        let mut acc_v = Array::<f32>::new(comptime!(cfg.value_width()));
+        #[unroll]
+        for i in 0..comptime!(cfg.key_width()) {
+            acc_k[i] = 0.0;
+        }
+        #[unroll]
+        for i in 0..comptime!(cfg.value_width()) {
+            acc_v[i] = 0.0;
+        }
+        let block = first_key / comptime!(keys.select_block());
+        let slots = b * selected.stride(0) + kv_head * selected.stride(1);
+        let begin = first_query(first_key, keys);
+        let end = query_end(first_key + n_keys - 1, seq, keys);
+        let mut chunk = begin;
+        while chunk < end {
+            // The chunk's positions that see the tile, in order.
+            let t = chunk + unit;
+            let mut take = 0u32;
+            if t < end {
+                take = 1;
+                if comptime!(keys.is_selected()) {
+                    if !selects::<I>(selected, slots, t, block) {
+                        take = 0;
+                    }
+                }
+            }
+            // Inclusive prefix sum of the flags (Hillis-Steele), then each taken position
+            // goes to its rank: the list keeps the positions in order.
+            tile.takes[unit] = take;
+            sync_cube();
+            let mut offset = 1usize;
+            while offset < cfg.units {
+                let mut before = 0u32;
+                if unit >= offset {
+                    before = tile.takes[unit - offset];
+                }
+                sync_cube();
+                tile.takes[unit] += before;
+                sync_cube();
+                offset *= 2;
+            }
+            if take == 1 {
+                tile.positions[tile.takes[unit] as usize - 1] = t as u32;
+            }
+            let rows = tile.takes[cfg.units - 1] as usize * cfg.group;
+            sync_cube();
+            let mut first_row = 0usize;
+            while first_row < rows {
+                // Query and output-gradient rows of the step, with their statistics.
+                if first_row < rows {
+                    let mut idx = unit;
+                    while idx < comptime!(cfg.rows * cfg.d_k) {
+                        let r = idx / cfg.d_k;
+                        let c = idx % cfg.d_k;
+                        let row = first_row + r;
+                        let mut value = 0.0f32;
+                        if row < rows {
+                            let t = tile.positions[row / cfg.group] as usize;
+                            let h = kv_head * cfg.group + row % cfg.group;
+                            value = f32::cast_from(
+                                q[b * q.stride(0)
+                                    + t * q.stride(1)
+                                    + h * q.stride(2)
+                                    + c * q.stride(3)],
+                            );
+                        }
+                        tile.queries[r * key_stride + c] = value;
+                        idx += cfg.units;
+                    }
+                    let mut idx = unit;
+                    while idx < comptime!(cfg.rows * cfg.d_v) {
+                        let r = idx / cfg.d_v;
+                        let c = idx % cfg.d_v;
+                        let row = first_row + r;
+                        let mut value = 0.0f32;
+                        if row < rows {
+                            let t = tile.positions[row / cfg.group] as usize;
+                            let h = kv_head * cfg.group + row % cfg.group;
+                            value = f32::cast_from(
+                                d_o[b * d_o.stride(0)
+                                    + t * d_o.stride(1)
+                                    + h * d_o.stride(2)
+                                    + c * d_o.stride(3)],
+                            );
+                        }
+                        tile.grads[r * value_stride + c] = value;
+                        idx += cfg.units;
+                    }
+                    let mut r = unit;
+                    while r < cfg.rows {
+                        let row = first_row + r;
+                        let mut position = 0u32;
+                        let mut row_lse = 0.0f32;
+                        let mut row_delta = 0.0f32;
+                        if row < rows {
+                            let t = tile.positions[row / cfg.group] as usize;
+                            let h = kv_head * cfg.group + row % cfg.group;
+                            position = (t + 1) as u32;
+                            row_lse =
+                                lse[b * lse.stride(0) + h * lse.stride(1) + t * lse.stride(2)];
+                            row_delta = delta
+                                [b * delta.stride(0) + t * delta.stride(1) + h * delta.stride(2)];
+                        }
+                        tile.row_position[r] = position;
+                        tile.row_lse[r] = row_lse;
+                        tile.row_delta[r] = row_delta;
+                        r += cfg.units;
+                    }
+                }
+                sync_cube();
+                // P and dS of every (row, key) pair of the step.
+                if first_row < rows {
+                    let mut idx = unit;
+                    while idx < comptime!(cfg.rows * cfg.tile_keys) {
+                        let r = idx / cfg.tile_keys;
+                        let key = idx % cfg.tile_keys;
+                        let position = tile.row_position[r] as usize;
+                        let mut p = 0.0f32;
+                        let mut ds = 0.0f32;
+                        if position > 0 && key < n_keys {
+                            if query_sees(position - 1, first_key + key, keys) {
+                                let mut score = 0.0f32;
+                                for c in 0..cfg.d_k {
+                                    score += tile.queries[r * key_stride + c]
+                                        * tile.keys[key * key_stride + c];
+                                }
+                                let mut dp = 0.0f32;
+                                for c in 0..cfg.d_v {
+                                    dp += tile.grads[r * value_stride + c]
+                                        * tile.values[key * value_stride + c];
+                                }
+                                p = (score * scale - tile.row_lse[r]).exp();
+                                ds = p * (dp - tile.row_delta[r]);
+                            }
+                        }
+                        tile.probs[idx] = p;
+                        tile.score_grads[idx] = ds;
+                        idx += cfg.units;
+                    }
+                }
+                sync_cube();
+                // dV += P^T dO and dK += dS^T Q on this unit's outputs.
+                if first_row < rows {
+                    #[unroll]
+                    for i in 0..comptime!(cfg.value_width()) {
+                        let idx = unit + i * cfg.units;
+                        if idx < comptime!(cfg.tile_keys * cfg.d_v) {
+                            let key = idx / cfg.d_v;
+                            let c = idx % cfg.d_v;
+                            let mut sum = 0.0f32;
+                            for r in 0..cfg.rows {
+                                sum += tile.probs[r * cfg.tile_keys + key]
+                                    * tile.grads[r * value_stride + c];
+                            }
+                            acc_v[i] += sum;
+                        }
+                    }
+                    #[unroll]
+                    for i in 0..comptime!(cfg.key_width()) {
+                        let idx = unit + i * cfg.units;
+                        if idx < comptime!(cfg.tile_keys * cfg.d_k) {
+                            let key = idx / cfg.d_k;
+                            let c = idx % cfg.d_k;
+                            let mut sum = 0.0f32;
+                            for r in 0..cfg.rows {
+                                sum += tile.score_grads[r * cfg.tile_keys + key]
+                                    * tile.queries[r * key_stride + c];
+                            }
+                            acc_k[i] += sum;
+                        }
+                    }
+                }
+                sync_cube();
+                first_row += cfg.rows;
+            }
+            chunk += cfg.units;
+        }
+        let dk_at = head_rows::<F>(dk, b, kv_head);
+        let dv_at = head_rows::<F>(dv, b, kv_head);
+        #[unroll]
+        for i in 0..comptime!(cfg.key_width()) {
+            let idx = unit + i * cfg.units;
+            let key = idx / cfg.d_k;
+            if idx < comptime!(cfg.tile_keys * cfg.d_k) && key < n_keys {
+                let c = idx % cfg.d_k;
+                dk[dk_at.base + (first_key + key) * dk_at.row_stride + c * dk_at.dim_stride] =
+                    F::cast_from(acc_k[i] * scale);
+            }
+        }
+        #[unroll]
+        for i in 0..comptime!(cfg.value_width()) {
+            let idx = unit + i * cfg.units;
+            let key = idx / cfg.d_v;
+            if idx < comptime!(cfg.tile_keys * cfg.d_v) && key < n_keys {
+                let c = idx % cfg.d_v;
+                dv[dv_at.base + (first_key + key) * dv_at.row_stride + c * dv_at.dim_stride] =
+                    F::cast_from(acc_v[i]);
+            }
+        }
+    }
+}
