@@ -1,7 +1,9 @@
-//! Forward time of the NSA kernels per branch and in total, at several sequence lengths.
+//! Time of the NSA kernels per branch and in total, at several sequence lengths: the forward
+//! pass (`--phase forward`), or the backward kernels per branch and forward + backward of the
+//! whole operator under autodiff (`--phase backward`).
 //!
 //! ```text
-//! nsa-bench --seq-lens 8192 16384 32768 65536 --dtype bf16
+//! nsa-bench --seq-lens 8192 16384 32768 65536 --dtype bf16 --phase forward
 //! ```
 //! Paper defaults (l = 32, d = 16, l' = 64, n = 16, w = 512), batch 1, H = 64, H_kv = 4,
 //! d_k = d_v = 128 unless given. Inputs are random normal; each number is the median of
@@ -9,10 +11,11 @@
 
 use std::time::Instant;
 
+use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor};
 use clap::Parser;
-use nsa_burn::{nsa_attention, BranchKv, NsaAttentionConfig, NsaBackend, NsaInput};
+use nsa_burn::{nsa_attention, BranchKv, BranchSaved, NsaAttentionConfig, NsaBackend, NsaInput};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -37,6 +40,9 @@ struct Args {
     /// Backend: cuda or wgpu.
     #[arg(long, default_value = "cuda")]
     backend: String,
+    /// forward, or backward (backward kernels per branch, and forward + backward in total).
+    #[arg(long, default_value = "forward")]
+    phase: String,
 }
 
 fn main() {
@@ -49,9 +55,9 @@ fn main() {
     };
     match args.backend.as_str() {
         #[cfg(feature = "cuda")]
-        "cuda" => bench::<burn::backend::Cuda>(&args, dtype),
+        "cuda" => run::<burn::backend::Cuda>(&args, dtype),
         #[cfg(feature = "wgpu")]
-        "wgpu" => bench::<burn::backend::Wgpu>(&args, dtype),
+        "wgpu" => run::<burn::backend::Wgpu>(&args, dtype),
         other => panic!("backend {other} is not compiled in"),
     }
 }
@@ -76,7 +82,120 @@ fn time<B: Backend, T>(args: &Args, device: &B::Device, mut f: impl FnMut() -> T
     times[times.len() / 2]
 }
 
-fn bench<B: NsaBackend>(args: &Args, dtype: DType) {
+fn run<B: NsaBackend>(args: &Args, dtype: DType) {
+    match args.phase.as_str() {
+        "forward" => forward::<B>(args, dtype),
+        "backward" => backward::<B>(args, dtype),
+        other => panic!("--phase must be forward or backward, got {other}"),
+    }
+}
+
+/// Random operator inputs `[q, k, v, k_cmp, v_cmp, gates]` for `seq` positions.
+fn inputs<B: Backend>(
+    args: &Args,
+    config: &NsaAttentionConfig,
+    seq: usize,
+    dtype: DType,
+    device: &B::Device,
+) -> [Tensor<B, 4>; 6] {
+    let random = |shape: [usize; 4]| {
+        Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype)
+    };
+    let blocks = config.num_compressed_blocks(seq);
+    let gates = Tensor::<B, 4>::random(
+        [1, seq, args.heads, 3],
+        Distribution::Uniform(0.0, 1.0),
+        device,
+    )
+    .cast(dtype);
+    [
+        random([1, seq, args.heads, args.d_k]),
+        random([1, seq, args.kv_heads, args.d_k]),
+        random([1, seq, args.kv_heads, args.d_v]),
+        random([1, blocks, args.kv_heads, args.d_k]),
+        random([1, blocks, args.kv_heads, args.d_v]),
+        gates,
+    ]
+}
+
+/// The operator's input (the same keys and values for the selected and window branches).
+fn operator_input<B: Backend>([q, k, v, k_cmp, v_cmp, gates]: [Tensor<B, 4>; 6]) -> NsaInput<B> {
+    NsaInput {
+        q,
+        compressed: Some(BranchKv { k: k_cmp, v: v_cmp }),
+        selected: BranchKv {
+            k: k.clone(),
+            v: v.clone(),
+        },
+        window: BranchKv { k, v },
+        gates,
+    }
+}
+
+/// Backward kernels per branch, then forward + backward of the operator under autodiff.
+fn backward<B: NsaBackend>(args: &Args, dtype: DType) {
+    let device = B::Device::default();
+    let config = NsaAttentionConfig::new();
+    let kernels = B::nsa_backward().expect("this backend has backward kernels");
+    println!(
+        "| T | compressed backward (ms) | selected backward (ms) | window backward (ms) | \
+         NSA forward + backward total (ms) |"
+    );
+    println!("|---|---|---|---|---|");
+    for &seq in &args.seq_lens {
+        let tensors = inputs::<B>(args, &config, seq, dtype, &device);
+        let [q, k, v, k_cmp, v_cmp, _] = tensors.clone();
+        let p = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
+        let grad = p(&Tensor::<B, 4>::random(
+            [1, seq, args.heads, args.d_v],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        )
+        .cast(dtype));
+        let saved =
+            |q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>, (output, lse)| BranchSaved {
+                q: p(q),
+                k: p(k),
+                v: p(v),
+                output,
+                lse,
+            };
+        let (o, lse, selected) = B::nsa_compressed(p(&q), p(&k_cmp), p(&v_cmp), &config);
+        let compressed = saved(&q, &k_cmp, &v_cmp, (o, lse));
+        let selected_saved = saved(
+            &q,
+            &k,
+            &v,
+            B::nsa_selected(p(&q), p(&k), p(&v), selected.clone(), &config),
+        );
+        let window_saved = saved(&q, &k, &v, B::nsa_window(p(&q), p(&k), p(&v), &config));
+        let compressed_ms = time::<B, _>(args, &device, || {
+            (kernels.compressed)(compressed.clone(), grad.clone(), &config)
+        });
+        let selected_ms = time::<B, _>(args, &device, || {
+            (kernels.selected)(
+                selected_saved.clone(),
+                selected.clone(),
+                grad.clone(),
+                &config,
+            )
+        });
+        let window_ms = time::<B, _>(args, &device, || {
+            (kernels.window)(window_saved.clone(), grad.clone(), &config)
+        });
+        let total = time::<B, _>(args, &device, || {
+            let leaves = tensors
+                .clone()
+                .map(|t| Tensor::<Autodiff<B>, 4>::from_inner(t).require_grad());
+            let output = nsa_attention(operator_input(leaves), &config).output;
+            output.sum().backward()
+        });
+        println!("| {seq} | {compressed_ms:.2} | {selected_ms:.2} | {window_ms:.2} | {total:.2} |");
+    }
+}
+
+/// Forward kernels per branch, then the whole operator.
+fn forward<B: NsaBackend>(args: &Args, dtype: DType) {
     let device = B::Device::default();
     let config = NsaAttentionConfig::new();
     println!(
@@ -84,23 +203,10 @@ fn bench<B: NsaBackend>(args: &Args, dtype: DType) {
     );
     println!("|---|---|---|---|---|");
     for &seq in &args.seq_lens {
-        let random = |shape: [usize; 4]| {
-            Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device).cast(dtype)
-        };
-        let blocks = config.num_compressed_blocks(seq);
-        let q = random([1, seq, args.heads, args.d_k]);
-        let k = random([1, seq, args.kv_heads, args.d_k]);
-        let v = random([1, seq, args.kv_heads, args.d_v]);
-        let k_cmp = random([1, blocks, args.kv_heads, args.d_k]);
-        let v_cmp = random([1, blocks, args.kv_heads, args.d_v]);
-        let gates = Tensor::<B, 4>::random(
-            [1, seq, args.heads, 3],
-            Distribution::Uniform(0.0, 1.0),
-            &device,
-        )
-        .cast(dtype);
+        let tensors = inputs::<B>(args, &config, seq, dtype, &device);
+        let [q, k, v, k_cmp, v_cmp, _] = tensors.clone();
         let p = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
-        let (_, selected) = B::nsa_compressed(p(&q), p(&k_cmp), p(&v_cmp), &config);
+        let (_, _, selected) = B::nsa_compressed(p(&q), p(&k_cmp), p(&v_cmp), &config);
         let compressed = time::<B, _>(args, &device, || {
             B::nsa_compressed(p(&q), p(&k_cmp), p(&v_cmp), &config)
         });
@@ -111,26 +217,7 @@ fn bench<B: NsaBackend>(args: &Args, dtype: DType) {
             B::nsa_window(p(&q), p(&k), p(&v), &config)
         });
         let total = time::<B, _>(args, &device, || {
-            nsa_attention(
-                NsaInput {
-                    q: q.clone(),
-                    compressed: Some(BranchKv {
-                        k: k_cmp.clone(),
-                        v: v_cmp.clone(),
-                    }),
-                    selected: BranchKv {
-                        k: k.clone(),
-                        v: v.clone(),
-                    },
-                    window: BranchKv {
-                        k: k.clone(),
-                        v: v.clone(),
-                    },
-                    gates: gates.clone(),
-                },
-                &config,
-            )
-            .output
+            nsa_attention(operator_input(tensors.clone()), &config).output
         });
         println!("| {seq} | {compressed:.2} | {selected_ms:.2} | {window:.2} | {total:.2} |");
     }

@@ -534,13 +534,31 @@ fn wgpu_kernel_gradients_match_the_reference() {
     }
 }
 
+/// f32, f16 and bf16, or only the one `NSA_KERNEL_DTYPE` names (`f32`, `f16`, `bf16`).
+#[cfg(feature = "test-cuda")]
+fn cuda_dtypes() -> Vec<DType> {
+    let all = [
+        ("f32", DType::F32),
+        ("f16", DType::F16),
+        ("bf16", DType::BF16),
+    ];
+    match std::env::var("NSA_KERNEL_DTYPE") {
+        Ok(name) => all
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|&(_, dtype)| dtype)
+            .collect(),
+        Err(_) => all.map(|(_, dtype)| dtype).to_vec(),
+    }
+}
+
 #[cfg(feature = "test-cuda")]
 #[test]
 fn cuda_kernels_match_the_reference() {
     type B = burn::backend::Cuda;
     let device = Default::default();
     assert!(common::device_answers::<B>(&device), "no CUDA device");
-    for dtype in [DType::F32, DType::F16, DType::BF16] {
+    for dtype in cuda_dtypes() {
         check_all::<B>(&device, dtype);
     }
 }
@@ -551,7 +569,7 @@ fn cuda_kernel_gradients_match_the_reference() {
     type B = burn::backend::Cuda;
     let device = Default::default();
     assert!(common::device_answers::<B>(&device), "no CUDA device");
-    for dtype in [DType::F32, DType::F16, DType::BF16] {
+    for dtype in cuda_dtypes() {
         check_all_gradients::<Autodiff<B>>(&device, dtype, |_| true);
     }
 }

@@ -281,7 +281,7 @@ pub fn key_tile_config<R: Runtime>(
 ) -> KeyTileConfig {
     let shared_bytes = client.properties().hardware.max_shared_memory_size;
     let mut tile_keys = 32;
-    while keys.select_block() % tile_keys != 0 {
+    while keys.is_selected() && keys.select_block() % tile_keys != 0 {
         tile_keys /= 2;
     }
     let mut rows = 32;
