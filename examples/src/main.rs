@@ -220,7 +220,7 @@ fn branch_times<B: NsaBackend>(args: &Args, config: &NsaAttentionConfig, device:
         timed("compressed + top-n", &|| {
             B::nsa_compressed(q.clone(), k_cmp.clone(), v_cmp.clone(), config);
         });
-        let (_, selected) = B::nsa_compressed(q.clone(), k_cmp, v_cmp, config);
+        let (_, _, selected) = B::nsa_compressed(q.clone(), k_cmp, v_cmp, config);
         timed("selected", &|| {
             B::nsa_selected(q.clone(), k.clone(), v.clone(), selected.clone(), config);
         });
