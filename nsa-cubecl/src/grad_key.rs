@@ -86,6 +86,40 @@ fn selects<I: Int>(selected: &Tensor<I>, slots: usize, t: usize, block: usize) -
     found
 }
 
+/// Copies the step's query rows `first_row .. first_row + cfg.rows` (row `r` of the list is
+/// position `positions[r / G]`, head `r % G` of the group; rows past `rows` are zero) of
+/// `src: [B, T, H, dim]` into `dst` as f32 rows `dim + 1` words apart.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_step_rows<F: Float>(
+    src: &Tensor<F>,
+    positions: &SharedMemory<u32>,
+    first_row: usize,
+    rows: usize,
+    b: usize,
+    kv_head: usize,
+    dst: &mut SharedMemory<f32>,
+    #[comptime] dim: usize,
+    #[comptime] cfg: KeyTileConfig,
+) {
+    let mut idx = UNIT_POS as usize;
+    while idx < comptime!(cfg.rows * dim) {
+        let r = idx / dim;
+        let c = idx % dim;
+        let row = first_row + r;
+        let mut value = 0.0f32;
+        if row < rows {
+            let t = positions[row / cfg.group] as usize;
+            let h = kv_head * cfg.group + row % cfg.group;
+            value = f32::cast_from(
+                src[b * src.stride(0) + t * src.stride(1) + h * src.stride(2) + c * src.stride(3)],
+            );
+        }
+        dst[r * (dim + 1) + c] = value;
+        idx += cfg.units;
+    }
+}
+
 /// `q: [B, T, H, d_k]`, `k: [B, L, H_kv, d_k]`, `v: [B, L, H_kv, d_v]` (the branch's keys),
 /// `d_o: [B, T, H, d_v]`, `delta: [B, T, H]` f32, `lse: [B, H, T]` f32,
 /// `selected: [B, H_kv, T, n]` (read by [`KeySet::Selected`] only) ->
@@ -207,44 +241,28 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
             while first_row < rows {
                 // Query and output-gradient rows of the step, with their statistics.
                 if first_row < rows {
-                    let mut idx = unit;
-                    while idx < comptime!(cfg.rows * cfg.d_k) {
-                        let r = idx / cfg.d_k;
-                        let c = idx % cfg.d_k;
-                        let row = first_row + r;
-                        let mut value = 0.0f32;
-                        if row < rows {
-                            let t = tile.positions[row / cfg.group] as usize;
-                            let h = kv_head * cfg.group + row % cfg.group;
-                            value = f32::cast_from(
-                                q[b * q.stride(0)
-                                    + t * q.stride(1)
-                                    + h * q.stride(2)
-                                    + c * q.stride(3)],
-                            );
-                        }
-                        tile.queries[r * key_stride + c] = value;
-                        idx += cfg.units;
-                    }
-                    let mut idx = unit;
-                    while idx < comptime!(cfg.rows * cfg.d_v) {
-                        let r = idx / cfg.d_v;
-                        let c = idx % cfg.d_v;
-                        let row = first_row + r;
-                        let mut value = 0.0f32;
-                        if row < rows {
-                            let t = tile.positions[row / cfg.group] as usize;
-                            let h = kv_head * cfg.group + row % cfg.group;
-                            value = f32::cast_from(
-                                d_o[b * d_o.stride(0)
-                                    + t * d_o.stride(1)
-                                    + h * d_o.stride(2)
-                                    + c * d_o.stride(3)],
-                            );
-                        }
-                        tile.grads[r * value_stride + c] = value;
-                        idx += cfg.units;
-                    }
+                    load_step_rows::<F>(
+                        q,
+                        &tile.positions,
+                        first_row,
+                        rows,
+                        b,
+                        kv_head,
+                        &mut tile.queries,
+                        cfg.d_k,
+                        cfg,
+                    );
+                    load_step_rows::<F>(
+                        d_o,
+                        &tile.positions,
+                        first_row,
+                        rows,
+                        b,
+                        kv_head,
+                        &mut tile.grads,
+                        cfg.d_v,
+                        cfg,
+                    );
                     let mut r = unit;
                     while r < cfg.rows {
                         let row = first_row + r;
