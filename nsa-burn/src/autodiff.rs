@@ -60,6 +60,10 @@ impl<B: NsaBackend> Backward<B, 3> for BranchBackward {
     }
 }
 
+/// A recorded branch's output (tracked), its row log-sum-exp (untracked) and the rest of
+/// what its forward method returned.
+type Recorded<B, C, X> = (FloatTensor<Autodiff<B, C>>, FloatTensor<Autodiff<B, C>>, X);
+
 /// Records one branch: runs `forward` on the inner tensors (-> output, row log-sum-exp,
 /// and whatever else the branch returns) and, when any input is tracked, keeps what
 /// `state` builds from the saved tensors. The log-sum-exp comes back untracked.
@@ -71,7 +75,7 @@ fn record<B, C, X>(
         FloatTensor<B>,
     ) -> (FloatTensor<B>, FloatTensor<B>, X),
     state: impl FnOnce(BranchSaved<B>) -> BranchState<B>,
-) -> (FloatTensor<Autodiff<B, C>>, FloatTensor<Autodiff<B, C>>, X)
+) -> Recorded<B, C, X>
 where
     B: NsaBackend,
     C: CheckpointStrategy,

@@ -281,7 +281,7 @@ pub fn key_tile_config<R: Runtime>(
 ) -> KeyTileConfig {
     let shared_bytes = client.properties().hardware.max_shared_memory_size;
     let mut tile_keys = 32;
-    while keys.is_selected() && keys.select_block() % tile_keys != 0 {
+    while keys.is_selected() && !keys.select_block().is_multiple_of(tile_keys) {
         tile_keys /= 2;
     }
     let mut rows = 32;
