@@ -31,14 +31,10 @@ pub struct KeyTileConfig {
 }
 
 impl KeyTileConfig {
-    /// `dK` values each unit accumulates, `ceil(tile_keys * d_k / units)`.
-    pub fn key_width(&self) -> usize {
-        (self.tile_keys * self.d_k).div_ceil(self.units)
-    }
-
-    /// `dV` values each unit accumulates.
-    pub fn value_width(&self) -> usize {
-        (self.tile_keys * self.d_v).div_ceil(self.units)
+    /// Outputs each unit accumulates for `dim` values per key row,
+    /// `ceil(tile_keys * dim / units)` (`dim` is `d_k` for `dK`, `d_v` for `dV`).
+    pub fn width(&self, dim: usize) -> usize {
+        (self.tile_keys * dim).div_ceil(self.units)
     }
 
     /// f32 words of shared memory: keys, values, query and output-gradient rows (all
@@ -120,6 +116,74 @@ fn load_step_rows<F: Float>(
     }
 }
 
+/// A register array of `len` zeros.
+#[cube]
+fn zeros(#[comptime] len: usize) -> Array<f32> {
+    let mut array = Array::<f32>::new(len);
+    #[unroll]
+    for i in 0..len {
+        array[i] = 0.0;
+    }
+    array
+}
+
+/// Adds `weights^T rows` to this unit's outputs: output `(key, c)` (unit `u` owns
+/// `u, u + units, ..` of the `tile_keys * dim` outputs) gains
+/// `sum_r weights[r, key] * rows[r, c]`, with `weights` `[rows, tile_keys]` and `rows`
+/// `[rows, dim]` (`dim + 1` words apart) in shared memory.
+#[cube]
+fn accumulate<F: Float>(
+    acc: &mut Array<f32>,
+    weights: &SharedMemory<f32>,
+    rows: &SharedMemory<f32>,
+    #[comptime] dim: usize,
+    #[comptime] cfg: KeyTileConfig,
+) {
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for i in 0..comptime!(cfg.width(dim)) {
+        let idx = unit + i * cfg.units;
+        if idx < comptime!(cfg.tile_keys * dim) {
+            let key = idx / dim;
+            let c = idx % dim;
+            let mut sum = 0.0f32;
+            for r in 0..cfg.rows {
+                sum += weights[r * cfg.tile_keys + key] * rows[r * (dim + 1) + c];
+            }
+            acc[i] += sum;
+        }
+    }
+}
+
+/// Writes this unit's outputs times `scale` to the key rows `first_key ..
+/// first_key + n_keys` of `out: [B, L, H_kv, dim]` at `(b, kv_head)`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store<F: Float>(
+    out: &mut Tensor<F>,
+    b: usize,
+    kv_head: usize,
+    first_key: usize,
+    n_keys: usize,
+    acc: &Array<f32>,
+    scale: f32,
+    #[comptime] dim: usize,
+    #[comptime] cfg: KeyTileConfig,
+) {
+    let at = head_rows::<F>(out, b, kv_head);
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for i in 0..comptime!(cfg.width(dim)) {
+        let idx = unit + i * cfg.units;
+        let key = idx / dim;
+        if idx < comptime!(cfg.tile_keys * dim) && key < n_keys {
+            let c = idx % dim;
+            out[at.base + (first_key + key) * at.row_stride + c * at.dim_stride] =
+                F::cast_from(acc[i] * scale);
+        }
+    }
+}
+
 /// `q: [B, T, H, d_k]`, `k: [B, L, H_kv, d_k]`, `v: [B, L, H_kv, d_v]` (the branch's keys),
 /// `d_o: [B, T, H, d_v]`, `delta: [B, T, H]` f32, `lse: [B, H, T]` f32,
 /// `selected: [B, H_kv, T, n]` (read by [`KeySet::Selected`] only) ->
@@ -190,16 +254,8 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
             value_stride,
             cfg.units,
         );
-        let mut acc_k = Array::<f32>::new(comptime!(cfg.key_width()));
-        let mut acc_v = Array::<f32>::new(comptime!(cfg.value_width()));
-        #[unroll]
-        for i in 0..comptime!(cfg.key_width()) {
-            acc_k[i] = 0.0;
-        }
-        #[unroll]
-        for i in 0..comptime!(cfg.value_width()) {
-            acc_v[i] = 0.0;
-        }
+        let mut acc_k = zeros(comptime!(cfg.width(cfg.d_k)));
+        let mut acc_v = zeros(comptime!(cfg.width(cfg.d_v)));
         let block = first_key / comptime!(keys.select_block());
         let slots = b * selected.stride(0) + kv_head * selected.stride(1);
         let begin = first_query(first_key, keys);
@@ -318,61 +374,17 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
                 sync_cube();
                 // dV += P^T dO and dK += dS^T Q on this unit's outputs.
                 if first_row < rows {
-                    #[unroll]
-                    for i in 0..comptime!(cfg.value_width()) {
-                        let idx = unit + i * cfg.units;
-                        if idx < comptime!(cfg.tile_keys * cfg.d_v) {
-                            let key = idx / cfg.d_v;
-                            let c = idx % cfg.d_v;
-                            let mut sum = 0.0f32;
-                            for r in 0..cfg.rows {
-                                sum += tile.probs[r * cfg.tile_keys + key]
-                                    * tile.grads[r * value_stride + c];
-                            }
-                            acc_v[i] += sum;
-                        }
-                    }
-                    #[unroll]
-                    for i in 0..comptime!(cfg.key_width()) {
-                        let idx = unit + i * cfg.units;
-                        if idx < comptime!(cfg.tile_keys * cfg.d_k) {
-                            let key = idx / cfg.d_k;
-                            let c = idx % cfg.d_k;
-                            let mut sum = 0.0f32;
-                            for r in 0..cfg.rows {
-                                sum += tile.score_grads[r * cfg.tile_keys + key]
-                                    * tile.queries[r * key_stride + c];
-                            }
-                            acc_k[i] += sum;
-                        }
-                    }
+                    accumulate::<F>(&mut acc_v, &tile.probs, &tile.grads, cfg.d_v, cfg);
+                    accumulate::<F>(&mut acc_k, &tile.score_grads, &tile.queries, cfg.d_k, cfg);
                 }
                 sync_cube();
                 first_row += cfg.rows;
             }
             chunk += cfg.units;
         }
-        let dk_at = head_rows::<F>(dk, b, kv_head);
-        let dv_at = head_rows::<F>(dv, b, kv_head);
-        #[unroll]
-        for i in 0..comptime!(cfg.key_width()) {
-            let idx = unit + i * cfg.units;
-            let key = idx / cfg.d_k;
-            if idx < comptime!(cfg.tile_keys * cfg.d_k) && key < n_keys {
-                let c = idx % cfg.d_k;
-                dk[dk_at.base + (first_key + key) * dk_at.row_stride + c * dk_at.dim_stride] =
-                    F::cast_from(acc_k[i] * scale);
-            }
-        }
-        #[unroll]
-        for i in 0..comptime!(cfg.value_width()) {
-            let idx = unit + i * cfg.units;
-            let key = idx / cfg.d_v;
-            if idx < comptime!(cfg.tile_keys * cfg.d_v) && key < n_keys {
-                let c = idx % cfg.d_v;
-                dv[dv_at.base + (first_key + key) * dv_at.row_stride + c * dv_at.dim_stride] =
-                    F::cast_from(acc_v[i]);
-            }
-        }
+        store::<F>(
+            dk, b, kv_head, first_key, n_keys, &acc_k, scale, cfg.d_k, cfg,
+        );
+        store::<F>(dv, b, kv_head, first_key, n_keys, &acc_v, 1.0, cfg.d_v, cfg);
     }
 }

@@ -8,7 +8,10 @@
 use cubecl::prelude::*;
 
 use crate::keys::{key_range, KeySet};
-use crate::tile::{cube_position, group_rows, head_rows, load_rows, tile_scores, Rows, TileConfig};
+use crate::tile::{
+    cube_position, group_rows, head_rows, load_key_values, selected_tile, tile_scores, Rows,
+    TileConfig,
+};
 
 /// Shared-memory rows of one key tile and the scores the tile step needs.
 #[derive(CubeType)]
@@ -48,27 +51,17 @@ fn grad_query_tile<F: Float>(
     #[comptime] cfg: TileConfig,
 ) {
     let value_stride = comptime!(cfg.d_v + 1);
-    load_rows::<F>(
+    load_key_values::<F>(
         k,
         k_at,
-        first_row,
-        valid,
-        &mut tile.keys,
-        cfg.tile_keys,
-        cfg.d_k,
-        cfg.key_stride(),
-        cfg.units(),
-    );
-    load_rows::<F>(
         v,
         v_at,
         first_row,
         valid,
+        &mut tile.keys,
         &mut tile.values,
-        cfg.tile_keys,
-        cfg.d_v,
         value_stride,
-        cfg.units(),
+        cfg,
     );
     sync_cube();
     tile_scores::<F>(
@@ -163,14 +156,8 @@ pub fn grad_query_kernel<F: Float, I: Int>(
                 let index = i32::cast_from(selected[slots + slot * selected.stride(3)]);
                 #[unroll]
                 for part_of_block in 0..comptime!(block / cfg.tile_keys) {
-                    let mut first = 0usize;
-                    let mut valid = 0usize;
-                    if index >= 0 {
-                        first = usize::cast_from(index) * block + part_of_block * cfg.tile_keys;
-                        if first <= t {
-                            valid = min(t + 1 - first, cfg.tile_keys);
-                        }
-                    }
+                    let (first, valid) =
+                        selected_tile(index, part_of_block, t, block, cfg.tile_keys);
                     grad_query_tile::<F>(
                         q, q_at, d_o, d_o_at, k, k_at, v, v_at, first, valid, scale, stats,
                         &mut acc, &mut tile, cfg,

@@ -4,7 +4,8 @@
 use cubecl::prelude::*;
 
 use crate::tile::{
-    attend_tile, cube_position, group_rows, head_rows, state_finish, state_new, TileConfig,
+    attend_tile, cube_position, group_rows, head_rows, selected_tile, state_finish, state_new,
+    TileConfig,
 };
 
 /// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]`,
@@ -40,14 +41,7 @@ pub fn selected_attention_kernel<F: Float, I: Int>(
             let block = i32::cast_from(selected[slots + slot * selected.stride(3)]);
             #[unroll]
             for tile in 0..comptime!(select_block / cfg.tile_keys) {
-                let mut first = 0usize;
-                let mut valid = 0usize;
-                if block >= 0 {
-                    first = usize::cast_from(block) * select_block + tile * cfg.tile_keys;
-                    if first <= t {
-                        valid = min(t + 1 - first, cfg.tile_keys);
-                    }
-                }
+                let (first, valid) = selected_tile(block, tile, t, select_block, cfg.tile_keys);
                 attend_tile::<F>(
                     q,
                     q_at,

@@ -109,6 +109,68 @@ pub fn load_rows<F: Float>(
     }
 }
 
+/// Copies `valid` key rows and value rows from `first_row` into the tile's shared memory
+/// (keys [`TileConfig::key_stride`] words apart, values `value_stride` apart).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn load_key_values<F: Float>(
+    k: &Tensor<F>,
+    k_at: Rows,
+    v: &Tensor<F>,
+    v_at: Rows,
+    first_row: usize,
+    valid: usize,
+    keys: &mut SharedMemory<f32>,
+    values: &mut SharedMemory<f32>,
+    #[comptime] value_stride: usize,
+    #[comptime] cfg: TileConfig,
+) {
+    load_rows::<F>(
+        k,
+        k_at,
+        first_row,
+        valid,
+        keys,
+        cfg.tile_keys,
+        cfg.d_k,
+        cfg.key_stride(),
+        cfg.units(),
+    );
+    load_rows::<F>(
+        v,
+        v_at,
+        first_row,
+        valid,
+        values,
+        cfg.tile_keys,
+        cfg.d_v,
+        value_stride,
+        cfg.units(),
+    );
+}
+
+/// Part `part` (of `block / tile_keys`) of the selection block `index` (-1: an empty slot)
+/// as a tile for query `t`: its first key row and how many of its rows `t` attends
+/// (0 for an empty slot or a part after `t`).
+#[cube]
+pub fn selected_tile(
+    index: i32,
+    part: usize,
+    t: usize,
+    #[comptime] block: usize,
+    #[comptime] tile_keys: usize,
+) -> (usize, usize) {
+    let mut first = 0usize;
+    let mut valid = 0usize;
+    if index >= 0 {
+        first = usize::cast_from(index) * block + part * tile_keys;
+        if first <= t {
+            valid = min(t + 1 - first, tile_keys);
+        }
+    }
+    (first, valid)
+}
+
 /// Scaled dot products `[G, tile_keys]` of the group's rows of `q` (`dim` values each)
 /// with the rows in shared memory (`stride` words apart); [`NEG_BIG`] past `valid`. Unit
 /// `(head, part)` computes rows `part, part + parts, ..` of its head, reading each element
@@ -219,27 +281,8 @@ pub fn attend_tile<F: Float>(
     scores: &mut SharedMemory<f32>,
     #[comptime] cfg: TileConfig,
 ) {
-    load_rows::<F>(
-        k,
-        k_at,
-        first_row,
-        valid,
-        keys,
-        cfg.tile_keys,
-        cfg.d_k,
-        cfg.key_stride(),
-        cfg.units(),
-    );
-    load_rows::<F>(
-        v,
-        v_at,
-        first_row,
-        valid,
-        values,
-        cfg.tile_keys,
-        cfg.d_v,
-        cfg.d_v,
-        cfg.units(),
+    load_key_values::<F>(
+        k, k_at, v, v_at, first_row, valid, keys, values, cfg.d_v, cfg,
     );
     sync_cube();
     tile_scores::<F>(
