@@ -4,9 +4,13 @@
 use cubecl::prelude::*;
 
 use crate::keys::{key_range, KeySet};
+use crate::mma::{
+    key_in_range, lane_row, load_queries, load_vector_rows, mma_attend_range, mma_state_finish,
+    mma_state_lse, mma_state_new, mma_tile_new, plane_scores, row_key_range, MmaTileConfig,
+};
 use crate::tile::{
-    attend_range, cube_position, group_rows, head_rows, load_rows, state_finish, state_new,
-    tile_scores, TileConfig, NEG_BIG,
+    attend_range, cube_position, cube_positions, group_rows, head_rows, load_rows, state_finish,
+    state_new, tile_scores, TileConfig, NEG_BIG,
 };
 
 /// Score that forces a block into the selection.
@@ -115,7 +119,7 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
         while row < visible {
             let valid = min(visible - row, cfg.tile_keys);
             // Keys of this tile into shared memory (values are not needed here).
-            load_rows::<F>(
+            load_rows::<F, f32>(
                 k_cmp,
                 k_at,
                 row,
@@ -154,96 +158,292 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
             }
             sync_cube();
             // Each selection block touched by the tile is summed by one unit.
-            let first_block = row * sel.compress_stride / sel.select_block;
-            let last_start = (row + valid - 1) * sel.compress_stride;
-            let last_block = min(
-                (last_start + sel.compress_block - 1) / sel.select_block,
-                candidates - 1,
-            );
+            let (first_block, last_block) = tile_blocks(row, valid, candidates, sel);
             let mut j = first_block + unit;
             while j <= last_block {
-                let block_start = j * sel.select_block;
-                let mut total = 0.0f32;
-                for r in 0..valid {
-                    let start = (row + r) * sel.compress_stride;
-                    if start < block_start + sel.select_block
-                        && start + sel.compress_block > block_start
-                    {
-                        total += probs[r];
-                    }
-                }
-                block_scores[j] += total;
+                block_scores[j] += tile_block_score(&probs, 0, row, valid, j, sel);
                 j += units;
             }
             sync_cube();
             row += cfg.tile_keys;
         }
 
-        // Forced blocks: the first n_initial and the n_local ending at t's own block.
-        let own = t / sel.select_block;
+        let out = b * selected.stride(0) + head * selected.stride(1) + t * selected.stride(2);
+        pick_blocks::<I>(
+            &mut block_scores,
+            0,
+            t,
+            &mut best_score,
+            &mut best_block,
+            selected,
+            out,
+            units,
+            sel,
+        );
+    }
+}
+
+/// The selection blocks `first..=last` that compressed keys `row..row + valid` overlap,
+/// capped at the query's `candidates` (blocks `j` with `j * l' <= t`).
+#[cube]
+fn tile_blocks(
+    row: usize,
+    valid: usize,
+    candidates: usize,
+    #[comptime] sel: SelectionConfig,
+) -> (usize, usize) {
+    let first = row * sel.compress_stride / sel.select_block;
+    let last_start = (row + valid - 1) * sel.compress_stride;
+    let last = min(
+        (last_start + sel.compress_block - 1) / sel.select_block,
+        candidates - 1,
+    );
+    (first, last)
+}
+
+/// Eq. 9 (overlap reading) for one selection block `j` and one tile: the sum of the
+/// group-summed probabilities `probs[at + r]` of the tile's compressed keys `row + r`
+/// (`r < valid`) whose span overlaps block `j`.
+#[cube]
+fn tile_block_score(
+    probs: &SharedMemory<f32>,
+    at: usize,
+    row: usize,
+    valid: usize,
+    j: usize,
+    #[comptime] sel: SelectionConfig,
+) -> f32 {
+    let block_start = j * sel.select_block;
+    let mut total = 0.0f32;
+    for r in 0..valid {
+        let start = (row + r) * sel.compress_stride;
+        if start < block_start + sel.select_block && start + sel.compress_block > block_start {
+            total += probs[at + r];
+        }
+    }
+    total
+}
+
+/// Eq. 11 for query `t` over the candidate scores `block_scores[at..]`: forces the first
+/// `n_initial` blocks and the `n_local` ending at `t`'s own, takes the `n` highest (ties
+/// to the lower index) and writes them ascending, `-1` padded, to `selected[out..]`
+/// (`stride(3)` apart). The whole cube calls it; it clobbers the scores.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn pick_blocks<I: Int>(
+    block_scores: &mut SharedMemory<f32>,
+    at: usize,
+    t: usize,
+    best_score: &mut SharedMemory<f32>,
+    best_block: &mut SharedMemory<u32>,
+    selected: &mut Tensor<I>,
+    out: usize,
+    #[comptime] units: usize,
+    #[comptime] sel: SelectionConfig,
+) {
+    let unit = UNIT_POS as usize;
+    let candidates = t / sel.select_block + 1;
+    let own = t / sel.select_block;
+    let mut j = unit;
+    while j < candidates {
+        if j < sel.n_initial || (j <= own && j + sel.n_local > own) {
+            block_scores[at + j] = FORCED;
+        }
+        j += units;
+    }
+    sync_cube();
+
+    // One block per round: each unit scans its strided share, unit 0 reduces.
+    let mut chosen = Array::<i32>::new(sel.n_selected);
+    #[unroll]
+    for round in 0..sel.n_selected {
+        let mut best = f32::new(NEG_BIG);
+        let mut best_j = 0u32;
         let mut j = unit;
         while j < candidates {
-            if j < sel.n_initial || (j <= own && j + sel.n_local > own) {
-                block_scores[j] = FORCED;
+            if block_scores[at + j] > best {
+                best = block_scores[at + j];
+                best_j = j as u32;
             }
             j += units;
         }
+        best_score[unit] = best;
+        best_block[unit] = best_j;
         sync_cube();
+        if unit == 0 {
+            let mut win = f32::new(NEG_BIG);
+            let mut win_j = 0u32;
+            for u in 0..units {
+                let score = best_score[u];
+                if score > win || (score == win && score > NEG_BIG && best_block[u] < win_j) {
+                    win = score;
+                    win_j = best_block[u];
+                }
+            }
+            if win > NEG_BIG {
+                chosen[round] = win_j as i32;
+                block_scores[at + win_j as usize] = NEG_BIG;
+            } else {
+                chosen[round] = -1;
+            }
+        }
+        sync_cube();
+    }
 
-        // Top-n, one block per round: each unit scans its strided share, unit 0 reduces.
-        let mut chosen = Array::<i32>::new(sel.n_selected);
-        #[unroll]
-        for round in 0..sel.n_selected {
-            let mut best = f32::new(NEG_BIG);
-            let mut best_j = 0u32;
-            let mut j = unit;
-            while j < candidates {
-                if block_scores[j] > best {
-                    best = block_scores[j];
-                    best_j = j as u32;
-                }
-                j += units;
-            }
-            best_score[unit] = best;
-            best_block[unit] = best_j;
-            sync_cube();
-            if unit == 0 {
-                let mut win = f32::new(NEG_BIG);
-                let mut win_j = 0u32;
-                for u in 0..units {
-                    let score = best_score[u];
-                    if score > win || (score == win && score > NEG_BIG && best_block[u] < win_j) {
-                        win = score;
-                        win_j = best_block[u];
-                    }
-                }
-                if win > NEG_BIG {
-                    chosen[round] = win_j as i32;
-                    block_scores[win_j as usize] = NEG_BIG;
-                } else {
-                    chosen[round] = -1;
+    // Ascending order, empty slots (-1) last.
+    if unit == 0 {
+        for slot in 0..sel.n_selected {
+            let mut pick = slot;
+            for other in slot + 1..sel.n_selected {
+                let a = chosen[other];
+                let c = chosen[pick];
+                if a >= 0 && (c < 0 || a < c) {
+                    pick = other;
                 }
             }
+            let value = chosen[pick];
+            chosen[pick] = chosen[slot];
+            chosen[slot] = value;
+            selected[out + slot * selected.stride(3)] = I::cast_from(value);
+        }
+    }
+}
+
+/// [`compressed_attention_kernel`] on tensor cores: one cube per `(b, KV head,
+/// cfg.positions consecutive query positions)`. The attention pass walks the compressed
+/// keys the last position sees, each row masked to its own; the scoring pass recomputes
+/// the scores on the tensor cores, sums each position's probabilities over its group and
+/// adds them to the position's block scores (`positions * max_blocks` words of shared
+/// memory); top-n then runs once per position.
+#[cube(launch, address_type = "dynamic")]
+#[allow(clippy::too_many_arguments)]
+pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    k_cmp: &Tensor<Vector<F, N>>,
+    v_cmp: &Tensor<Vector<F, N>>,
+    o: &mut Tensor<F>,
+    lse: &mut Tensor<f32>,
+    selected: &mut Tensor<I>,
+    scale: f32,
+    #[comptime] cfg: MmaTileConfig,
+    #[comptime] sel: SelectionConfig,
+) {
+    let keys = comptime!(sel.key_set());
+    let mut tile = mma_tile_new::<F>(cfg);
+    let mut group_probs = SharedMemory::<f32>::new(comptime!(cfg.positions * cfg.tile_keys));
+    let mut block_scores = SharedMemory::<f32>::new(comptime!(cfg.positions * sel.max_blocks));
+    let mut best_score = SharedMemory::<f32>::new(comptime!(cfg.units()));
+    let mut best_block = SharedMemory::<u32>::new(comptime!(cfg.units()));
+    let seq = q.shape(1);
+    let n_keys = k_cmp.shape(1);
+    let (b, head, t0, active) = cube_positions(q.shape(0), k_cmp.shape(2), seq, cfg.positions);
+    if active {
+        let unit = UNIT_POS as usize;
+        let units = comptime!(cfg.units());
+        load_queries::<F, N>(q, b, t0, head, &mut tile, cfg);
+        let k_at = head_rows::<Vector<F, N>>(k_cmp, b, head);
+        let v_at = head_rows::<Vector<F, N>>(v_cmp, b, head);
+        let (row, half) = lane_row();
+        let (start, end) = row_key_range(row, t0, seq, n_keys, keys, cfg);
+        let positions = min(t0 + cfg.positions, seq) - t0;
+        let (_, visible) = key_range(t0 + positions - 1, n_keys, keys);
+
+        // Attention over the compressed keys.
+        let mut state = mma_state_new(cfg);
+        mma_attend_range::<F, N>(
+            k_cmp, k_at, v_cmp, v_at, 0, visible, start, end, scale, &mut tile, &mut state, cfg,
+        );
+        mma_state_finish::<F>(&state, o, lse, b, t0, head, cfg);
+        let row_lse = mma_state_lse(&state);
+
+        // Selection-block scores of every position: its candidates are the blocks j with
+        // j * l' <= t.
+        let mut idx = unit;
+        while idx < comptime!(cfg.positions * sel.max_blocks) {
+            block_scores[idx] = 0.0;
+            idx += units;
+        }
+        sync_cube();
+        let cols = comptime!(cfg.tile_keys / 2);
+        let scores = row * cfg.scratch_stride();
+        let mut first = 0usize;
+        while first < visible {
+            let valid = min(visible - first, cfg.tile_keys);
+            load_vector_rows::<F, N>(
+                k_cmp,
+                k_at,
+                first,
+                valid,
+                &mut tile.keys,
+                cfg.tile_keys,
+                cfg.d_k,
+                units,
+            );
             sync_cube();
+            plane_scores::<F>(&mut tile, cfg);
+            sync_plane();
+            // Scores -> probabilities with the row's log-sum-exp, in place.
+            #[unroll]
+            for i in 0..cols {
+                let col = half * cols + i;
+                let mut p = 0.0f32;
+                if key_in_range(col, first, valid, start, end) {
+                    p = (tile.scratch[scores + col] * scale - row_lse).exp();
+                }
+                tile.scratch[scores + col] = p;
+            }
+            sync_cube();
+            // Summed over each position's group (Eq. 10).
+            let mut idx = unit;
+            while idx < comptime!(cfg.positions * cfg.tile_keys) {
+                let position = idx / cfg.tile_keys;
+                let col = idx % cfg.tile_keys;
+                let mut p = 0.0f32;
+                #[unroll]
+                for g in 0..cfg.group {
+                    p += tile.scratch[(position * cfg.group + g) * cfg.scratch_stride() + col];
+                }
+                group_probs[idx] = p;
+                idx += units;
+            }
+            sync_cube();
+            // Each (position, selection block) the tile touches is summed by one unit.
+            let (first_block, last_block) = tile_blocks(first, valid, seq, sel);
+            let span = last_block + 1 - first_block;
+            let mut idx = unit;
+            while idx < positions * span {
+                let position = idx / span;
+                let j = first_block + idx % span;
+                if j * sel.select_block <= t0 + position {
+                    block_scores[position * sel.max_blocks + j] += tile_block_score(
+                        &group_probs,
+                        position * cfg.tile_keys,
+                        first,
+                        valid,
+                        j,
+                        sel,
+                    );
+                }
+                idx += units;
+            }
+            sync_cube();
+            first += cfg.tile_keys;
         }
 
-        // Ascending order, empty slots (-1) last.
-        if unit == 0 {
-            let base = b * selected.stride(0) + head * selected.stride(1) + t * selected.stride(2);
-            for slot in 0..sel.n_selected {
-                let mut pick = slot;
-                for other in slot + 1..sel.n_selected {
-                    let a = chosen[other];
-                    let c = chosen[pick];
-                    if a >= 0 && (c < 0 || a < c) {
-                        pick = other;
-                    }
-                }
-                let value = chosen[pick];
-                chosen[pick] = chosen[slot];
-                chosen[slot] = value;
-                selected[base + slot * selected.stride(3)] = I::cast_from(value);
-            }
+        for position in 0..positions {
+            let t = t0 + position;
+            let out = b * selected.stride(0) + head * selected.stride(1) + t * selected.stride(2);
+            pick_blocks::<I>(
+                &mut block_scores,
+                position * sel.max_blocks,
+                t,
+                &mut best_score,
+                &mut best_block,
+                selected,
+                out,
+                units,
+                sel,
+            );
         }
     }
 }

@@ -232,7 +232,7 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
         let seq = q.shape(1);
         let first_key = key_tile * cfg.tile_keys;
         let n_keys = min(cfg.tile_keys, n_keys_total - first_key);
-        load_rows::<F>(
+        load_rows::<F, f32>(
             k,
             head_rows::<F>(k, b, kv_head),
             first_key,
@@ -243,7 +243,7 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
             key_stride,
             cfg.units,
         );
-        load_rows::<F>(
+        load_rows::<F, f32>(
             v,
             head_rows::<F>(v, b, kv_head),
             first_key,

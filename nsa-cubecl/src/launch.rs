@@ -1,16 +1,20 @@
 //! Host side: tile sizes for the device, grid shape, and one launch function per kernel.
 //! Tensors come in as CubeCL [`TensorArg`]s in the layouts the kernels document.
 
+use cubecl::features::MmaConfig;
 use cubecl::prelude::*;
 use cubecl::{calculate_cube_count_elemwise, CubeElement};
 
-use crate::compress::{compressed_attention_kernel, SelectionConfig};
+use crate::compress::{
+    compressed_attention_kernel, compressed_attention_mma_kernel, SelectionConfig,
+};
 use crate::grad_key::{grad_key_value_kernel, KeyTileConfig};
 use crate::grad_query::grad_query_kernel;
 use crate::keys::KeySet;
-use crate::select::selected_attention_kernel;
+use crate::mma::{MmaTileConfig, MMA, PLANE};
+use crate::select::{selected_attention_kernel, selected_attention_mma_kernel};
 use crate::tile::TileConfig;
-use crate::window::window_attention_kernel;
+use crate::window::{window_attention_kernel, window_attention_mma_kernel};
 
 /// Sizes of one NSA attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +84,93 @@ pub fn tile_config<R: Runtime>(
     }
 }
 
+/// Environment variable that, when set, keeps every call on the portable kernels (to
+/// compare them with the tensor-core ones on the same device).
+pub const PORTABLE_KERNELS_VAR: &str = "NSA_PORTABLE_KERNELS";
+
+/// Elements per vector load of the tensor-core kernels (head dims are multiples of 16 and
+/// the inputs are contiguous, so every row starts on a vector).
+const MMA_VECTOR: usize = 8;
+
+/// Key rows per tile of the tensor-core kernels.
+const MMA_TILE_KEYS: usize = 32;
+
+/// Query rows a tensor-core cube of the window and compression branches aims at.
+const MMA_ROWS: usize = 64;
+
+/// The tensor-core tile for `shape`, or `None` to use the portable kernels: the device must
+/// have 16x16x16 `cmma` on `F` with f32 accumulation and 32-lane planes, the head dims
+/// must be multiples of 16, and the tile plus `extra_bytes(&tile)` must fit the device's
+/// shared memory. With `one_position` a cube holds one query position (the selection
+/// branch); otherwise as many positions as fill [`MMA_ROWS`] rows, fewer if memory is short.
+pub fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    one_position: bool,
+    extra_bytes: impl Fn(&MmaTileConfig) -> usize,
+) -> Option<MmaTileConfig> {
+    if std::env::var_os(PORTABLE_KERNELS_VAR).is_some() {
+        return None;
+    }
+    let properties = client.properties();
+    let elem = F::as_type_native_unchecked().storage_type();
+    let tensor_cores = properties.features.matmul.cmma.contains(&MmaConfig {
+        a_type: elem,
+        b_type: elem,
+        cd_type: f32::as_type_native_unchecked().storage_type(),
+        m: MMA as u32,
+        n: MMA as u32,
+        k: MMA as u32,
+    });
+    let hardware = &properties.hardware;
+    let planes_fit =
+        hardware.plane_size_min == PLANE as u32 && hardware.plane_size_max == PLANE as u32;
+    if !tensor_cores || !planes_fit || shape.d_k % MMA != 0 || shape.d_v % MMA != 0 {
+        return None;
+    }
+    let group = shape.group();
+    let min_planes = group.div_ceil(MMA);
+    let mut planes = if one_position {
+        min_planes
+    } else {
+        min_planes.max(MMA_ROWS / MMA)
+    };
+    loop {
+        let cfg = MmaTileConfig {
+            group,
+            d_k: shape.d_k,
+            d_v: shape.d_v,
+            tile_keys: MMA_TILE_KEYS,
+            planes,
+            positions: if one_position {
+                1
+            } else {
+                planes * MMA / group
+            },
+        };
+        let bytes = cfg.shared_bytes(core::mem::size_of::<F>()) + extra_bytes(&cfg);
+        if bytes <= hardware.max_shared_memory_size {
+            return Some(cfg);
+        }
+        if planes == min_planes {
+            return None;
+        }
+        planes -= 1;
+    }
+}
+
+/// One cube per `(batch, KV head, cfg.positions query positions)`.
+fn mma_grid<R: Runtime>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    cfg: &MmaTileConfig,
+) -> (CubeCount, CubeDim) {
+    let cube_dim = CubeDim::new_1d(cfg.units() as u32);
+    let cubes = shape.batch * shape.kv_heads * shape.seq.div_ceil(cfg.positions);
+    let count = calculate_cube_count_elemwise(client, cubes * cfg.units(), cube_dim);
+    (count, cube_dim)
+}
+
 /// One cube per `(batch, KV head, t)`.
 fn grid<R: Runtime>(
     client: &ComputeClient<R>,
@@ -114,6 +205,25 @@ pub fn launch_window<R: Runtime, F: Float + CubeElement>(
     scale: f32,
     window: usize,
 ) {
+    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, false, |_| 0) {
+        let (count, dim) = mma_grid(client, shape, &cfg);
+        window_attention_mma_kernel::launch::<F, R>(
+            client,
+            count,
+            dim,
+            address_type(shape, shape.seq),
+            MMA_VECTOR,
+            q,
+            k,
+            v,
+            o,
+            lse,
+            scale,
+            cfg,
+            window,
+        );
+        return;
+    }
     let cfg = tile_config(client, shape, None, TileConfig::shared_words);
     let (count, dim) = grid(client, shape, &cfg);
     window_attention_kernel::launch::<F, R>(
@@ -147,6 +257,26 @@ pub fn launch_selected<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>
     scale: f32,
     select_block: usize,
 ) {
+    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, true, |_| 0) {
+        let (count, dim) = mma_grid(client, shape, &cfg);
+        selected_attention_mma_kernel::launch::<F, I, R>(
+            client,
+            count,
+            dim,
+            address_type(shape, shape.seq),
+            MMA_VECTOR,
+            q,
+            k,
+            v,
+            selected,
+            o,
+            lse,
+            scale,
+            cfg,
+            select_block,
+        );
+        return;
+    }
     let cfg = tile_config(client, shape, Some(select_block), TileConfig::shared_words);
     let (count, dim) = grid(client, shape, &cfg);
     selected_attention_kernel::launch::<F, I, R>(
@@ -193,6 +323,29 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
         max_blocks,
         ..selection
     };
+    let scoring_bytes = |tile: &MmaTileConfig| {
+        4 * (tile.positions * (tile.tile_keys + max_blocks) + 2 * tile.units())
+    };
+    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, false, scoring_bytes) {
+        let (count, dim) = mma_grid(client, shape, &cfg);
+        compressed_attention_mma_kernel::launch::<F, I, R>(
+            client,
+            count,
+            dim,
+            address_type(shape, num_compressed),
+            MMA_VECTOR,
+            q,
+            k_cmp,
+            v_cmp,
+            o,
+            lse,
+            selected,
+            scale,
+            cfg,
+            selection,
+        );
+        return;
+    }
     let cfg = tile_config(client, shape, None, |tile| {
         tile.shared_words() + max_blocks + 2 * tile.units() + tile.group + tile.tile_keys
     });

@@ -10,6 +10,7 @@ pub mod grad_key;
 pub mod grad_query;
 pub mod keys;
 pub mod launch;
+pub mod mma;
 pub mod select;
 pub mod tile;
 pub mod window;
@@ -18,6 +19,7 @@ pub use compress::SelectionConfig;
 pub use keys::KeySet;
 pub use launch::{
     launch_compressed, launch_grad_key_value, launch_grad_query, launch_selected, launch_window,
-    tile_config, AttentionShape, GradArgs,
+    mma_tile_config, tile_config, AttentionShape, GradArgs, PORTABLE_KERNELS_VAR,
 };
+pub use mma::MmaTileConfig;
 pub use tile::TileConfig;

@@ -3,9 +3,14 @@
 
 use cubecl::prelude::*;
 
+use crate::keys::KeySet;
+use crate::mma::{
+    lane_row, load_queries, mma_attend_tile, mma_state_finish, mma_state_new, mma_tile_new,
+    row_key_range, MmaTileConfig,
+};
 use crate::tile::{
-    attend_tile, cube_position, group_rows, head_rows, selected_tile, state_finish, state_new,
-    TileConfig,
+    attend_tile, cube_position, cube_positions, group_rows, head_rows, selected_tile, state_finish,
+    state_new, TileConfig,
 };
 
 /// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]`,
@@ -61,5 +66,59 @@ pub fn selected_attention_kernel<F: Float, I: Int>(
             }
         }
         state_finish::<F>(&state, o, lse, b, t, head, cfg);
+    }
+}
+
+/// [`selected_attention_kernel`] on tensor cores: one cube per `(b, KV head, t)`
+/// (`cfg.positions == 1`), its `16 * planes` rows the group's heads (padded); each selected
+/// block is attended in `ceil(l' / tile_keys)` tiles.
+#[cube(launch, address_type = "dynamic")]
+#[allow(clippy::too_many_arguments)]
+pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    k: &Tensor<Vector<F, N>>,
+    v: &Tensor<Vector<F, N>>,
+    selected: &Tensor<I>,
+    o: &mut Tensor<F>,
+    lse: &mut Tensor<f32>,
+    scale: f32,
+    #[comptime] cfg: MmaTileConfig,
+    #[comptime] select_block: usize,
+) {
+    let mut tile = mma_tile_new::<F>(cfg);
+    let seq = q.shape(1);
+    let (b, head, t, active) = cube_positions(q.shape(0), k.shape(2), seq, 1usize);
+    if active {
+        load_queries::<F, N>(q, b, t, head, &mut tile, cfg);
+        let k_at = head_rows::<Vector<F, N>>(k, b, head);
+        let v_at = head_rows::<Vector<F, N>>(v, b, head);
+        let slots = b * selected.stride(0) + head * selected.stride(1) + t * selected.stride(2);
+        let (row, _) = lane_row();
+        let (start, end) = row_key_range(
+            row,
+            t,
+            seq,
+            k.shape(1),
+            comptime!(KeySet::Selected {
+                block: select_block
+            }),
+            cfg,
+        );
+        let mut state = mma_state_new(cfg);
+        for slot in 0..selected.shape(3) {
+            let block = i32::cast_from(selected[slots + slot * selected.stride(3)]);
+            #[unroll]
+            for part in 0..comptime!(select_block.div_ceil(cfg.tile_keys)) {
+                let (first, valid) = selected_tile(block, part, t, select_block, cfg.tile_keys);
+                // Uniform over the cube: every row is position t.
+                if valid > 0 {
+                    mma_attend_tile::<F, N>(
+                        k, k_at, v, v_at, first, valid, start, end, scale, &mut tile, &mut state,
+                        cfg,
+                    );
+                }
+            }
+        }
+        mma_state_finish::<F>(&state, o, lse, b, t, head, cfg);
     }
 }

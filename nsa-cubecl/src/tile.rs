@@ -79,16 +79,16 @@ pub fn state_new(#[comptime] cfg: TileConfig) -> Array<f32> {
 }
 
 /// Copies `valid` rows starting at `first_row` of `src` (one KV head) into the `rows` rows
-/// of `dst` as f32 rows of `dim` values, `stride` words apart; zero past `valid`. The
-/// cube's `units` units share the copy.
+/// of `dst` as rows of `dim` values of `E`, `stride` apart; zero past `valid`. The cube's
+/// `units` units share the copy.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub fn load_rows<F: Float>(
+pub fn load_rows<F: Float, E: Float>(
     src: &Tensor<F>,
     at: Rows,
     first_row: usize,
     valid: usize,
-    dst: &mut SharedMemory<f32>,
+    dst: &mut SharedMemory<E>,
     #[comptime] rows: usize,
     #[comptime] dim: usize,
     #[comptime] stride: usize,
@@ -98,9 +98,9 @@ pub fn load_rows<F: Float>(
     while idx < comptime!(rows * dim) {
         let row = idx / dim;
         let col = idx % dim;
-        let mut value = 0.0f32;
+        let mut value = E::from_int(0);
         if row < valid {
-            value = f32::cast_from(
+            value = E::cast_from(
                 src[at.base + (first_row + row) * at.row_stride + col * at.dim_stride],
             );
         }
@@ -125,7 +125,7 @@ pub fn load_key_values<F: Float>(
     #[comptime] value_stride: usize,
     #[comptime] cfg: TileConfig,
 ) {
-    load_rows::<F>(
+    load_rows::<F, f32>(
         k,
         k_at,
         first_row,
@@ -136,7 +136,7 @@ pub fn load_key_values<F: Float>(
         cfg.key_stride(),
         cfg.units(),
     );
-    load_rows::<F>(
+    load_rows::<F, f32>(
         v,
         v_at,
         first_row,
@@ -149,8 +149,8 @@ pub fn load_key_values<F: Float>(
     );
 }
 
-/// Part `part` (of `block / tile_keys`) of the selection block `index` (-1: an empty slot)
-/// as a tile for query `t`: its first key row and how many of its rows `t` attends
+/// Part `part` (of `ceil(block / tile_keys)`) of the selection block `index` (-1: an empty
+/// slot) as a tile for query `t`: its first key row and how many of its rows `t` attends
 /// (0 for an empty slot or a part after `t`).
 #[cube]
 pub fn selected_tile(
@@ -165,7 +165,7 @@ pub fn selected_tile(
     if index >= 0 {
         first = usize::cast_from(index) * block + part * tile_keys;
         if first <= t {
-            valid = min(t + 1 - first, tile_keys);
+            valid = min(t + 1 - first, min(tile_keys, block - part * tile_keys));
         }
     }
     (first, valid)
@@ -373,14 +373,26 @@ pub fn state_finish<F: Float>(
 }
 
 /// The cube's `(batch, KV head, query position)`, with `t` fastest so neighbouring cubes
-/// share keys; `None` for the padding cubes of the grid.
+/// share keys, and whether the cube is inside the grid (not padding).
 #[cube]
 pub fn cube_position(batch: usize, kv_heads: usize, seq: usize) -> (usize, usize, usize, bool) {
+    cube_positions(batch, kv_heads, seq, 1usize)
+}
+
+/// [`cube_position`] for cubes of `positions` consecutive query positions: the first one.
+#[cube]
+pub fn cube_positions(
+    batch: usize,
+    kv_heads: usize,
+    seq: usize,
+    #[comptime] positions: usize,
+) -> (usize, usize, usize, bool) {
     let cube = CUBE_POS;
-    let t = cube % seq;
-    let head = (cube / seq) % kv_heads;
-    let b = cube / (seq * kv_heads);
-    (b, head, t, cube < batch * kv_heads * seq)
+    let blocks = (seq + positions - 1) / positions;
+    let block = cube % blocks;
+    let head = (cube / blocks) % kv_heads;
+    let b = cube / (blocks * kv_heads);
+    (b, head, block * positions, cube < batch * kv_heads * blocks)
 }
 
 /// The group's query (or output) rows at `(b, t)` of a `[B, T, H, d]` tensor: heads
@@ -403,7 +415,7 @@ pub fn group_rows<F: Float>(
 
 /// The rows of one KV head of a `[B, L, H_kv, d]` key or value tensor.
 #[cube]
-pub fn head_rows<F: Float>(x: &Tensor<F>, b: usize, kv_head: usize) -> Rows {
+pub fn head_rows<T: CubePrimitive>(x: &Tensor<T>, b: usize, kv_head: usize) -> Rows {
     Rows {
         base: b * x.stride(0) + kv_head * x.stride(2),
         row_stride: x.stride(1),

@@ -3,8 +3,13 @@
 use cubecl::prelude::*;
 
 use crate::keys::{key_range, KeySet};
+use crate::mma::{
+    lane_row, load_queries, mma_attend_range, mma_state_finish, mma_state_new, mma_tile_new,
+    row_key_range, MmaTileConfig,
+};
 use crate::tile::{
-    attend_range, cube_position, group_rows, head_rows, state_finish, state_new, TileConfig,
+    attend_range, cube_position, cube_positions, group_rows, head_rows, state_finish, state_new,
+    TileConfig,
 };
 
 /// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]` ->
@@ -47,5 +52,40 @@ pub fn window_attention_kernel<F: Float>(
             cfg,
         );
         state_finish::<F>(&state, o, lse, b, t, head, cfg);
+    }
+}
+
+/// [`window_attention_kernel`] on tensor cores: one cube per `(b, KV head, cfg.positions
+/// consecutive query positions)`; it walks the union of its rows' windows and masks each
+/// row to its own.
+#[cube(launch, address_type = "dynamic")]
+pub fn window_attention_mma_kernel<F: Float, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    k: &Tensor<Vector<F, N>>,
+    v: &Tensor<Vector<F, N>>,
+    o: &mut Tensor<F>,
+    lse: &mut Tensor<f32>,
+    scale: f32,
+    #[comptime] cfg: MmaTileConfig,
+    #[comptime] window: usize,
+) {
+    let keys = comptime!(KeySet::Window { size: window });
+    let mut tile = mma_tile_new::<F>(cfg);
+    let seq = q.shape(1);
+    let (b, head, t0, active) = cube_positions(q.shape(0), k.shape(2), seq, cfg.positions);
+    if active {
+        load_queries::<F, N>(q, b, t0, head, &mut tile, cfg);
+        let k_at = head_rows::<Vector<F, N>>(k, b, head);
+        let v_at = head_rows::<Vector<F, N>>(v, b, head);
+        let (row, _) = lane_row();
+        let (start, end) = row_key_range(row, t0, seq, k.shape(1), keys, cfg);
+        let last_position = min(t0 + cfg.positions, seq) - 1;
+        let (first, _) = key_range(t0, k.shape(1), keys);
+        let (_, last) = key_range(last_position, k.shape(1), keys);
+        let mut state = mma_state_new(cfg);
+        mma_attend_range::<F, N>(
+            k, k_at, v, v_at, first, last, start, end, scale, &mut tile, &mut state, cfg,
+        );
+        mma_state_finish::<F>(&state, o, lse, b, t0, head, cfg);
     }
 }
