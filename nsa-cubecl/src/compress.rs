@@ -340,7 +340,7 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
     if active {
         let unit = UNIT_POS as usize;
         let units = comptime!(cfg.units());
-        load_queries::<F, N>(q, b, t0, head, &mut tile, cfg);
+        let queries = load_queries::<F, N>(q, b, t0, head, &mut tile, cfg);
         let k_at = head_rows::<Vector<F, N>>(k_cmp, b, head);
         let v_at = head_rows::<Vector<F, N>>(v_cmp, b, head);
         let (row, half) = lane_row();
@@ -351,9 +351,9 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
         // Attention over the compressed keys.
         let mut state = mma_state_new(cfg);
         mma_attend_range::<F, N>(
-            k_cmp, k_at, v_cmp, v_at, 0, visible, start, end, scale, &mut tile, &mut state, cfg,
+            k_cmp, k_at, v_cmp, v_at, 0, visible, start, end, scale, &queries, &mut tile, &mut state, cfg,
         );
-        mma_state_finish::<F>(&state, o, lse, b, t0, head, cfg);
+        mma_state_finish::<F>(&state, &mut tile, o, lse, b, t0, head, cfg);
         let row_lse = mma_state_lse(&state);
 
         // Selection-block scores of every position: its candidates are the blocks j with
@@ -380,7 +380,7 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
                 units,
             );
             sync_cube();
-            plane_scores::<F>(&mut tile, cfg);
+            plane_scores::<F>(&mut tile, &queries, cfg);
             sync_plane();
             // Scores -> probabilities with the row's log-sum-exp, in place.
             #[unroll]

@@ -189,7 +189,8 @@ pub fn load_vector_rows<F: Float, N: Size>(
 }
 
 /// Copies the cube's query rows of `q: [B, T, H, d_k]` (vectors of `N`) into the tile,
-/// zeros for padding rows.
+/// zeros for padding rows, and returns this plane's rows as tensor-core fragments
+/// ([`query_fragments`]). Every unit must call it (it synchronizes the cube).
 #[cube]
 pub fn load_queries<F: Float, N: Size>(
     q: &Tensor<Vector<F, N>>,
@@ -198,7 +199,7 @@ pub fn load_queries<F: Float, N: Size>(
     kv_head: usize,
     tile: &mut MmaTile<F>,
     #[comptime] cfg: MmaTileConfig,
-) {
+) -> Sequence<Matrix<F>> {
     let width = q.vector_size();
     let per_row = comptime!(cfg.d_k / width);
     let count = comptime!(cfg.rows() * per_row);
@@ -219,37 +220,51 @@ pub fn load_queries<F: Float, N: Size>(
         }
         idx += cfg.units();
     }
+    sync_cube();
+    query_fragments::<F>(tile, cfg)
 }
 
-/// `C[16, 16 n_tiles] = A[16, 16 k_tiles] B` on this plane's tensor cores. `A` is row-major
-/// at `a_start` (`a_stride` apart); `B[k, n]` is row-major (`b_stride` apart) or, when
-/// `transposed`, stored as rows `n` of `k` values; `C` is written f32 row-major at
-/// `c_start`. Every lane of the plane must call it.
+/// Elements a 16x16 fragment spans in a row-major buffer `stride` apart.
+fn fragment_span(stride: usize) -> usize {
+    (MMA - 1) * stride + MMA
+}
+
+/// This plane's query rows as tensor-core `A` fragments, one per 16 dims of `d_k`, loaded
+/// once per cube (the queries must be in the tile and the cube synchronized).
 #[cube]
-#[allow(clippy::too_many_arguments)]
-pub fn plane_product<F: Float>(
-    a: &SharedMemory<F>,
-    a_start: usize,
-    #[comptime] a_stride: usize,
-    b: &SharedMemory<F>,
-    #[comptime] b_stride: usize,
-    #[comptime] transposed: bool,
-    c: &mut SharedMemory<f32>,
-    c_start: usize,
-    #[comptime] c_stride: usize,
-    #[comptime] n_tiles: usize,
-    #[comptime] k_tiles: usize,
-) {
-    let b_layout = comptime!(if transposed {
-        MatrixLayout::ColMajor
-    } else {
-        MatrixLayout::RowMajor
-    });
-    let a_span = comptime!((MMA - 1) * a_stride + MMA);
-    let b_span = comptime!((MMA - 1) * b_stride + MMA);
-    let c_span = comptime!((MMA - 1) * c_stride + MMA);
+fn query_fragments<F: Float>(
+    tile: &MmaTile<F>,
+    #[comptime] cfg: MmaTileConfig,
+) -> Sequence<Matrix<F>> {
+    let first = plane_first_row();
+    let mut fragments = Sequence::new();
     #[unroll]
-    for n in 0..n_tiles {
+    for k in 0..comptime!(cfg.d_k / MMA) {
+        let at = first * cfg.d_k + k * MMA;
+        fragments.push(Matrix::<F>::from_slice(
+            MatrixIdent::A,
+            MMA,
+            MMA,
+            MMA,
+            MatrixLayout::RowMajor,
+            &tile.queries.slice(at, at + comptime!(fragment_span(cfg.d_k))),
+            cfg.d_k as u32,
+        ));
+    }
+    fragments
+}
+
+/// Scores `[16, tile_keys]` of this plane's query rows against the keys in the tile,
+/// unscaled, into the plane's rows of the scratch.
+#[cube]
+pub fn plane_scores<F: Float>(
+    tile: &mut MmaTile<F>,
+    queries: &Sequence<Matrix<F>>,
+    #[comptime] cfg: MmaTileConfig,
+) {
+    let first = plane_first_row();
+    #[unroll]
+    for n in 0..comptime!(cfg.tile_keys / MMA) {
         let acc = Matrix::<f32>::from_value(
             MatrixIdent::Accumulator,
             MMA,
@@ -259,83 +274,161 @@ pub fn plane_product<F: Float>(
             0.0,
         );
         #[unroll]
-        for k in 0..k_tiles {
-            let a_at = a_start + k * MMA;
-            let lhs = Matrix::<F>::from_slice(
-                MatrixIdent::A,
-                MMA,
-                MMA,
-                MMA,
-                MatrixLayout::RowMajor,
-                &a.slice(a_at, a_at + a_span),
-                a_stride as u32,
-            );
-            let b_at = comptime!(if transposed {
-                n * MMA * b_stride + k * MMA
-            } else {
-                k * MMA * b_stride + n * MMA
-            });
-            let rhs = Matrix::<F>::from_slice(
+        for k in 0..comptime!(cfg.d_k / MMA) {
+            // Keys stored as rows are K^T in column-major order.
+            let at = comptime!(n * MMA * cfg.d_k + k * MMA);
+            let keys = Matrix::<F>::from_slice(
                 MatrixIdent::B,
                 MMA,
                 MMA,
                 MMA,
-                b_layout,
-                &b.slice(b_at, b_at + b_span),
-                b_stride as u32,
+                MatrixLayout::ColMajor,
+                &tile.keys.slice(at, at + comptime!(fragment_span(cfg.d_k))),
+                cfg.d_k as u32,
             );
-            cmma::execute::<F, F, f32, f32>(&lhs, &rhs, &acc, &acc);
+            cmma::execute::<F, F, f32, f32>(queries.index(k), &keys, &acc, &acc);
         }
-        let c_at = c_start + n * MMA;
+        let at = first * cfg.scratch_stride() + n * MMA;
         cmma::store(
-            &mut c.slice_mut(c_at, c_at + c_span),
+            &mut tile
+                .scratch
+                .slice_mut(at, at + comptime!(fragment_span(cfg.scratch_stride()))),
             &acc,
-            c_stride as u32,
+            cfg.scratch_stride() as u32,
             MatrixLayout::RowMajor,
         );
     }
 }
 
-/// Scores of this plane's query rows against the keys in the tile, unscaled, into the
-/// plane's rows of the scratch.
-#[cube]
-pub fn plane_scores<F: Float>(tile: &mut MmaTile<F>, #[comptime] cfg: MmaTileConfig) {
-    let first = plane_first_row();
-    plane_product::<F>(
-        &tile.queries,
-        first * cfg.d_k,
-        cfg.d_k,
-        &tile.keys,
-        cfg.d_k,
-        true,
-        &mut tile.scratch,
-        first * cfg.scratch_stride(),
-        cfg.scratch_stride(),
-        comptime!(cfg.tile_keys / MMA),
-        comptime!(cfg.d_k / MMA),
-    );
+/// A plane's running attention state: each lane's row max and sum (`stats`) and the
+/// plane's unnormalized output rows `[16, d_v]` in tensor-core accumulators.
+#[derive(CubeType)]
+pub struct MmaState {
+    pub stats: Array<f32>,
+    pub out: Sequence<Matrix<f32>>,
 }
 
-/// Fresh row state of a lane: `[max, sum, acc_0 .. acc_{d_v / 2})`.
+/// Fresh state: max [`NEG_BIG`], sum 0, output 0.
 #[cube]
-pub fn mma_state_new(#[comptime] cfg: MmaTileConfig) -> Array<f32> {
-    let mut state = Array::<f32>::new(comptime!(cfg.half_width() + 2));
-    state[0] = NEG_BIG;
+pub fn mma_state_new(#[comptime] cfg: MmaTileConfig) -> MmaState {
+    let mut stats = Array::<f32>::new(2usize);
+    stats[0] = NEG_BIG;
+    stats[1] = 0.0;
+    let mut out = Sequence::new();
     #[unroll]
-    for i in 0..comptime!(cfg.half_width() + 1) {
-        state[i + 1] = 0.0;
+    for _ in 0..comptime!(cfg.d_v / MMA) {
+        out.push(Matrix::<f32>::from_value(
+            MatrixIdent::Accumulator,
+            MMA,
+            MMA,
+            MMA,
+            MatrixLayout::Undefined,
+            0.0,
+        ));
     }
-    state
+    MmaState { stats, out }
 }
 
 /// The row log-sum-exp of a finished state ([`NEG_BIG`] for a row that attended nothing).
 #[cube]
-pub fn mma_state_lse(state: &Array<f32>) -> f32 {
+pub fn mma_state_lse(state: &MmaState) -> f32 {
     let mut lse = f32::new(NEG_BIG);
-    if state[1] > 0.0 {
-        lse = state[0] + state[1].ln();
+    if state.stats[1] > 0.0 {
+        lse = state.stats[0] + state.stats[1].ln();
     }
     lse
+}
+
+/// Stores the plane's output accumulators to its rows of the scratch (the plane must be
+/// synchronized before the lanes read them).
+#[cube]
+fn store_out<F: Float>(tile: &mut MmaTile<F>, state: &MmaState, #[comptime] cfg: MmaTileConfig) {
+    let first = plane_first_row() * cfg.scratch_stride();
+    #[unroll]
+    for n in 0..comptime!(cfg.d_v / MMA) {
+        let at = first + n * MMA;
+        cmma::store(
+            &mut tile
+                .scratch
+                .slice_mut(at, at + comptime!(fragment_span(cfg.scratch_stride()))),
+            state.out.index(n),
+            cfg.scratch_stride() as u32,
+            MatrixLayout::RowMajor,
+        );
+    }
+}
+
+/// Multiplies each row of the plane's output accumulators by its lane's `correction`,
+/// through the scratch. Every lane of the plane must call it.
+#[cube]
+fn rescale_out<F: Float>(
+    tile: &mut MmaTile<F>,
+    state: &mut MmaState,
+    correction: f32,
+    #[comptime] cfg: MmaTileConfig,
+) {
+    store_out::<F>(tile, state, cfg);
+    sync_plane();
+    let (row, half) = lane_row();
+    let own = row * cfg.scratch_stride() + half * cfg.half_width();
+    #[unroll]
+    for i in 0..cfg.half_width() {
+        tile.scratch[own + i] *= correction;
+    }
+    sync_plane();
+    let first = plane_first_row() * cfg.scratch_stride();
+    #[unroll]
+    for n in 0..comptime!(cfg.d_v / MMA) {
+        let at = first + n * MMA;
+        cmma::load_with_layout(
+            state.out.index(n),
+            &tile
+                .scratch
+                .slice(at, at + comptime!(fragment_span(cfg.scratch_stride()))),
+            cfg.scratch_stride() as u32,
+            MatrixLayout::RowMajor,
+        );
+    }
+}
+
+/// `out += P V` on the tensor cores: this plane's probabilities in the tile times the
+/// values in the tile.
+#[cube]
+fn accumulate_values<F: Float>(
+    tile: &MmaTile<F>,
+    state: &mut MmaState,
+    #[comptime] cfg: MmaTileConfig,
+) {
+    let first = plane_first_row() * cfg.tile_keys;
+    #[unroll]
+    for k in 0..comptime!(cfg.tile_keys / MMA) {
+        let at = first + k * MMA;
+        let probs = Matrix::<F>::from_slice(
+            MatrixIdent::A,
+            MMA,
+            MMA,
+            MMA,
+            MatrixLayout::RowMajor,
+            &tile
+                .probs
+                .slice(at, at + comptime!(fragment_span(cfg.tile_keys))),
+            cfg.tile_keys as u32,
+        );
+        #[unroll]
+        for n in 0..comptime!(cfg.d_v / MMA) {
+            let at = comptime!(k * MMA * cfg.d_v + n * MMA);
+            let values = Matrix::<F>::from_slice(
+                MatrixIdent::B,
+                MMA,
+                MMA,
+                MMA,
+                MatrixLayout::RowMajor,
+                &tile.values.slice(at, at + comptime!(fragment_span(cfg.d_v))),
+                cfg.d_v as u32,
+            );
+            cmma::execute::<F, F, f32, f32>(&probs, &values, state.out.index(n), state.out.index(n));
+        }
+    }
 }
 
 /// Whether column `col` of a tile starting at key row `first` with `valid` loaded rows is a
@@ -346,20 +439,27 @@ pub fn key_in_range(col: usize, first: usize, valid: usize, start: usize, end: u
     col < valid && key >= start && key < end
 }
 
+/// How far (natural log) a row's max may fall behind the true max before the output is
+/// rescaled: probabilities stay below `e^8`, harmless in f32 sums and f16/bf16 tiles, and
+/// most tiles skip the rescale.
+const RESCALE_MARGIN: f32 = 8.0;
+
 /// Online-softmax step of this lane's half row: masks the scores in the scratch, writes the
-/// probabilities to the tile in the input precision and rescales the state.
+/// probabilities to the tile in the input precision and updates the max and sum. The max
+/// only moves when the tile's exceeds it by [`RESCALE_MARGIN`]; returns the factor the
+/// row's output must be multiplied by (1 when it did not move).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn softmax_step<F: Float>(
     tile: &mut MmaTile<F>,
-    state: &mut Array<f32>,
+    state: &mut MmaState,
     first: usize,
     valid: usize,
     start: usize,
     end: usize,
     scale: f32,
     #[comptime] cfg: MmaTileConfig,
-) {
+) -> f32 {
     let (row, half) = lane_row();
     let cols = comptime!(cfg.tile_keys / 2);
     let scores = row * cfg.scratch_stride();
@@ -372,8 +472,16 @@ fn softmax_step<F: Float>(
         }
     }
     tile_max = max(tile_max, plane_shuffle_xor(tile_max, 1));
-    let new_max = max(state[0], tile_max);
-    let correction = (state[0] - new_max).exp();
+    let old_max = state.stats[0];
+    let mut new_max = old_max;
+    let mut correction = 1.0f32;
+    if tile_max > old_max + RESCALE_MARGIN {
+        new_max = tile_max;
+        // A row that attended nothing yet has nothing to rescale.
+        if old_max > NEG_BIG {
+            correction = (old_max - new_max).exp();
+        }
+    }
     let mut sum = 0.0f32;
     #[unroll]
     for i in 0..cols {
@@ -386,12 +494,9 @@ fn softmax_step<F: Float>(
         tile.probs[row * cfg.tile_keys + col] = F::cast_from(p);
     }
     sum += plane_shuffle_xor(sum, 1);
-    state[0] = new_max;
-    state[1] = state[1] * correction + sum;
-    #[unroll]
-    for i in 0..cfg.half_width() {
-        state[i + 2] *= correction;
-    }
+    state.stats[0] = new_max;
+    state.stats[1] = state.stats[1] * correction + sum;
+    correction
 }
 
 /// Attends one key tile: loads `valid` key and value rows from `first`, scores them against
@@ -410,8 +515,9 @@ pub fn mma_attend_tile<F: Float, N: Size>(
     start: usize,
     end: usize,
     scale: f32,
+    queries: &Sequence<Matrix<F>>,
     tile: &mut MmaTile<F>,
-    state: &mut Array<f32>,
+    state: &mut MmaState,
     #[comptime] cfg: MmaTileConfig,
 ) {
     load_vector_rows::<F, N>(
@@ -435,31 +541,15 @@ pub fn mma_attend_tile<F: Float, N: Size>(
         cfg.units(),
     );
     sync_cube();
-    plane_scores::<F>(tile, cfg);
+    plane_scores::<F>(tile, queries, cfg);
     sync_plane();
-    softmax_step::<F>(tile, state, first, valid, start, end, scale, cfg);
-    sync_plane();
-    let plane_row = plane_first_row();
-    plane_product::<F>(
-        &tile.probs,
-        plane_row * cfg.tile_keys,
-        cfg.tile_keys,
-        &tile.values,
-        cfg.d_v,
-        false,
-        &mut tile.scratch,
-        plane_row * cfg.scratch_stride(),
-        cfg.scratch_stride(),
-        comptime!(cfg.d_v / MMA),
-        comptime!(cfg.tile_keys / MMA),
-    );
-    sync_plane();
-    let (row, half) = lane_row();
-    let products = row * cfg.scratch_stride() + half * cfg.half_width();
-    #[unroll]
-    for i in 0..cfg.half_width() {
-        state[i + 2] += tile.scratch[products + i];
+    let correction = softmax_step::<F>(tile, state, first, valid, start, end, scale, cfg);
+    // Uniform over the plane.
+    if plane_any(correction < 1.0) {
+        rescale_out::<F>(tile, state, correction, cfg);
     }
+    sync_plane();
+    accumulate_values::<F>(tile, state, cfg);
     sync_cube();
 }
 
@@ -477,26 +567,29 @@ pub fn mma_attend_range<F: Float, N: Size>(
     start: usize,
     end: usize,
     scale: f32,
+    queries: &Sequence<Matrix<F>>,
     tile: &mut MmaTile<F>,
-    state: &mut Array<f32>,
+    state: &mut MmaState,
     #[comptime] cfg: MmaTileConfig,
 ) {
     let mut row = first;
     while row < last {
         let valid = min(last - row, cfg.tile_keys);
         mma_attend_tile::<F, N>(
-            k, k_at, v, v_at, row, valid, start, end, scale, tile, state, cfg,
+            k, k_at, v, v_at, row, valid, start, end, scale, queries, tile, state, cfg,
         );
         row += cfg.tile_keys;
     }
 }
 
-/// Writes this lane's half of its row of `o: [B, T, H, d_v]` (`acc / sum`, 0 for an empty
-/// row) and, from the lane of the first half, the row's log-sum-exp to `lse: [B, H, T]`.
+/// Writes this plane's output rows to `o: [B, T, H, d_v]` (`out / sum`, 0 for an empty
+/// row; each lane its half row) and, from the lane of the first half, the row's
+/// log-sum-exp to `lse: [B, H, T]`. Every lane must call it; it uses the scratch.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn mma_state_finish<F: Float>(
-    state: &Array<f32>,
+    state: &MmaState,
+    tile: &mut MmaTile<F>,
     o: &mut Tensor<F>,
     lse: &mut Tensor<f32>,
     b: usize,
@@ -504,24 +597,28 @@ pub fn mma_state_finish<F: Float>(
     kv_head: usize,
     #[comptime] cfg: MmaTileConfig,
 ) {
+    store_out::<F>(tile, state, cfg);
+    sync_plane();
     let (row, half) = lane_row();
     let (position, real) = row_position(row, t0, o.shape(1), cfg);
     if real {
         let head = kv_head * cfg.group + row % cfg.group;
-        let sum = state[1];
+        let sum = state.stats[1];
         let mut inverse = 0.0f32;
         if sum > 0.0 {
             inverse = 1.0 / sum;
         }
         let out = b * o.stride(0) + position * o.stride(1) + head * o.stride(2);
+        let own = row * cfg.scratch_stride() + half * cfg.half_width();
         #[unroll]
         for i in 0..cfg.half_width() {
             let col = half * cfg.half_width() + i;
-            o[out + col * o.stride(3)] = F::cast_from(state[i + 2] * inverse);
+            o[out + col * o.stride(3)] = F::cast_from(tile.scratch[own + i] * inverse);
         }
         if half == 0 {
             lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)] =
                 mma_state_lse(state);
         }
     }
+    sync_plane();
 }

@@ -89,7 +89,7 @@ pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
     let seq = q.shape(1);
     let (b, head, t, active) = cube_positions(q.shape(0), k.shape(2), seq, 1usize);
     if active {
-        load_queries::<F, N>(q, b, t, head, &mut tile, cfg);
+        let queries = load_queries::<F, N>(q, b, t, head, &mut tile, cfg);
         let k_at = head_rows::<Vector<F, N>>(k, b, head);
         let v_at = head_rows::<Vector<F, N>>(v, b, head);
         let slots = b * selected.stride(0) + head * selected.stride(1) + t * selected.stride(2);
@@ -113,12 +113,12 @@ pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
                 // Uniform over the cube: every row is position t.
                 if valid > 0 {
                     mma_attend_tile::<F, N>(
-                        k, k_at, v, v_at, first, valid, start, end, scale, &mut tile, &mut state,
-                        cfg,
+                        k, k_at, v, v_at, first, valid, start, end, scale, &queries, &mut tile,
+                        &mut state, cfg,
                     );
                 }
             }
         }
-        mma_state_finish::<F>(&state, o, lse, b, t, head, cfg);
+        mma_state_finish::<F>(&state, &mut tile, o, lse, b, t, head, cfg);
     }
 }

@@ -74,7 +74,7 @@ pub fn window_attention_mma_kernel<F: Float, N: Size>(
     let seq = q.shape(1);
     let (b, head, t0, active) = cube_positions(q.shape(0), k.shape(2), seq, cfg.positions);
     if active {
-        load_queries::<F, N>(q, b, t0, head, &mut tile, cfg);
+        let queries = load_queries::<F, N>(q, b, t0, head, &mut tile, cfg);
         let k_at = head_rows::<Vector<F, N>>(k, b, head);
         let v_at = head_rows::<Vector<F, N>>(v, b, head);
         let (row, _) = lane_row();
@@ -84,8 +84,8 @@ pub fn window_attention_mma_kernel<F: Float, N: Size>(
         let (_, last) = key_range(last_position, k.shape(1), keys);
         let mut state = mma_state_new(cfg);
         mma_attend_range::<F, N>(
-            k, k_at, v, v_at, first, last, start, end, scale, &mut tile, &mut state, cfg,
+            k, k_at, v, v_at, first, last, start, end, scale, &queries, &mut tile, &mut state, cfg,
         );
-        mma_state_finish::<F>(&state, o, lse, b, t0, head, cfg);
+        mma_state_finish::<F>(&state, &mut tile, o, lse, b, t0, head, cfg);
     }
 }
