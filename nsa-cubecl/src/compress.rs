@@ -329,7 +329,7 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
     #[comptime] sel: SelectionConfig,
 ) {
     let keys = comptime!(sel.key_set());
-    let mut tile = mma_tile_new::<F>(cfg);
+    let mut tile = mma_tile_new::<F, N>(cfg);
     let mut group_probs = SharedMemory::<f32>::new(comptime!(cfg.positions * cfg.tile_keys));
     let mut block_scores = SharedMemory::<f32>::new(comptime!(cfg.positions * sel.max_blocks));
     let mut best_score = SharedMemory::<f32>::new(comptime!(cfg.units()));
@@ -353,7 +353,7 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
         mma_attend_range::<F, N>(
             k_cmp, k_at, v_cmp, v_at, 0, visible, start, end, scale, &queries, &mut tile, &mut state, cfg,
         );
-        mma_state_finish::<F>(&state, &mut tile, o, lse, b, t0, head, cfg);
+        mma_state_finish::<F, N>(&state, &mut tile, o, lse, b, t0, head, cfg);
         let row_lse = mma_state_lse(&state);
 
         // Selection-block scores of every position: its candidates are the blocks j with
@@ -380,7 +380,7 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
                 units,
             );
             sync_cube();
-            plane_scores::<F>(&mut tile, &queries, cfg);
+            plane_scores::<F, N>(&mut tile, &queries, cfg);
             sync_plane();
             // Scores -> probabilities with the row's log-sum-exp, in place.
             #[unroll]

@@ -69,15 +69,16 @@ impl MmaTileConfig {
     }
 }
 
-/// The tile's shared memory.
+/// The tile's shared memory. Query, key and value rows are stored in vectors of `N`
+/// (whole rows, so every fragment starts on a vector).
 #[derive(CubeType)]
-pub struct MmaTile<F: Float> {
+pub struct MmaTile<F: Float, N: Size> {
     /// `[rows, d_k]`.
-    pub queries: SharedMemory<F>,
+    pub queries: SharedMemory<Vector<F, N>>,
     /// `[tile_keys, d_k]`.
-    pub keys: SharedMemory<F>,
+    pub keys: SharedMemory<Vector<F, N>>,
     /// `[tile_keys, d_v]`.
-    pub values: SharedMemory<F>,
+    pub values: SharedMemory<Vector<F, N>>,
     /// Softmax probabilities `[rows, tile_keys]`.
     pub probs: SharedMemory<F>,
     /// Scores or `P V` in f32, `[rows, scratch_stride]`.
@@ -86,11 +87,12 @@ pub struct MmaTile<F: Float> {
 
 /// Allocates the tile's shared memory.
 #[cube]
-pub fn mma_tile_new<F: Float>(#[comptime] cfg: MmaTileConfig) -> MmaTile<F> {
-    MmaTile::<F> {
-        queries: SharedMemory::<F>::new(comptime!(cfg.rows() * cfg.d_k)),
-        keys: SharedMemory::<F>::new(comptime!(cfg.tile_keys * cfg.d_k)),
-        values: SharedMemory::<F>::new(comptime!(cfg.tile_keys * cfg.d_v)),
+pub fn mma_tile_new<F: Float, N: Size>(#[comptime] cfg: MmaTileConfig) -> MmaTile<F, N> {
+    let width = N::value();
+    MmaTile::<F, N> {
+        queries: SharedMemory::<Vector<F, N>>::new(comptime!(cfg.rows() * cfg.d_k / width)),
+        keys: SharedMemory::<Vector<F, N>>::new(comptime!(cfg.tile_keys * cfg.d_k / width)),
+        values: SharedMemory::<Vector<F, N>>::new(comptime!(cfg.tile_keys * cfg.d_v / width)),
         probs: SharedMemory::<F>::new(comptime!(cfg.rows() * cfg.tile_keys)),
         scratch: SharedMemory::<f32>::new(comptime!(cfg.rows() * cfg.scratch_stride())),
     }
@@ -154,7 +156,7 @@ pub fn load_vector_rows<F: Float, N: Size>(
     at: Rows,
     first_row: usize,
     valid: usize,
-    dst: &mut SharedMemory<F>,
+    dst: &mut SharedMemory<Vector<F, N>>,
     #[comptime] rows: usize,
     #[comptime] dim: usize,
     #[comptime] units: usize,
@@ -178,12 +180,7 @@ pub fn load_vector_rows<F: Float, N: Size>(
     for step in 0..steps {
         let idx = UNIT_POS as usize + step * units;
         if idx < count {
-            let value = loaded[step];
-            let out = idx * width;
-            #[unroll]
-            for e in 0..width {
-                dst[out + e] = value[e];
-            }
+            dst[idx] = loaded[step];
         }
     }
 }
@@ -197,7 +194,7 @@ pub fn load_queries<F: Float, N: Size>(
     b: usize,
     t0: usize,
     kv_head: usize,
-    tile: &mut MmaTile<F>,
+    tile: &mut MmaTile<F, N>,
     #[comptime] cfg: MmaTileConfig,
 ) -> Sequence<Matrix<F>> {
     let width = q.vector_size();
@@ -214,14 +211,11 @@ pub fn load_queries<F: Float, N: Size>(
             let at = b * q.stride(0) + position * q.stride(1) + head * q.stride(2);
             value = q[at / width + idx % per_row];
         }
-        #[unroll]
-        for e in 0..width {
-            tile.queries[idx * width + e] = value[e];
-        }
+        tile.queries[idx] = value;
         idx += cfg.units();
     }
     sync_cube();
-    query_fragments::<F>(tile, cfg)
+    query_fragments::<F, N>(tile, cfg)
 }
 
 /// Elements a 16x16 fragment spans in a row-major buffer `stride` apart.
@@ -229,11 +223,32 @@ fn fragment_span(stride: usize) -> usize {
     (MMA - 1) * stride + MMA
 }
 
+/// The 16x16 `A` or `B` fragment of the rows in `buffer` (vectors of `N`) whose first
+/// element is `at` (a multiple of `N`), rows `stride` elements apart.
+#[cube]
+fn load_fragment<F: Float, N: Size>(
+    buffer: &SharedMemory<Vector<F, N>>,
+    at: usize,
+    #[comptime] stride: usize,
+    #[comptime] ident: MatrixIdent,
+    #[comptime] layout: MatrixLayout,
+) -> Matrix<F> {
+    let width = N::value();
+    let fragment = unsafe { Matrix::<F>::uninitialized(ident, MMA, MMA, MMA, layout) };
+    let start = at / width;
+    cmma::load(
+        &fragment,
+        &buffer.slice(start, start + comptime!(fragment_span(stride) / width)),
+        stride as u32,
+    );
+    fragment
+}
+
 /// This plane's query rows as tensor-core `A` fragments, one per 16 dims of `d_k`, loaded
 /// once per cube (the queries must be in the tile and the cube synchronized).
 #[cube]
-fn query_fragments<F: Float>(
-    tile: &MmaTile<F>,
+fn query_fragments<F: Float, N: Size>(
+    tile: &MmaTile<F, N>,
     #[comptime] cfg: MmaTileConfig,
 ) -> Sequence<Matrix<F>> {
     let first = plane_first_row();
@@ -241,14 +256,12 @@ fn query_fragments<F: Float>(
     #[unroll]
     for k in 0..comptime!(cfg.d_k / MMA) {
         let at = first * cfg.d_k + k * MMA;
-        fragments.push(Matrix::<F>::from_slice(
+        fragments.push(load_fragment::<F, N>(
+            &tile.queries,
+            at,
+            cfg.d_k,
             MatrixIdent::A,
-            MMA,
-            MMA,
-            MMA,
             MatrixLayout::RowMajor,
-            &tile.queries.slice(at, at + comptime!(fragment_span(cfg.d_k))),
-            cfg.d_k as u32,
         ));
     }
     fragments
@@ -257,8 +270,8 @@ fn query_fragments<F: Float>(
 /// Scores `[16, tile_keys]` of this plane's query rows against the keys in the tile,
 /// unscaled, into the plane's rows of the scratch.
 #[cube]
-pub fn plane_scores<F: Float>(
-    tile: &mut MmaTile<F>,
+pub fn plane_scores<F: Float, N: Size>(
+    tile: &mut MmaTile<F, N>,
     queries: &Sequence<Matrix<F>>,
     #[comptime] cfg: MmaTileConfig,
 ) {
@@ -277,14 +290,12 @@ pub fn plane_scores<F: Float>(
         for k in 0..comptime!(cfg.d_k / MMA) {
             // Keys stored as rows are K^T in column-major order.
             let at = comptime!(n * MMA * cfg.d_k + k * MMA);
-            let keys = Matrix::<F>::from_slice(
+            let keys = load_fragment::<F, N>(
+                &tile.keys,
+                at,
+                cfg.d_k,
                 MatrixIdent::B,
-                MMA,
-                MMA,
-                MMA,
                 MatrixLayout::ColMajor,
-                &tile.keys.slice(at, at + comptime!(fragment_span(cfg.d_k))),
-                cfg.d_k as u32,
             );
             cmma::execute::<F, F, f32, f32>(queries.index(k), &keys, &acc, &acc);
         }
@@ -342,7 +353,7 @@ pub fn mma_state_lse(state: &MmaState) -> f32 {
 /// Stores the plane's output accumulators to its rows of the scratch (the plane must be
 /// synchronized before the lanes read them).
 #[cube]
-fn store_out<F: Float>(tile: &mut MmaTile<F>, state: &MmaState, #[comptime] cfg: MmaTileConfig) {
+fn store_out<F: Float, N: Size>(tile: &mut MmaTile<F, N>, state: &MmaState, #[comptime] cfg: MmaTileConfig) {
     let first = plane_first_row() * cfg.scratch_stride();
     #[unroll]
     for n in 0..comptime!(cfg.d_v / MMA) {
@@ -361,13 +372,13 @@ fn store_out<F: Float>(tile: &mut MmaTile<F>, state: &MmaState, #[comptime] cfg:
 /// Multiplies each row of the plane's output accumulators by its lane's `correction`,
 /// through the scratch. Every lane of the plane must call it.
 #[cube]
-fn rescale_out<F: Float>(
-    tile: &mut MmaTile<F>,
+fn rescale_out<F: Float, N: Size>(
+    tile: &mut MmaTile<F, N>,
     state: &mut MmaState,
     correction: f32,
     #[comptime] cfg: MmaTileConfig,
 ) {
-    store_out::<F>(tile, state, cfg);
+    store_out::<F, N>(tile, state, cfg);
     sync_plane();
     let (row, half) = lane_row();
     let own = row * cfg.scratch_stride() + half * cfg.half_width();
@@ -394,8 +405,8 @@ fn rescale_out<F: Float>(
 /// `out += P V` on the tensor cores: this plane's probabilities in the tile times the
 /// values in the tile.
 #[cube]
-fn accumulate_values<F: Float>(
-    tile: &MmaTile<F>,
+fn accumulate_values<F: Float, N: Size>(
+    tile: &MmaTile<F, N>,
     state: &mut MmaState,
     #[comptime] cfg: MmaTileConfig,
 ) {
@@ -417,14 +428,12 @@ fn accumulate_values<F: Float>(
         #[unroll]
         for n in 0..comptime!(cfg.d_v / MMA) {
             let at = comptime!(k * MMA * cfg.d_v + n * MMA);
-            let values = Matrix::<F>::from_slice(
+            let values = load_fragment::<F, N>(
+                &tile.values,
+                at,
+                cfg.d_v,
                 MatrixIdent::B,
-                MMA,
-                MMA,
-                MMA,
                 MatrixLayout::RowMajor,
-                &tile.values.slice(at, at + comptime!(fragment_span(cfg.d_v))),
-                cfg.d_v as u32,
             );
             cmma::execute::<F, F, f32, f32>(&probs, &values, state.out.index(n), state.out.index(n));
         }
@@ -450,8 +459,8 @@ const RESCALE_MARGIN: f32 = 8.0;
 /// row's output must be multiplied by (1 when it did not move).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn softmax_step<F: Float>(
-    tile: &mut MmaTile<F>,
+fn softmax_step<F: Float, N: Size>(
+    tile: &mut MmaTile<F, N>,
     state: &mut MmaState,
     first: usize,
     valid: usize,
@@ -516,7 +525,7 @@ pub fn mma_attend_tile<F: Float, N: Size>(
     end: usize,
     scale: f32,
     queries: &Sequence<Matrix<F>>,
-    tile: &mut MmaTile<F>,
+    tile: &mut MmaTile<F, N>,
     state: &mut MmaState,
     #[comptime] cfg: MmaTileConfig,
 ) {
@@ -541,15 +550,15 @@ pub fn mma_attend_tile<F: Float, N: Size>(
         cfg.units(),
     );
     sync_cube();
-    plane_scores::<F>(tile, queries, cfg);
+    plane_scores::<F, N>(tile, queries, cfg);
     sync_plane();
-    let correction = softmax_step::<F>(tile, state, first, valid, start, end, scale, cfg);
+    let correction = softmax_step::<F, N>(tile, state, first, valid, start, end, scale, cfg);
     // Uniform over the plane.
     if plane_any(correction < 1.0) {
-        rescale_out::<F>(tile, state, correction, cfg);
+        rescale_out::<F, N>(tile, state, correction, cfg);
     }
     sync_plane();
-    accumulate_values::<F>(tile, state, cfg);
+    accumulate_values::<F, N>(tile, state, cfg);
     sync_cube();
 }
 
@@ -568,7 +577,7 @@ pub fn mma_attend_range<F: Float, N: Size>(
     end: usize,
     scale: f32,
     queries: &Sequence<Matrix<F>>,
-    tile: &mut MmaTile<F>,
+    tile: &mut MmaTile<F, N>,
     state: &mut MmaState,
     #[comptime] cfg: MmaTileConfig,
 ) {
@@ -587,9 +596,9 @@ pub fn mma_attend_range<F: Float, N: Size>(
 /// log-sum-exp to `lse: [B, H, T]`. Every lane must call it; it uses the scratch.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub fn mma_state_finish<F: Float>(
+pub fn mma_state_finish<F: Float, N: Size>(
     state: &MmaState,
-    tile: &mut MmaTile<F>,
+    tile: &mut MmaTile<F, N>,
     o: &mut Tensor<F>,
     lse: &mut Tensor<f32>,
     b: usize,
@@ -597,7 +606,7 @@ pub fn mma_state_finish<F: Float>(
     kv_head: usize,
     #[comptime] cfg: MmaTileConfig,
 ) {
-    store_out::<F>(tile, state, cfg);
+    store_out::<F, N>(tile, state, cfg);
     sync_plane();
     let (row, half) = lane_row();
     let (position, real) = row_position(row, t0, o.shape(1), cfg);

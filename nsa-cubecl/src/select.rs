@@ -85,7 +85,7 @@ pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
     #[comptime] cfg: MmaTileConfig,
     #[comptime] select_block: usize,
 ) {
-    let mut tile = mma_tile_new::<F>(cfg);
+    let mut tile = mma_tile_new::<F, N>(cfg);
     let seq = q.shape(1);
     let (b, head, t, active) = cube_positions(q.shape(0), k.shape(2), seq, 1usize);
     if active {
@@ -119,6 +119,6 @@ pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
                 }
             }
         }
-        mma_state_finish::<F>(&state, &mut tile, o, lse, b, t, head, cfg);
+        mma_state_finish::<F, N>(&state, &mut tile, o, lse, b, t, head, cfg);
     }
 }

@@ -70,7 +70,7 @@ pub fn window_attention_mma_kernel<F: Float, N: Size>(
     #[comptime] window: usize,
 ) {
     let keys = comptime!(KeySet::Window { size: window });
-    let mut tile = mma_tile_new::<F>(cfg);
+    let mut tile = mma_tile_new::<F, N>(cfg);
     let seq = q.shape(1);
     let (b, head, t0, active) = cube_positions(q.shape(0), k.shape(2), seq, cfg.positions);
     if active {
@@ -86,6 +86,6 @@ pub fn window_attention_mma_kernel<F: Float, N: Size>(
         mma_attend_range::<F, N>(
             k, k_at, v, v_at, first, last, start, end, scale, &queries, &mut tile, &mut state, cfg,
         );
-        mma_state_finish::<F>(&state, &mut tile, o, lse, b, t0, head, cfg);
+        mma_state_finish::<F, N>(&state, &mut tile, o, lse, b, t0, head, cfg);
     }
 }
