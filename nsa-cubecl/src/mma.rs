@@ -20,6 +20,9 @@ use crate::tile::{Rows, NEG_BIG};
 pub const MMA: usize = 16;
 /// Lanes of a plane (warp) the tile is laid out for.
 pub const PLANE: usize = 32;
+/// Elements of padding after each row of a shared input buffer, so the 16 rows of a
+/// fragment load fall in different banks (a multiple of the vector width).
+const ROW_PAD: usize = 8;
 
 /// Comptime shape of the tensor-core tile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -54,6 +57,21 @@ impl MmaTileConfig {
         self.d_v / 2
     }
 
+    /// Row stride, in elements, of the query and key rows in shared memory.
+    pub fn key_stride(&self) -> usize {
+        self.d_k + ROW_PAD
+    }
+
+    /// Row stride, in elements, of the value rows in shared memory.
+    pub fn value_stride(&self) -> usize {
+        self.d_v + ROW_PAD
+    }
+
+    /// Row stride, in elements, of the probabilities in shared memory.
+    pub fn probs_stride(&self) -> usize {
+        self.tile_keys + ROW_PAD
+    }
+
     /// Row stride of the f32 scratch, which holds a row of scores or of `P V`: four words
     /// of padding, so the lanes reading a column of rows hit different banks.
     pub fn scratch_stride(&self) -> usize {
@@ -63,8 +81,9 @@ impl MmaTileConfig {
     /// Bytes of shared memory of the tile for inputs of `elem_bytes` bytes.
     pub fn shared_bytes(&self, elem_bytes: usize) -> usize {
         let rows = self.rows();
-        let inputs =
-            rows * self.d_k + self.tile_keys * (self.d_k + self.d_v) + rows * self.tile_keys;
+        let inputs = rows * self.key_stride()
+            + self.tile_keys * (self.key_stride() + self.value_stride())
+            + rows * self.probs_stride();
         elem_bytes * inputs + 4 * rows * self.scratch_stride()
     }
 }
@@ -90,10 +109,16 @@ pub struct MmaTile<F: Float, N: Size> {
 pub fn mma_tile_new<F: Float, N: Size>(#[comptime] cfg: MmaTileConfig) -> MmaTile<F, N> {
     let width = N::value();
     MmaTile::<F, N> {
-        queries: SharedMemory::<Vector<F, N>>::new(comptime!(cfg.rows() * cfg.d_k / width)),
-        keys: SharedMemory::<Vector<F, N>>::new(comptime!(cfg.tile_keys * cfg.d_k / width)),
-        values: SharedMemory::<Vector<F, N>>::new(comptime!(cfg.tile_keys * cfg.d_v / width)),
-        probs: SharedMemory::<F>::new(comptime!(cfg.rows() * cfg.tile_keys)),
+        queries: SharedMemory::<Vector<F, N>>::new(comptime!(
+            cfg.rows() * cfg.key_stride() / width
+        )),
+        keys: SharedMemory::<Vector<F, N>>::new(comptime!(
+            cfg.tile_keys * cfg.key_stride() / width
+        )),
+        values: SharedMemory::<Vector<F, N>>::new(comptime!(
+            cfg.tile_keys * cfg.value_stride() / width
+        )),
+        probs: SharedMemory::<F>::new(comptime!(cfg.rows() * cfg.probs_stride())),
         scratch: SharedMemory::<f32>::new(comptime!(cfg.rows() * cfg.scratch_stride())),
     }
 }
@@ -146,8 +171,8 @@ pub fn row_key_range(
 }
 
 /// Copies `valid` rows from `first_row` of `src` (one KV head of a `[B, L, H_kv, dim]`
-/// tensor read in vectors of `N` along its contiguous last dim) into the `rows` packed rows
-/// of `dst`; zeros past `valid`. Each unit issues all its loads before its stores, so
+/// tensor read in vectors of `N` along its contiguous last dim) into the `rows` rows of
+/// `dst`, `dim + ROW_PAD` elements apart; zeros past `valid`. Each unit issues all its loads before its stores, so
 /// their latencies overlap.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -180,7 +205,7 @@ pub fn load_vector_rows<F: Float, N: Size>(
     for step in 0..steps {
         let idx = UNIT_POS as usize + step * units;
         if idx < count {
-            dst[idx] = loaded[step];
+            dst[idx + (idx / per_row) * comptime!(ROW_PAD / width)] = loaded[step];
         }
     }
 }
@@ -211,7 +236,7 @@ pub fn load_queries<F: Float, N: Size>(
             let at = b * q.stride(0) + position * q.stride(1) + head * q.stride(2);
             value = q[at / width + idx % per_row];
         }
-        tile.queries[idx] = value;
+        tile.queries[idx + row * comptime!(ROW_PAD / width)] = value;
         idx += cfg.units();
     }
     sync_cube();
@@ -255,11 +280,11 @@ fn query_fragments<F: Float, N: Size>(
     let mut fragments = Sequence::new();
     #[unroll]
     for k in 0..comptime!(cfg.d_k / MMA) {
-        let at = first * cfg.d_k + k * MMA;
+        let at = first * cfg.key_stride() + k * MMA;
         fragments.push(load_fragment::<F, N>(
             &tile.queries,
             at,
-            cfg.d_k,
+            cfg.key_stride(),
             MatrixIdent::A,
             MatrixLayout::RowMajor,
         ));
@@ -289,11 +314,11 @@ pub fn plane_scores<F: Float, N: Size>(
         #[unroll]
         for k in 0..comptime!(cfg.d_k / MMA) {
             // Keys stored as rows are K^T in column-major order.
-            let at = comptime!(n * MMA * cfg.d_k + k * MMA);
+            let at = comptime!(n * MMA * cfg.key_stride() + k * MMA);
             let keys = load_fragment::<F, N>(
                 &tile.keys,
                 at,
-                cfg.d_k,
+                cfg.key_stride(),
                 MatrixIdent::B,
                 MatrixLayout::ColMajor,
             );
@@ -410,7 +435,7 @@ fn accumulate_values<F: Float, N: Size>(
     state: &mut MmaState,
     #[comptime] cfg: MmaTileConfig,
 ) {
-    let first = plane_first_row() * cfg.tile_keys;
+    let first = plane_first_row() * cfg.probs_stride();
     #[unroll]
     for k in 0..comptime!(cfg.tile_keys / MMA) {
         let at = first + k * MMA;
@@ -422,16 +447,16 @@ fn accumulate_values<F: Float, N: Size>(
             MatrixLayout::RowMajor,
             &tile
                 .probs
-                .slice(at, at + comptime!(fragment_span(cfg.tile_keys))),
-            cfg.tile_keys as u32,
+                .slice(at, at + comptime!(fragment_span(cfg.probs_stride()))),
+            cfg.probs_stride() as u32,
         );
         #[unroll]
         for n in 0..comptime!(cfg.d_v / MMA) {
-            let at = comptime!(k * MMA * cfg.d_v + n * MMA);
+            let at = comptime!(k * MMA * cfg.value_stride() + n * MMA);
             let values = load_fragment::<F, N>(
                 &tile.values,
                 at,
-                cfg.d_v,
+                cfg.value_stride(),
                 MatrixIdent::B,
                 MatrixLayout::RowMajor,
             );
@@ -500,7 +525,7 @@ fn softmax_step<F: Float, N: Size>(
             p = (tile.scratch[scores + col] * scale - new_max).exp();
         }
         sum += p;
-        tile.probs[row * cfg.tile_keys + col] = F::cast_from(p);
+        tile.probs[row * cfg.probs_stride() + col] = F::cast_from(p);
     }
     sum += plane_shuffle_xor(sum, 1);
     state.stats[0] = new_max;
