@@ -351,7 +351,8 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
         // Attention over the compressed keys.
         let mut state = mma_state_new(cfg);
         mma_attend_range::<F, N>(
-            k_cmp, k_at, v_cmp, v_at, 0, visible, start, end, scale, &queries, &mut tile, &mut state, cfg,
+            k_cmp, k_at, v_cmp, v_at, 0, visible, start, end, scale, &queries, &mut tile,
+            &mut state, cfg,
         );
         mma_state_finish::<F, N>(&state, &mut tile, o, lse, b, t0, head, cfg);
         let row_lse = mma_state_lse(&state);
@@ -374,7 +375,8 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
                 k_at,
                 first,
                 valid,
-                &mut tile.keys,
+                &mut tile.inputs,
+                0usize,
                 cfg.tile_keys,
                 cfg.d_k,
                 units,

@@ -130,8 +130,9 @@ pub fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
     }
     let group = shape.group();
     let min_planes = group.div_ceil(MMA);
+    // A one-position cube gets a second plane to share the loads when the group fills one.
     let mut planes = if one_position {
-        min_planes
+        min_planes.max(2)
     } else {
         min_planes.max(MMA_ROWS / MMA)
     };

@@ -52,11 +52,6 @@ impl MmaTileConfig {
         PLANE * self.planes
     }
 
-    /// Output columns each lane accumulates.
-    pub fn half_width(&self) -> usize {
-        self.d_v / 2
-    }
-
     /// Row stride, in elements, of the query and key rows in shared memory.
     pub fn key_stride(&self) -> usize {
         self.d_k + ROW_PAD
@@ -72,32 +67,48 @@ impl MmaTileConfig {
         self.tile_keys + ROW_PAD
     }
 
-    /// Row stride of the f32 scratch, which holds a row of scores or of `P V`: four words
-    /// of padding, so the lanes reading a column of rows hit different banks.
+    /// Row stride of the f32 scratch, which holds a row of scores or a [`CHUNK`] of output
+    /// columns: four words of padding, so the lanes reading a column of rows hit different
+    /// banks.
     pub fn scratch_stride(&self) -> usize {
-        self.tile_keys.max(self.d_v) + 4
+        self.tile_keys.max(CHUNK) + 4
+    }
+
+    /// Where the values start in the input buffer (elements): after the keys.
+    pub fn values_at(&self) -> usize {
+        self.tile_keys * self.key_stride()
+    }
+
+    /// Elements of the input buffer: the cube's query rows first, then a tile's keys and
+    /// values in the same space.
+    pub fn input_elems(&self) -> usize {
+        (self.rows() * self.key_stride())
+            .max(self.values_at() + self.tile_keys * self.value_stride())
+    }
+
+    /// Output columns chunks of [`CHUNK`] (the last may be half full).
+    pub fn out_chunks(&self) -> usize {
+        self.d_v.div_ceil(CHUNK)
     }
 
     /// Bytes of shared memory of the tile for inputs of `elem_bytes` bytes.
     pub fn shared_bytes(&self, elem_bytes: usize) -> usize {
-        let rows = self.rows();
-        let inputs = rows * self.key_stride()
-            + self.tile_keys * (self.key_stride() + self.value_stride())
-            + rows * self.probs_stride();
-        elem_bytes * inputs + 4 * rows * self.scratch_stride()
+        elem_bytes * (self.input_elems() + self.rows() * self.probs_stride())
+            + 4 * self.rows() * self.scratch_stride()
     }
 }
+
+/// Output columns that pass through the scratch at a time: two fragments.
+const CHUNK: usize = 2 * MMA;
 
 /// The tile's shared memory. Query, key and value rows are stored in vectors of `N`
 /// (whole rows, so every fragment starts on a vector).
 #[derive(CubeType)]
 pub struct MmaTile<F: Float, N: Size> {
-    /// `[rows, d_k]`.
-    pub queries: SharedMemory<Vector<F, N>>,
-    /// `[tile_keys, d_k]`.
-    pub keys: SharedMemory<Vector<F, N>>,
-    /// `[tile_keys, d_v]`.
-    pub values: SharedMemory<Vector<F, N>>,
+    /// The cube's query rows `[rows, d_k]` until they are in fragments, then a key tile
+    /// `[tile_keys, d_k]` followed by its values `[tile_keys, d_v]` (from
+    /// [`MmaTileConfig::values_at`]).
+    pub inputs: SharedMemory<Vector<F, N>>,
     /// Softmax probabilities `[rows, tile_keys]`.
     pub probs: SharedMemory<F>,
     /// Scores or `P V` in f32, `[rows, scratch_stride]`.
@@ -109,15 +120,7 @@ pub struct MmaTile<F: Float, N: Size> {
 pub fn mma_tile_new<F: Float, N: Size>(#[comptime] cfg: MmaTileConfig) -> MmaTile<F, N> {
     let width = N::value();
     MmaTile::<F, N> {
-        queries: SharedMemory::<Vector<F, N>>::new(comptime!(
-            cfg.rows() * cfg.key_stride() / width
-        )),
-        keys: SharedMemory::<Vector<F, N>>::new(comptime!(
-            cfg.tile_keys * cfg.key_stride() / width
-        )),
-        values: SharedMemory::<Vector<F, N>>::new(comptime!(
-            cfg.tile_keys * cfg.value_stride() / width
-        )),
+        inputs: SharedMemory::<Vector<F, N>>::new(comptime!(cfg.input_elems() / width)),
         probs: SharedMemory::<F>::new(comptime!(cfg.rows() * cfg.probs_stride())),
         scratch: SharedMemory::<f32>::new(comptime!(cfg.rows() * cfg.scratch_stride())),
     }
@@ -172,7 +175,7 @@ pub fn row_key_range(
 
 /// Copies `valid` rows from `first_row` of `src` (one KV head of a `[B, L, H_kv, dim]`
 /// tensor read in vectors of `N` along its contiguous last dim) into the `rows` rows of
-/// `dst`, `dim + ROW_PAD` elements apart; zeros past `valid`. Each unit issues all its loads before its stores, so
+/// `dst` from element `dst_at`, `dim + ROW_PAD` elements apart; zeros past `valid`. Each unit issues all its loads before its stores, so
 /// their latencies overlap.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -182,6 +185,7 @@ pub fn load_vector_rows<F: Float, N: Size>(
     first_row: usize,
     valid: usize,
     dst: &mut SharedMemory<Vector<F, N>>,
+    #[comptime] dst_at: usize,
     #[comptime] rows: usize,
     #[comptime] dim: usize,
     #[comptime] units: usize,
@@ -205,7 +209,8 @@ pub fn load_vector_rows<F: Float, N: Size>(
     for step in 0..steps {
         let idx = UNIT_POS as usize + step * units;
         if idx < count {
-            dst[idx + (idx / per_row) * comptime!(ROW_PAD / width)] = loaded[step];
+            dst[comptime!(dst_at / width) + idx + (idx / per_row) * comptime!(ROW_PAD / width)] =
+                loaded[step];
         }
     }
 }
@@ -236,11 +241,14 @@ pub fn load_queries<F: Float, N: Size>(
             let at = b * q.stride(0) + position * q.stride(1) + head * q.stride(2);
             value = q[at / width + idx % per_row];
         }
-        tile.queries[idx + row * comptime!(ROW_PAD / width)] = value;
+        tile.inputs[idx + row * comptime!(ROW_PAD / width)] = value;
         idx += cfg.units();
     }
     sync_cube();
-    query_fragments::<F, N>(tile, cfg)
+    let fragments = query_fragments::<F, N>(tile, cfg);
+    // The key tiles reuse the query rows' memory.
+    sync_cube();
+    fragments
 }
 
 /// Elements a 16x16 fragment spans in a row-major buffer `stride` apart.
@@ -282,7 +290,7 @@ fn query_fragments<F: Float, N: Size>(
     for k in 0..comptime!(cfg.d_k / MMA) {
         let at = first * cfg.key_stride() + k * MMA;
         fragments.push(load_fragment::<F, N>(
-            &tile.queries,
+            &tile.inputs,
             at,
             cfg.key_stride(),
             MatrixIdent::A,
@@ -316,7 +324,7 @@ pub fn plane_scores<F: Float, N: Size>(
             // Keys stored as rows are K^T in column-major order.
             let at = comptime!(n * MMA * cfg.key_stride() + k * MMA);
             let keys = load_fragment::<F, N>(
-                &tile.keys,
+                &tile.inputs,
                 at,
                 cfg.key_stride(),
                 MatrixIdent::B,
@@ -375,27 +383,42 @@ pub fn mma_state_lse(state: &MmaState) -> f32 {
     lse
 }
 
-/// Stores the plane's output accumulators to its rows of the scratch (the plane must be
-/// synchronized before the lanes read them).
+/// Stores output fragments `2 chunk` and `2 chunk + 1` (those that exist) to this plane's
+/// rows of the scratch, columns `0..32`; the plane must be synchronized before its lanes
+/// read them. Lane `(row, half)` then owns columns `16 half .. 16 half + 16` of the chunk,
+/// if they exist ([`owns_columns`]).
 #[cube]
-fn store_out<F: Float, N: Size>(tile: &mut MmaTile<F, N>, state: &MmaState, #[comptime] cfg: MmaTileConfig) {
+fn store_out_chunk<F: Float, N: Size>(
+    tile: &mut MmaTile<F, N>,
+    state: &MmaState,
+    #[comptime] chunk: usize,
+    #[comptime] cfg: MmaTileConfig,
+) {
     let first = plane_first_row() * cfg.scratch_stride();
     #[unroll]
-    for n in 0..comptime!(cfg.d_v / MMA) {
-        let at = first + n * MMA;
-        cmma::store(
-            &mut tile
-                .scratch
-                .slice_mut(at, at + comptime!(fragment_span(cfg.scratch_stride()))),
-            state.out.index(n),
-            cfg.scratch_stride() as u32,
-            MatrixLayout::RowMajor,
-        );
+    for j in 0..2usize {
+        if comptime!(2 * chunk + j < cfg.d_v / MMA) {
+            let at = first + j * MMA;
+            cmma::store(
+                &mut tile
+                    .scratch
+                    .slice_mut(at, at + comptime!(fragment_span(cfg.scratch_stride()))),
+                state.out.index(comptime!(2 * chunk + j)),
+                cfg.scratch_stride() as u32,
+                MatrixLayout::RowMajor,
+            );
+        }
     }
 }
 
+/// Whether this lane's 16 columns of output chunk `chunk` exist.
+#[cube]
+fn owns_columns(half: usize, #[comptime] chunk: usize, #[comptime] cfg: MmaTileConfig) -> bool {
+    2 * chunk + half < cfg.d_v / MMA
+}
+
 /// Multiplies each row of the plane's output accumulators by its lane's `correction`,
-/// through the scratch. Every lane of the plane must call it.
+/// chunk by chunk through the scratch. Every lane of the plane must call it.
 #[cube]
 fn rescale_out<F: Float, N: Size>(
     tile: &mut MmaTile<F, N>,
@@ -403,27 +426,35 @@ fn rescale_out<F: Float, N: Size>(
     correction: f32,
     #[comptime] cfg: MmaTileConfig,
 ) {
-    store_out::<F, N>(tile, state, cfg);
-    sync_plane();
     let (row, half) = lane_row();
-    let own = row * cfg.scratch_stride() + half * cfg.half_width();
-    #[unroll]
-    for i in 0..cfg.half_width() {
-        tile.scratch[own + i] *= correction;
-    }
-    sync_plane();
+    let own = row * cfg.scratch_stride() + half * MMA;
     let first = plane_first_row() * cfg.scratch_stride();
     #[unroll]
-    for n in 0..comptime!(cfg.d_v / MMA) {
-        let at = first + n * MMA;
-        cmma::load_with_layout(
-            state.out.index(n),
-            &tile
-                .scratch
-                .slice(at, at + comptime!(fragment_span(cfg.scratch_stride()))),
-            cfg.scratch_stride() as u32,
-            MatrixLayout::RowMajor,
-        );
+    for chunk in 0..cfg.out_chunks() {
+        store_out_chunk::<F, N>(tile, state, chunk, cfg);
+        sync_plane();
+        if owns_columns(half, chunk, cfg) {
+            #[unroll]
+            for i in 0..MMA {
+                tile.scratch[own + i] *= correction;
+            }
+        }
+        sync_plane();
+        #[unroll]
+        for j in 0..2usize {
+            if comptime!(2 * chunk + j < cfg.d_v / MMA) {
+                let at = first + j * MMA;
+                cmma::load_with_layout(
+                    state.out.index(comptime!(2 * chunk + j)),
+                    &tile
+                        .scratch
+                        .slice(at, at + comptime!(fragment_span(cfg.scratch_stride()))),
+                    cfg.scratch_stride() as u32,
+                    MatrixLayout::RowMajor,
+                );
+            }
+        }
+        sync_plane();
     }
 }
 
@@ -452,15 +483,20 @@ fn accumulate_values<F: Float, N: Size>(
         );
         #[unroll]
         for n in 0..comptime!(cfg.d_v / MMA) {
-            let at = comptime!(k * MMA * cfg.value_stride() + n * MMA);
+            let at = comptime!(cfg.values_at() + k * MMA * cfg.value_stride() + n * MMA);
             let values = load_fragment::<F, N>(
-                &tile.values,
+                &tile.inputs,
                 at,
                 cfg.value_stride(),
                 MatrixIdent::B,
                 MatrixLayout::RowMajor,
             );
-            cmma::execute::<F, F, f32, f32>(&probs, &values, state.out.index(n), state.out.index(n));
+            cmma::execute::<F, F, f32, f32>(
+                &probs,
+                &values,
+                state.out.index(n),
+                state.out.index(n),
+            );
         }
     }
 }
@@ -559,7 +595,8 @@ pub fn mma_attend_tile<F: Float, N: Size>(
         k_at,
         first,
         valid,
-        &mut tile.keys,
+        &mut tile.inputs,
+        0usize,
         cfg.tile_keys,
         cfg.d_k,
         cfg.units(),
@@ -569,21 +606,25 @@ pub fn mma_attend_tile<F: Float, N: Size>(
         v_at,
         first,
         valid,
-        &mut tile.values,
+        &mut tile.inputs,
+        cfg.values_at(),
         cfg.tile_keys,
         cfg.d_v,
         cfg.units(),
     );
     sync_cube();
-    plane_scores::<F, N>(tile, queries, cfg);
-    sync_plane();
-    let correction = softmax_step::<F, N>(tile, state, first, valid, start, end, scale, cfg);
-    // Uniform over the plane.
-    if plane_any(correction < 1.0) {
-        rescale_out::<F, N>(tile, state, correction, cfg);
+    // A plane whose rows are all padding only helps load (uniform over the plane).
+    if plane_first_row() < comptime!(cfg.positions * cfg.group) {
+        plane_scores::<F, N>(tile, queries, cfg);
+        sync_plane();
+        let correction = softmax_step::<F, N>(tile, state, first, valid, start, end, scale, cfg);
+        // Uniform over the plane.
+        if plane_any(correction < 1.0) {
+            rescale_out::<F, N>(tile, state, correction, cfg);
+        }
+        sync_plane();
+        accumulate_values::<F, N>(tile, state, cfg);
     }
-    sync_plane();
-    accumulate_values::<F, N>(tile, state, cfg);
     sync_cube();
 }
 
@@ -631,28 +672,31 @@ pub fn mma_state_finish<F: Float, N: Size>(
     kv_head: usize,
     #[comptime] cfg: MmaTileConfig,
 ) {
-    store_out::<F, N>(tile, state, cfg);
-    sync_plane();
     let (row, half) = lane_row();
     let (position, real) = row_position(row, t0, o.shape(1), cfg);
-    if real {
-        let head = kv_head * cfg.group + row % cfg.group;
-        let sum = state.stats[1];
-        let mut inverse = 0.0f32;
-        if sum > 0.0 {
-            inverse = 1.0 / sum;
-        }
-        let out = b * o.stride(0) + position * o.stride(1) + head * o.stride(2);
-        let own = row * cfg.scratch_stride() + half * cfg.half_width();
-        #[unroll]
-        for i in 0..cfg.half_width() {
-            let col = half * cfg.half_width() + i;
-            o[out + col * o.stride(3)] = F::cast_from(tile.scratch[own + i] * inverse);
-        }
-        if half == 0 {
-            lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)] =
-                mma_state_lse(state);
-        }
+    let head = kv_head * cfg.group + row % cfg.group;
+    let sum = state.stats[1];
+    let mut inverse = 0.0f32;
+    if sum > 0.0 {
+        inverse = 1.0 / sum;
     }
-    sync_plane();
+    let out = b * o.stride(0) + position * o.stride(1) + head * o.stride(2);
+    let own = row * cfg.scratch_stride() + half * MMA;
+    #[unroll]
+    for chunk in 0..cfg.out_chunks() {
+        store_out_chunk::<F, N>(tile, state, chunk, cfg);
+        sync_plane();
+        if real && owns_columns(half, chunk, cfg) {
+            #[unroll]
+            for i in 0..MMA {
+                let col = chunk * CHUNK + half * MMA + i;
+                o[out + col * o.stride(3)] = F::cast_from(tile.scratch[own + i] * inverse);
+            }
+        }
+        sync_plane();
+    }
+    if real && half == 0 {
+        lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)] =
+            mma_state_lse(state);
+    }
 }
