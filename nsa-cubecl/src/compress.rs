@@ -315,7 +315,7 @@ fn pick_blocks<I: Int>(
 /// the scores on the tensor cores, sums each position's probabilities over its group and
 /// adds them to the position's block scores (`positions * max_blocks` words of shared
 /// memory); top-n then runs once per position.
-#[cube(launch, address_type = "dynamic")]
+#[cube(launch_unchecked, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
     q: &Tensor<Vector<F, N>>,

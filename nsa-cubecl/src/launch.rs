@@ -208,21 +208,25 @@ pub fn launch_window<R: Runtime, F: Float + CubeElement>(
 ) {
     if let Some(cfg) = mma_tile_config::<R, F>(client, shape, false, |_| 0) {
         let (count, dim) = mma_grid(client, shape, &cfg);
-        window_attention_mma_kernel::launch::<F, R>(
-            client,
-            count,
-            dim,
-            address_type(shape, shape.seq),
-            MMA_VECTOR,
-            q,
-            k,
-            v,
-            o,
-            lse,
-            scale,
-            cfg,
-            window,
-        );
+        // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
+        // past `valid` and padding rows are never read), as the parity tests check.
+        unsafe {
+            window_attention_mma_kernel::launch_unchecked::<F, R>(
+                client,
+                count,
+                dim,
+                address_type(shape, shape.seq),
+                MMA_VECTOR,
+                q,
+                k,
+                v,
+                o,
+                lse,
+                scale,
+                cfg,
+                window,
+            );
+        }
         return;
     }
     let cfg = tile_config(client, shape, None, TileConfig::shared_words);
@@ -260,22 +264,26 @@ pub fn launch_selected<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>
 ) {
     if let Some(cfg) = mma_tile_config::<R, F>(client, shape, true, |_| 0) {
         let (count, dim) = mma_grid(client, shape, &cfg);
-        selected_attention_mma_kernel::launch::<F, I, R>(
-            client,
-            count,
-            dim,
-            address_type(shape, shape.seq),
-            MMA_VECTOR,
-            q,
-            k,
-            v,
-            selected,
-            o,
-            lse,
-            scale,
-            cfg,
-            select_block,
-        );
+        // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
+        // past `valid` and padding rows are never read), as the parity tests check.
+        unsafe {
+            selected_attention_mma_kernel::launch_unchecked::<F, I, R>(
+                client,
+                count,
+                dim,
+                address_type(shape, shape.seq),
+                MMA_VECTOR,
+                q,
+                k,
+                v,
+                selected,
+                o,
+                lse,
+                scale,
+                cfg,
+                select_block,
+            );
+        }
         return;
     }
     let cfg = tile_config(client, shape, Some(select_block), TileConfig::shared_words);
@@ -329,22 +337,26 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
     };
     if let Some(cfg) = mma_tile_config::<R, F>(client, shape, false, scoring_bytes) {
         let (count, dim) = mma_grid(client, shape, &cfg);
-        compressed_attention_mma_kernel::launch::<F, I, R>(
-            client,
-            count,
-            dim,
-            address_type(shape, num_compressed),
-            MMA_VECTOR,
-            q,
-            k_cmp,
-            v_cmp,
-            o,
-            lse,
-            selected,
-            scale,
-            cfg,
-            selection,
-        );
+        // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
+        // past `valid` and padding rows are never read), as the parity tests check.
+        unsafe {
+            compressed_attention_mma_kernel::launch_unchecked::<F, I, R>(
+                client,
+                count,
+                dim,
+                address_type(shape, num_compressed),
+                MMA_VECTOR,
+                q,
+                k_cmp,
+                v_cmp,
+                o,
+                lse,
+                selected,
+                scale,
+                cfg,
+                selection,
+            );
+        }
         return;
     }
     let cfg = tile_config(client, shape, None, |tile| {

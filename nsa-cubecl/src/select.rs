@@ -72,7 +72,7 @@ pub fn selected_attention_kernel<F: Float, I: Int>(
 /// [`selected_attention_kernel`] on tensor cores: one cube per `(b, KV head, t)`
 /// (`cfg.positions == 1`), its `16 * planes` rows the group's heads (padded); each selected
 /// block is attended in `ceil(l' / tile_keys)` tiles.
-#[cube(launch, address_type = "dynamic")]
+#[cube(launch_unchecked, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
     q: &Tensor<Vector<F, N>>,

@@ -58,7 +58,7 @@ pub fn window_attention_kernel<F: Float>(
 /// [`window_attention_kernel`] on tensor cores: one cube per `(b, KV head, cfg.positions
 /// consecutive query positions)`; it walks the union of its rows' windows and masks each
 /// row to its own.
-#[cube(launch, address_type = "dynamic")]
+#[cube(launch_unchecked, address_type = "dynamic")]
 pub fn window_attention_mma_kernel<F: Float, N: Size>(
     q: &Tensor<Vector<F, N>>,
     k: &Tensor<Vector<F, N>>,
