@@ -94,6 +94,16 @@ fn scale(config: &NsaAttentionConfig, shape: &AttentionShape) -> f32 {
     config.scale(shape.d_k) as f32
 }
 
+/// The kernels' inputs in contiguous row-major layout (the tensor-core kernels read whole
+/// rows as vectors); a no-op for tensors that already are.
+fn contiguous<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+    (into_contiguous(q), into_contiguous(k), into_contiguous(v))
+}
+
 /// An uninitialised contiguous tensor shaped and typed like `x`.
 fn empty_like<R: CubeRuntime>(x: &CubeTensor<R>) -> CubeTensor<R> {
     empty_device_contiguous_dtype(
@@ -131,9 +141,10 @@ where
         .sum_dim(3)
         .into_primitive()
         .tensor();
-    let q = saved.q;
-    let shape = attention_shape(&q, &saved.v);
-    let key_rows = dims(&saved.k)[1];
+    let grad = into_contiguous(grad);
+    let (q, k, v) = contiguous(saved.q, saved.k, saved.v);
+    let shape = attention_shape(&q, &v);
+    let key_rows = dims(&k)[1];
     let selected = match selected {
         Some(selected) => into_contiguous(selected),
         None => empty_device_contiguous_dtype(
@@ -145,14 +156,14 @@ where
     };
     let args = || GradArgs {
         q: q.clone().into_tensor_arg(),
-        k: saved.k.clone().into_tensor_arg(),
-        v: saved.v.clone().into_tensor_arg(),
+        k: k.clone().into_tensor_arg(),
+        v: v.clone().into_tensor_arg(),
         d_o: grad.clone().into_tensor_arg(),
         delta: delta.clone().into_tensor_arg(),
         lse: saved.lse.clone().into_tensor_arg(),
         selected: selected.clone().into_tensor_arg(),
     };
-    let (dq, dk, dv) = (empty_like(&q), empty_like(&saved.k), empty_like(&saved.v));
+    let (dq, dk, dv) = (empty_like(&q), empty_like(&k), empty_like(&v));
     let client = q.client.clone();
     let scale = scale(config, &shape);
     with_float_type!(q.dtype, Fl => with_int_type!(selected.dtype, In => {
@@ -196,6 +207,7 @@ where
         v_cmp: CubeTensor<R>,
         config: &NsaAttentionConfig,
     ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+        let (q, k_cmp, v_cmp) = contiguous(q, k_cmp, v_cmp);
         let shape = attention_shape(&q, &v_cmp);
         let num_compressed = dims(&k_cmp)[1];
         let (o, lse) = outputs(&q, &shape);
@@ -240,6 +252,7 @@ where
         selected: CubeTensor<R>,
         config: &NsaAttentionConfig,
     ) -> (CubeTensor<R>, CubeTensor<R>) {
+        let (q, k, v) = contiguous(q, k, v);
         let shape = attention_shape(&q, &v);
         let (o, lse) = outputs(&q, &shape);
         let client = q.client.clone();
@@ -267,6 +280,7 @@ where
         v: CubeTensor<R>,
         config: &NsaAttentionConfig,
     ) -> (CubeTensor<R>, CubeTensor<R>) {
+        let (q, k, v) = contiguous(q, k, v);
         let shape = attention_shape(&q, &v);
         let (o, lse) = outputs(&q, &shape);
         let client = q.client.clone();

@@ -5,12 +5,18 @@
 //! `(b, KV head, t)` walks the same keys as the forward kernel of the branch, in the same
 //! tiles, so the gradient of every query row is a fixed-order sum (deterministic).
 
+use cubecl::cmma::{Matrix, MatrixIdent, MatrixLayout};
 use cubecl::prelude::*;
 
 use crate::keys::{key_range, KeySet};
+use crate::mma::{
+    accumulate_products, key_in_range, lane_row, load_group_rows, load_key_value_tile,
+    load_queries, mma_tile_new, plane_first_row, plane_row_products, plane_scores, row_key_range,
+    row_position, store_group_rows, MmaTile, MmaTileConfig, MMA,
+};
 use crate::tile::{
-    cube_position, group_rows, head_rows, load_key_values, selected_tile, tile_scores, Rows,
-    TileConfig,
+    cube_position, cube_positions, group_rows, head_rows, load_key_values, selected_tile,
+    tile_scores, Rows, TileConfig,
 };
 
 /// Shared-memory rows of one key tile and the scores the tile step needs.
@@ -185,5 +191,161 @@ pub fn grad_query_kernel<F: Float, I: Int>(
                     F::cast_from(acc[i] * scale);
             }
         }
+    }
+}
+
+/// One key tile of [`grad_query_mma_kernel`]: loads `valid` key and value rows from
+/// `first`, computes `S = Q K^T` and `dP = dO V^T` on the tensor cores, `dS = P (dP -
+/// delta)` per lane (masked to the row's `[start, end)`) and `acc += dS K`. Every unit must
+/// call it (it synchronizes the cube).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn grad_query_mma_tile<F: Float, N: Size>(
+    k: &Tensor<Vector<F, N>>,
+    k_at: Rows,
+    v: &Tensor<Vector<F, N>>,
+    v_at: Rows,
+    first: usize,
+    valid: usize,
+    start: usize,
+    end: usize,
+    scale: f32,
+    stats: RowStats,
+    queries: &Sequence<Matrix<F>>,
+    out_grads: &Sequence<Matrix<F>>,
+    tile: &mut MmaTile<F, N>,
+    grads: &mut SharedMemory<f32>,
+    acc: &mut Sequence<Matrix<f32>>,
+    #[comptime] cfg: MmaTileConfig,
+) {
+    load_key_value_tile::<F, N>(k, k_at, v, v_at, first, valid, tile, cfg);
+    // A plane whose rows are all padding only helps load (uniform over the plane).
+    if plane_first_row() < comptime!(cfg.positions * cfg.group) {
+        plane_scores::<F, N>(tile, queries, cfg);
+        plane_row_products::<F, N>(
+            &tile.inputs,
+            out_grads,
+            cfg.values_at(),
+            cfg.value_stride(),
+            comptime!(cfg.d_v / MMA),
+            grads,
+            cfg,
+        );
+        sync_plane();
+        let (row, half) = lane_row();
+        let cols = comptime!(cfg.tile_keys / 2);
+        let at = row * cfg.scratch_stride();
+        #[unroll]
+        for i in 0..cols {
+            let col = half * cols + i;
+            let mut ds = 0.0f32;
+            if key_in_range(col, first, valid, start, end) {
+                let p = (tile.scratch[at + col] * scale - stats.lse).exp();
+                ds = p * (grads[at + col] - stats.delta);
+            }
+            tile.probs[row * cfg.probs_stride() + col] = F::cast_from(ds);
+        }
+        sync_plane();
+        accumulate_products::<F, N>(
+            &tile.probs,
+            &tile.inputs,
+            0usize,
+            cfg.key_stride(),
+            acc,
+            comptime!(cfg.d_k / MMA),
+            cfg,
+        );
+    }
+    sync_cube();
+}
+
+/// [`grad_query_kernel`] on tensor cores (see [`crate::mma`]): one cube per `(b, KV head,
+/// cfg.positions query positions)` (one position for the selection branch), its rows' `Q`
+/// and `dO` held as fragments and `dQ` in accumulators, walking the same key tiles as the
+/// forward kernel.
+#[cube(launch_unchecked, address_type = "dynamic")]
+#[allow(clippy::too_many_arguments)]
+pub fn grad_query_mma_kernel<F: Float, I: Int, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    k: &Tensor<Vector<F, N>>,
+    v: &Tensor<Vector<F, N>>,
+    d_o: &Tensor<Vector<F, N>>,
+    delta: &Tensor<f32>,
+    lse: &Tensor<f32>,
+    selected: &Tensor<I>,
+    dq: &mut Tensor<F>,
+    scale: f32,
+    #[comptime] cfg: MmaTileConfig,
+    #[comptime] keys: KeySet,
+) {
+    let mut tile = mma_tile_new::<F, N>(cfg);
+    let mut grads = SharedMemory::<f32>::new(comptime!(cfg.rows() * cfg.scratch_stride()));
+    let seq = q.shape(1);
+    let (b, kv_head, t0, active) = cube_positions(q.shape(0), k.shape(2), seq, cfg.positions);
+    if active {
+        let queries = load_queries::<F, N>(q, b, t0, kv_head, &mut tile, cfg);
+        let out_grads = load_group_rows::<F, N>(d_o, b, t0, kv_head, &mut tile, cfg.d_v, cfg);
+        let k_at = head_rows::<Vector<F, N>>(k, b, kv_head);
+        let v_at = head_rows::<Vector<F, N>>(v, b, kv_head);
+        let (row, _) = lane_row();
+        let (position, real) = row_position(row, t0, seq, cfg);
+        let (start, end) = row_key_range(row, t0, seq, k.shape(1), keys, cfg);
+        let head = kv_head * cfg.group + row % cfg.group;
+        let mut row_lse = 0.0f32;
+        let mut row_delta = 0.0f32;
+        if real {
+            row_lse = lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)];
+            row_delta =
+                delta[b * delta.stride(0) + position * delta.stride(1) + head * delta.stride(2)];
+        }
+        let stats = RowStats {
+            lse: row_lse,
+            delta: row_delta,
+        };
+        let mut acc = Sequence::new();
+        #[unroll]
+        for _ in 0..comptime!(cfg.d_k / MMA) {
+            acc.push(Matrix::<f32>::from_value(
+                MatrixIdent::Accumulator,
+                MMA,
+                MMA,
+                MMA,
+                MatrixLayout::Undefined,
+                0.0,
+            ));
+        }
+        if comptime!(keys.is_selected()) {
+            let block = comptime!(keys.select_block());
+            let slots =
+                b * selected.stride(0) + kv_head * selected.stride(1) + t0 * selected.stride(2);
+            for slot in 0..selected.shape(3) {
+                let index = i32::cast_from(selected[slots + slot * selected.stride(3)]);
+                #[unroll]
+                for part in 0..comptime!(block.div_ceil(cfg.tile_keys)) {
+                    let (first, valid) = selected_tile(index, part, t0, block, cfg.tile_keys);
+                    // Uniform over the cube: every row is position t0.
+                    if valid > 0 {
+                        grad_query_mma_tile::<F, N>(
+                            k, k_at, v, v_at, first, valid, start, end, scale, stats, &queries,
+                            &out_grads, &mut tile, &mut grads, &mut acc, cfg,
+                        );
+                    }
+                }
+            }
+        } else {
+            let last_position = min(t0 + cfg.positions, seq) - 1;
+            let (first_key, _) = key_range(t0, k.shape(1), keys);
+            let (_, last_key) = key_range(last_position, k.shape(1), keys);
+            let mut first = first_key;
+            while first < last_key {
+                let valid = min(last_key - first, cfg.tile_keys);
+                grad_query_mma_tile::<F, N>(
+                    k, k_at, v, v_at, first, valid, start, end, scale, stats, &queries, &out_grads,
+                    &mut tile, &mut grads, &mut acc, cfg,
+                );
+                first += cfg.tile_keys;
+            }
+        }
+        store_group_rows::<F, N>(&mut tile, &acc, scale, dq, b, t0, kv_head, cfg.d_k, cfg);
     }
 }

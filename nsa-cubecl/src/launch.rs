@@ -9,7 +9,7 @@ use crate::compress::{
     compressed_attention_kernel, compressed_attention_mma_kernel, SelectionConfig,
 };
 use crate::grad_key::{grad_key_value_kernel, KeyTileConfig};
-use crate::grad_query::grad_query_kernel;
+use crate::grad_query::{grad_query_kernel, grad_query_mma_kernel};
 use crate::keys::KeySet;
 use crate::mma::{MmaTileConfig, MMA, PLANE};
 use crate::select::{selected_attention_kernel, selected_attention_mma_kernel};
@@ -410,6 +410,32 @@ pub fn launch_grad_query<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
     dq: TensorArg<R>,
     scale: f32,
 ) {
+    let grads_bytes = |tile: &MmaTileConfig| 4 * tile.rows() * tile.scratch_stride();
+    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, keys.is_selected(), grads_bytes) {
+        let (count, dim) = mma_grid(client, shape, &cfg);
+        // SAFETY: as for the forward tensor-core kernels.
+        unsafe {
+            grad_query_mma_kernel::launch_unchecked::<F, I, R>(
+                client,
+                count,
+                dim,
+                address_type(shape, key_rows),
+                MMA_VECTOR,
+                args.q,
+                args.k,
+                args.v,
+                args.d_o,
+                args.delta,
+                args.lse,
+                args.selected,
+                dq,
+                scale,
+                cfg,
+                keys,
+            );
+        }
+        return;
+    }
     let divides = keys.is_selected().then(|| keys.select_block());
     let cfg = tile_config(client, shape, divides, |tile| {
         tile.tile_keys * (tile.key_stride() + tile.d_v + 1) + 2 * tile.group * tile.tile_keys

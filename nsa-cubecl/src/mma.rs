@@ -79,16 +79,11 @@ impl MmaTileConfig {
         self.tile_keys * self.key_stride()
     }
 
-    /// Elements of the input buffer: the cube's query rows first, then a tile's keys and
-    /// values in the same space.
+    /// Elements of the input buffer: the cube's query (or output-gradient) rows first, then
+    /// a tile's keys and values in the same space.
     pub fn input_elems(&self) -> usize {
-        (self.rows() * self.key_stride())
+        (self.rows() * self.key_stride().max(self.value_stride()))
             .max(self.values_at() + self.tile_keys * self.value_stride())
-    }
-
-    /// Output columns chunks of [`CHUNK`] (the last may be half full).
-    pub fn out_chunks(&self) -> usize {
-        self.d_v.div_ceil(CHUNK)
     }
 
     /// Bytes of shared memory of the tile for inputs of `elem_bytes` bytes.
@@ -136,7 +131,7 @@ pub fn lane_row() -> (usize, usize) {
 
 /// The first row of this unit's plane.
 #[cube]
-fn plane_first_row() -> usize {
+pub fn plane_first_row() -> usize {
     (UNIT_POS as usize / PLANE) * MMA
 }
 
@@ -215,9 +210,57 @@ pub fn load_vector_rows<F: Float, N: Size>(
     }
 }
 
-/// Copies the cube's query rows of `q: [B, T, H, d_k]` (vectors of `N`) into the tile,
-/// zeros for padding rows, and returns this plane's rows as tensor-core fragments
-/// ([`query_fragments`]). Every unit must call it (it synchronizes the cube).
+/// Copies the cube's rows of `x: [B, T, H, dim]` (queries or output gradients, vectors of
+/// `N`) into the tile's input buffer, zeros for padding rows, and returns this plane's rows
+/// as tensor-core `A` fragments, one per 16 of `dim`. Every unit must call it (it
+/// synchronizes the cube); the input buffer is free again when it returns.
+#[cube]
+pub fn load_group_rows<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    b: usize,
+    t0: usize,
+    kv_head: usize,
+    tile: &mut MmaTile<F, N>,
+    #[comptime] dim: usize,
+    #[comptime] cfg: MmaTileConfig,
+) -> Sequence<Matrix<F>> {
+    let width = x.vector_size();
+    let per_row = comptime!(dim / width);
+    let count = comptime!(cfg.rows() * per_row);
+    let seq = x.shape(1);
+    let mut idx = UNIT_POS as usize;
+    while idx < count {
+        let row = idx / per_row;
+        let (position, real) = row_position(row, t0, seq, cfg);
+        let mut value = Vector::<F, N>::from_int(0);
+        if real {
+            let head = kv_head * cfg.group + row % cfg.group;
+            let at = b * x.stride(0) + position * x.stride(1) + head * x.stride(2);
+            value = x[at / width + idx % per_row];
+        }
+        tile.inputs[idx + row * comptime!(ROW_PAD / width)] = value;
+        idx += cfg.units();
+    }
+    sync_cube();
+    let stride = comptime!(dim + ROW_PAD);
+    let first = plane_first_row();
+    let mut fragments = Sequence::new();
+    #[unroll]
+    for k in 0..comptime!(dim / MMA) {
+        fragments.push(load_fragment::<F, N>(
+            &tile.inputs,
+            first * stride + k * MMA,
+            stride,
+            MatrixIdent::A,
+            MatrixLayout::RowMajor,
+        ));
+    }
+    // Key tiles reuse the buffer.
+    sync_cube();
+    fragments
+}
+
+/// [`load_group_rows`] of the queries `q: [B, T, H, d_k]`.
 #[cube]
 pub fn load_queries<F: Float, N: Size>(
     q: &Tensor<Vector<F, N>>,
@@ -227,28 +270,7 @@ pub fn load_queries<F: Float, N: Size>(
     tile: &mut MmaTile<F, N>,
     #[comptime] cfg: MmaTileConfig,
 ) -> Sequence<Matrix<F>> {
-    let width = q.vector_size();
-    let per_row = comptime!(cfg.d_k / width);
-    let count = comptime!(cfg.rows() * per_row);
-    let seq = q.shape(1);
-    let mut idx = UNIT_POS as usize;
-    while idx < count {
-        let row = idx / per_row;
-        let (position, real) = row_position(row, t0, seq, cfg);
-        let mut value = Vector::<F, N>::from_int(0);
-        if real {
-            let head = kv_head * cfg.group + row % cfg.group;
-            let at = b * q.stride(0) + position * q.stride(1) + head * q.stride(2);
-            value = q[at / width + idx % per_row];
-        }
-        tile.inputs[idx + row * comptime!(ROW_PAD / width)] = value;
-        idx += cfg.units();
-    }
-    sync_cube();
-    let fragments = query_fragments::<F, N>(tile, cfg);
-    // The key tiles reuse the query rows' memory.
-    sync_cube();
-    fragments
+    load_group_rows::<F, N>(q, b, t0, kv_head, tile, cfg.d_k, cfg)
 }
 
 /// Elements a 16x16 fragment spans in a row-major buffer `stride` apart.
@@ -277,35 +299,19 @@ fn load_fragment<F: Float, N: Size>(
     fragment
 }
 
-/// This plane's query rows as tensor-core `A` fragments, one per 16 dims of `d_k`, loaded
-/// once per cube (the queries must be in the tile and the cube synchronized).
+/// `C = A B^T` for this plane, `[16, tile_keys]`: `A` its row fragments (`k_tiles` of
+/// them), `B` the tile's rows in `inputs` from element `at`, `stride` apart; `C` in f32 to
+/// the plane's rows of `dst` (`scratch_stride` apart). Scores are `Q K^T`; the backward
+/// pass also takes `dO V^T`.
 #[cube]
-fn query_fragments<F: Float, N: Size>(
-    tile: &MmaTile<F, N>,
-    #[comptime] cfg: MmaTileConfig,
-) -> Sequence<Matrix<F>> {
-    let first = plane_first_row();
-    let mut fragments = Sequence::new();
-    #[unroll]
-    for k in 0..comptime!(cfg.d_k / MMA) {
-        let at = first * cfg.key_stride() + k * MMA;
-        fragments.push(load_fragment::<F, N>(
-            &tile.inputs,
-            at,
-            cfg.key_stride(),
-            MatrixIdent::A,
-            MatrixLayout::RowMajor,
-        ));
-    }
-    fragments
-}
-
-/// Scores `[16, tile_keys]` of this plane's query rows against the keys in the tile,
-/// unscaled, into the plane's rows of the scratch.
-#[cube]
-pub fn plane_scores<F: Float, N: Size>(
-    tile: &mut MmaTile<F, N>,
-    queries: &Sequence<Matrix<F>>,
+#[allow(clippy::too_many_arguments)]
+pub fn plane_row_products<F: Float, N: Size>(
+    inputs: &SharedMemory<Vector<F, N>>,
+    fragments: &Sequence<Matrix<F>>,
+    #[comptime] at: usize,
+    #[comptime] stride: usize,
+    #[comptime] k_tiles: usize,
+    dst: &mut SharedMemory<f32>,
     #[comptime] cfg: MmaTileConfig,
 ) {
     let first = plane_first_row();
@@ -320,28 +326,44 @@ pub fn plane_scores<F: Float, N: Size>(
             0.0,
         );
         #[unroll]
-        for k in 0..comptime!(cfg.d_k / MMA) {
-            // Keys stored as rows are K^T in column-major order.
-            let at = comptime!(n * MMA * cfg.key_stride() + k * MMA);
-            let keys = load_fragment::<F, N>(
-                &tile.inputs,
-                at,
-                cfg.key_stride(),
+        for k in 0..k_tiles {
+            // Rows stored one after another are B^T in column-major order.
+            let rows = load_fragment::<F, N>(
+                inputs,
+                comptime!(at + n * MMA * stride + k * MMA),
+                stride,
                 MatrixIdent::B,
                 MatrixLayout::ColMajor,
             );
-            cmma::execute::<F, F, f32, f32>(queries.index(k), &keys, &acc, &acc);
+            cmma::execute::<F, F, f32, f32>(fragments.index(k), &rows, &acc, &acc);
         }
-        let at = first * cfg.scratch_stride() + n * MMA;
+        let out = first * cfg.scratch_stride() + n * MMA;
         cmma::store(
-            &mut tile
-                .scratch
-                .slice_mut(at, at + comptime!(fragment_span(cfg.scratch_stride()))),
+            &mut dst.slice_mut(out, out + comptime!(fragment_span(cfg.scratch_stride()))),
             &acc,
             cfg.scratch_stride() as u32,
             MatrixLayout::RowMajor,
         );
     }
+}
+
+/// Scores `Q K^T` of this plane's query rows against the keys in the tile, unscaled, into
+/// the plane's rows of the scratch.
+#[cube]
+pub fn plane_scores<F: Float, N: Size>(
+    tile: &mut MmaTile<F, N>,
+    queries: &Sequence<Matrix<F>>,
+    #[comptime] cfg: MmaTileConfig,
+) {
+    plane_row_products::<F, N>(
+        &tile.inputs,
+        queries,
+        0usize,
+        cfg.key_stride(),
+        comptime!(cfg.d_k / MMA),
+        &mut tile.scratch,
+        cfg,
+    );
 }
 
 /// A plane's running attention state: each lane's row max and sum (`stats`) and the
@@ -383,27 +405,28 @@ pub fn mma_state_lse(state: &MmaState) -> f32 {
     lse
 }
 
-/// Stores output fragments `2 chunk` and `2 chunk + 1` (those that exist) to this plane's
-/// rows of the scratch, columns `0..32`; the plane must be synchronized before its lanes
-/// read them. Lane `(row, half)` then owns columns `16 half .. 16 half + 16` of the chunk,
-/// if they exist ([`owns_columns`]).
+/// Stores fragments `2 chunk` and `2 chunk + 1` of `acc` (of `dim / 16`; those that
+/// exist) to this plane's rows of the scratch, columns `0..32`; the plane must be
+/// synchronized before its lanes read them. Lane `(row, half)` then owns columns
+/// `16 half .. 16 half + 16` of the chunk, if they exist ([`owns_columns`]).
 #[cube]
-fn store_out_chunk<F: Float, N: Size>(
+fn store_chunk<F: Float, N: Size>(
     tile: &mut MmaTile<F, N>,
-    state: &MmaState,
+    acc: &Sequence<Matrix<f32>>,
     #[comptime] chunk: usize,
+    #[comptime] dim: usize,
     #[comptime] cfg: MmaTileConfig,
 ) {
     let first = plane_first_row() * cfg.scratch_stride();
     #[unroll]
     for j in 0..2usize {
-        if comptime!(2 * chunk + j < cfg.d_v / MMA) {
+        if comptime!(2 * chunk + j < dim / MMA) {
             let at = first + j * MMA;
             cmma::store(
                 &mut tile
                     .scratch
                     .slice_mut(at, at + comptime!(fragment_span(cfg.scratch_stride()))),
-                state.out.index(comptime!(2 * chunk + j)),
+                acc.index(comptime!(2 * chunk + j)),
                 cfg.scratch_stride() as u32,
                 MatrixLayout::RowMajor,
             );
@@ -411,10 +434,46 @@ fn store_out_chunk<F: Float, N: Size>(
     }
 }
 
-/// Whether this lane's 16 columns of output chunk `chunk` exist.
+/// Whether this lane's 16 columns of chunk `chunk` of a `dim`-wide row exist.
 #[cube]
-fn owns_columns(half: usize, #[comptime] chunk: usize, #[comptime] cfg: MmaTileConfig) -> bool {
-    2 * chunk + half < cfg.d_v / MMA
+fn owns_columns(half: usize, #[comptime] chunk: usize, #[comptime] dim: usize) -> bool {
+    2 * chunk + half < dim / MMA
+}
+
+/// Writes this plane's rows `acc * factor` (each lane its row's `factor`) to the real rows
+/// of `x: [B, T, H, dim]` at the cube's positions, chunk by chunk through the scratch.
+/// Every lane of the plane must call it.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn store_group_rows<F: Float, N: Size>(
+    tile: &mut MmaTile<F, N>,
+    acc: &Sequence<Matrix<f32>>,
+    factor: f32,
+    x: &mut Tensor<F>,
+    b: usize,
+    t0: usize,
+    kv_head: usize,
+    #[comptime] dim: usize,
+    #[comptime] cfg: MmaTileConfig,
+) {
+    let (row, half) = lane_row();
+    let (position, real) = row_position(row, t0, x.shape(1), cfg);
+    let head = kv_head * cfg.group + row % cfg.group;
+    let out = b * x.stride(0) + position * x.stride(1) + head * x.stride(2);
+    let own = row * cfg.scratch_stride() + half * MMA;
+    #[unroll]
+    for chunk in 0..comptime!(dim.div_ceil(CHUNK)) {
+        store_chunk::<F, N>(tile, acc, chunk, dim, cfg);
+        sync_plane();
+        if real && owns_columns(half, chunk, dim) {
+            #[unroll]
+            for i in 0..MMA {
+                let col = chunk * CHUNK + half * MMA + i;
+                x[out + col * x.stride(3)] = F::cast_from(tile.scratch[own + i] * factor);
+            }
+        }
+        sync_plane();
+    }
 }
 
 /// Multiplies each row of the plane's output accumulators by its lane's `correction`,
@@ -430,10 +489,10 @@ fn rescale_out<F: Float, N: Size>(
     let own = row * cfg.scratch_stride() + half * MMA;
     let first = plane_first_row() * cfg.scratch_stride();
     #[unroll]
-    for chunk in 0..cfg.out_chunks() {
-        store_out_chunk::<F, N>(tile, state, chunk, cfg);
+    for chunk in 0..comptime!(cfg.d_v.div_ceil(CHUNK)) {
+        store_chunk::<F, N>(tile, &state.out, chunk, cfg.d_v, cfg);
         sync_plane();
-        if owns_columns(half, chunk, cfg) {
+        if owns_columns(half, chunk, cfg.d_v) {
             #[unroll]
             for i in 0..MMA {
                 tile.scratch[own + i] *= correction;
@@ -458,45 +517,42 @@ fn rescale_out<F: Float, N: Size>(
     }
 }
 
-/// `out += P V` on the tensor cores: this plane's probabilities in the tile times the
-/// values in the tile.
+/// `acc += P B` on the tensor cores: this plane's rows of the tile's `probs` (`[16,
+/// tile_keys]`, input precision) times the tile's rows `[tile_keys, 16 n]` in `inputs` from
+/// element `at`, `stride` apart. `P V` in the forward pass, `dS K` for `dQ`.
 #[cube]
-fn accumulate_values<F: Float, N: Size>(
-    tile: &MmaTile<F, N>,
-    state: &mut MmaState,
+pub fn accumulate_products<F: Float, N: Size>(
+    probs: &SharedMemory<F>,
+    inputs: &SharedMemory<Vector<F, N>>,
+    #[comptime] at: usize,
+    #[comptime] stride: usize,
+    acc: &mut Sequence<Matrix<f32>>,
+    #[comptime] n_tiles: usize,
     #[comptime] cfg: MmaTileConfig,
 ) {
     let first = plane_first_row() * cfg.probs_stride();
     #[unroll]
     for k in 0..comptime!(cfg.tile_keys / MMA) {
-        let at = first + k * MMA;
-        let probs = Matrix::<F>::from_slice(
+        let p_at = first + k * MMA;
+        let lhs = Matrix::<F>::from_slice(
             MatrixIdent::A,
             MMA,
             MMA,
             MMA,
             MatrixLayout::RowMajor,
-            &tile
-                .probs
-                .slice(at, at + comptime!(fragment_span(cfg.probs_stride()))),
+            &probs.slice(p_at, p_at + comptime!(fragment_span(cfg.probs_stride()))),
             cfg.probs_stride() as u32,
         );
         #[unroll]
-        for n in 0..comptime!(cfg.d_v / MMA) {
-            let at = comptime!(cfg.values_at() + k * MMA * cfg.value_stride() + n * MMA);
-            let values = load_fragment::<F, N>(
-                &tile.inputs,
-                at,
-                cfg.value_stride(),
+        for n in 0..n_tiles {
+            let rhs = load_fragment::<F, N>(
+                inputs,
+                comptime!(at + k * MMA * stride + n * MMA),
+                stride,
                 MatrixIdent::B,
                 MatrixLayout::RowMajor,
             );
-            cmma::execute::<F, F, f32, f32>(
-                &probs,
-                &values,
-                state.out.index(n),
-                state.out.index(n),
-            );
+            cmma::execute::<F, F, f32, f32>(&lhs, &rhs, acc.index(n), acc.index(n));
         }
     }
 }
@@ -569,25 +625,18 @@ fn softmax_step<F: Float, N: Size>(
     correction
 }
 
-/// Attends one key tile: loads `valid` key and value rows from `first`, scores them against
-/// the cube's query rows on the tensor cores and folds them into this lane's state, row
-/// by row masked to the row's `[start, end)`. Every unit must call it (it synchronizes the
-/// cube); `valid` may be anything from 0 to `tile_keys`.
+/// Loads `valid` key and value rows from `first` into the tile's input buffer (zeros past
+/// `valid`) and synchronizes the cube.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub fn mma_attend_tile<F: Float, N: Size>(
+pub fn load_key_value_tile<F: Float, N: Size>(
     k: &Tensor<Vector<F, N>>,
     k_at: Rows,
     v: &Tensor<Vector<F, N>>,
     v_at: Rows,
     first: usize,
     valid: usize,
-    start: usize,
-    end: usize,
-    scale: f32,
-    queries: &Sequence<Matrix<F>>,
     tile: &mut MmaTile<F, N>,
-    state: &mut MmaState,
     #[comptime] cfg: MmaTileConfig,
 ) {
     load_vector_rows::<F, N>(
@@ -613,6 +662,30 @@ pub fn mma_attend_tile<F: Float, N: Size>(
         cfg.units(),
     );
     sync_cube();
+}
+
+/// Attends one key tile: loads `valid` key and value rows from `first`, scores them against
+/// the cube's query rows on the tensor cores and folds them into this lane's state, row
+/// by row masked to the row's `[start, end)`. Every unit must call it (it synchronizes the
+/// cube); `valid` may be anything from 0 to `tile_keys`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn mma_attend_tile<F: Float, N: Size>(
+    k: &Tensor<Vector<F, N>>,
+    k_at: Rows,
+    v: &Tensor<Vector<F, N>>,
+    v_at: Rows,
+    first: usize,
+    valid: usize,
+    start: usize,
+    end: usize,
+    scale: f32,
+    queries: &Sequence<Matrix<F>>,
+    tile: &mut MmaTile<F, N>,
+    state: &mut MmaState,
+    #[comptime] cfg: MmaTileConfig,
+) {
+    load_key_value_tile::<F, N>(k, k_at, v, v_at, first, valid, tile, cfg);
     // A plane whose rows are all padding only helps load (uniform over the plane).
     if plane_first_row() < comptime!(cfg.positions * cfg.group) {
         plane_scores::<F, N>(tile, queries, cfg);
@@ -623,7 +696,15 @@ pub fn mma_attend_tile<F: Float, N: Size>(
             rescale_out::<F, N>(tile, state, correction, cfg);
         }
         sync_plane();
-        accumulate_values::<F, N>(tile, state, cfg);
+        accumulate_products::<F, N>(
+            &tile.probs,
+            &tile.inputs,
+            cfg.values_at(),
+            cfg.value_stride(),
+            &mut state.out,
+            comptime!(cfg.d_v / MMA),
+            cfg,
+        );
     }
     sync_cube();
 }
@@ -672,29 +753,15 @@ pub fn mma_state_finish<F: Float, N: Size>(
     kv_head: usize,
     #[comptime] cfg: MmaTileConfig,
 ) {
-    let (row, half) = lane_row();
-    let (position, real) = row_position(row, t0, o.shape(1), cfg);
-    let head = kv_head * cfg.group + row % cfg.group;
     let sum = state.stats[1];
     let mut inverse = 0.0f32;
     if sum > 0.0 {
         inverse = 1.0 / sum;
     }
-    let out = b * o.stride(0) + position * o.stride(1) + head * o.stride(2);
-    let own = row * cfg.scratch_stride() + half * MMA;
-    #[unroll]
-    for chunk in 0..cfg.out_chunks() {
-        store_out_chunk::<F, N>(tile, state, chunk, cfg);
-        sync_plane();
-        if real && owns_columns(half, chunk, cfg) {
-            #[unroll]
-            for i in 0..MMA {
-                let col = chunk * CHUNK + half * MMA + i;
-                o[out + col * o.stride(3)] = F::cast_from(tile.scratch[own + i] * inverse);
-            }
-        }
-        sync_plane();
-    }
+    store_group_rows::<F, N>(tile, &state.out, inverse, o, b, t0, kv_head, cfg.d_v, cfg);
+    let (row, half) = lane_row();
+    let (position, real) = row_position(row, t0, o.shape(1), cfg);
+    let head = kv_head * cfg.group + row % cfg.group;
     if real && half == 0 {
         lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)] =
             mma_state_lse(state);
