@@ -11,6 +11,10 @@
 use cubecl::prelude::*;
 
 use crate::keys::{first_query, query_end, query_sees, KeySet};
+use crate::mma::{
+    accumulate_products, lane_row, load_vector_rows, mma_tile_new, plane_first_row,
+    plane_fragments, plane_row_products, store_rows, zero_accumulators, MmaTileConfig, MMA,
+};
 use crate::tile::{head_rows, load_rows};
 
 /// Comptime shape of the key-side backward cube.
@@ -80,6 +84,98 @@ fn selects<I: Int>(selected: &Tensor<I>, slots: usize, t: usize, block: usize) -
         }
     }
     found
+}
+
+/// The positions `chunk .. min(chunk + units, end)` that see the key tile, in order, into
+/// `positions`; returns how many. Each unit checks one position (for the selection branch:
+/// whether its group selected block `block`); an inclusive prefix sum of the flags
+/// (Hillis-Steele) gives each taken position its rank. Every unit must call it (it
+/// synchronizes the cube).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn compact_positions<I: Int>(
+    chunk: usize,
+    end: usize,
+    selected: &Tensor<I>,
+    slots: usize,
+    block: usize,
+    takes: &mut SharedMemory<u32>,
+    positions: &mut SharedMemory<u32>,
+    #[comptime] units: usize,
+    #[comptime] keys: KeySet,
+) -> usize {
+    let unit = UNIT_POS as usize;
+    let t = chunk + unit;
+    let mut take = 0u32;
+    if t < end {
+        take = 1;
+        // Nested: `&&` does not short-circuit in kernels, and the other branches pass a
+        // placeholder `selected`.
+        if comptime!(keys.is_selected()) {
+            if !selects::<I>(selected, slots, t, block) {
+                take = 0;
+            }
+        }
+    }
+    takes[unit] = take;
+    sync_cube();
+    let mut offset = 1usize;
+    while offset < units {
+        let mut before = 0u32;
+        if unit >= offset {
+            before = takes[unit - offset];
+        }
+        sync_cube();
+        takes[unit] += before;
+        sync_cube();
+        offset *= 2;
+    }
+    if take == 1 {
+        positions[takes[unit] as usize - 1] = t as u32;
+    }
+    let count = takes[units - 1] as usize;
+    sync_cube();
+    count
+}
+
+/// The statistics of the step's rows `first_row .. first_row + step_rows` of the position
+/// list (row `r` is position `positions[r / G]`, head `r % G`): position + 1 (0 past
+/// `rows`), `lse` and `delta`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_row_stats(
+    lse: &Tensor<f32>,
+    delta: &Tensor<f32>,
+    positions: &SharedMemory<u32>,
+    first_row: usize,
+    rows: usize,
+    b: usize,
+    kv_head: usize,
+    row_position: &mut SharedMemory<u32>,
+    row_lse: &mut SharedMemory<f32>,
+    row_delta: &mut SharedMemory<f32>,
+    #[comptime] step_rows: usize,
+    #[comptime] group: usize,
+    #[comptime] units: usize,
+) {
+    let mut r = UNIT_POS as usize;
+    while r < step_rows {
+        let row = first_row + r;
+        let mut position = 0u32;
+        let mut value_lse = 0.0f32;
+        let mut value_delta = 0.0f32;
+        if row < rows {
+            let t = positions[row / group] as usize;
+            let h = kv_head * group + row % group;
+            position = (t + 1) as u32;
+            value_lse = lse[b * lse.stride(0) + h * lse.stride(1) + t * lse.stride(2)];
+            value_delta = delta[b * delta.stride(0) + t * delta.stride(1) + h * delta.stride(2)];
+        }
+        row_position[r] = position;
+        row_lse[r] = value_lse;
+        row_delta[r] = value_delta;
+        r += units;
+    }
 }
 
 /// Copies the step's query rows `first_row .. first_row + cfg.rows` (row `r` of the list is
@@ -262,37 +358,18 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
         let end = query_end(first_key + n_keys - 1, seq, keys);
         let mut chunk = begin;
         while chunk < end {
-            // The chunk's positions that see the tile, in order.
-            let t = chunk + unit;
-            let mut take = 0u32;
-            if t < end {
-                take = 1;
-                if comptime!(keys.is_selected()) {
-                    if !selects::<I>(selected, slots, t, block) {
-                        take = 0;
-                    }
-                }
-            }
-            // Inclusive prefix sum of the flags (Hillis-Steele), then each taken position
-            // goes to its rank: the list keeps the positions in order.
-            tile.takes[unit] = take;
-            sync_cube();
-            let mut offset = 1usize;
-            while offset < cfg.units {
-                let mut before = 0u32;
-                if unit >= offset {
-                    before = tile.takes[unit - offset];
-                }
-                sync_cube();
-                tile.takes[unit] += before;
-                sync_cube();
-                offset *= 2;
-            }
-            if take == 1 {
-                tile.positions[tile.takes[unit] as usize - 1] = t as u32;
-            }
-            let rows = tile.takes[cfg.units - 1] as usize * cfg.group;
-            sync_cube();
+            let count = compact_positions::<I>(
+                chunk,
+                end,
+                selected,
+                slots,
+                block,
+                &mut tile.takes,
+                &mut tile.positions,
+                cfg.units,
+                keys,
+            );
+            let rows = count * cfg.group;
             let mut first_row = 0usize;
             while first_row < rows {
                 // Query and output-gradient rows of the step, with their statistics.
@@ -319,26 +396,21 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
                         cfg.d_v,
                         cfg,
                     );
-                    let mut r = unit;
-                    while r < cfg.rows {
-                        let row = first_row + r;
-                        let mut position = 0u32;
-                        let mut row_lse = 0.0f32;
-                        let mut row_delta = 0.0f32;
-                        if row < rows {
-                            let t = tile.positions[row / cfg.group] as usize;
-                            let h = kv_head * cfg.group + row % cfg.group;
-                            position = (t + 1) as u32;
-                            row_lse =
-                                lse[b * lse.stride(0) + h * lse.stride(1) + t * lse.stride(2)];
-                            row_delta = delta
-                                [b * delta.stride(0) + t * delta.stride(1) + h * delta.stride(2)];
-                        }
-                        tile.row_position[r] = position;
-                        tile.row_lse[r] = row_lse;
-                        tile.row_delta[r] = row_delta;
-                        r += cfg.units;
-                    }
+                    load_row_stats(
+                        lse,
+                        delta,
+                        &tile.positions,
+                        first_row,
+                        rows,
+                        b,
+                        kv_head,
+                        &mut tile.row_position,
+                        &mut tile.row_lse,
+                        &mut tile.row_delta,
+                        cfg.rows,
+                        cfg.group,
+                        cfg.units,
+                    );
                 }
                 sync_cube();
                 // P and dS of every (row, key) pair of the step.
@@ -386,5 +458,264 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
             dk, b, kv_head, first_key, n_keys, &acc_k, scale, cfg.d_k, cfg,
         );
         store::<F>(dv, b, kv_head, first_key, n_keys, &acc_v, 1.0, cfg.d_v, cfg);
+    }
+}
+
+/// Copies the step's query-side rows `first_row .. first_row + step_rows` of the position
+/// list (row `r` is position `positions[r / G]`, head `r % G`; zeros past `rows`) of
+/// `src: [B, T, H, dim]` (vectors of `N`) into `dst` from element `dst_at`, rows
+/// `dim + pad` elements apart.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_step_vectors<F: Float, N: Size>(
+    src: &Tensor<Vector<F, N>>,
+    positions: &SharedMemory<u32>,
+    first_row: usize,
+    rows: usize,
+    b: usize,
+    kv_head: usize,
+    dst: &mut SharedMemory<Vector<F, N>>,
+    #[comptime] dst_at: usize,
+    #[comptime] stride: usize,
+    #[comptime] dim: usize,
+    #[comptime] cfg: MmaTileConfig,
+) {
+    let width = src.vector_size();
+    let per_row = comptime!(dim / width);
+    let mut idx = UNIT_POS as usize;
+    while idx < comptime!(cfg.tile_keys * per_row) {
+        let r = idx / per_row;
+        let row = first_row + r;
+        let mut value = Vector::<F, N>::from_int(0);
+        if row < rows {
+            let t = positions[row / cfg.group] as usize;
+            let h = kv_head * cfg.group + row % cfg.group;
+            let at = b * src.stride(0) + t * src.stride(1) + h * src.stride(2);
+            value = src[at / width + idx % per_row];
+        }
+        dst[comptime!(dst_at / width) + r * comptime!(stride / width) + idx % per_row] = value;
+        idx += cfg.units();
+    }
+}
+
+/// [`grad_key_value_kernel`] on tensor cores (see [`crate::mma`]). Here the cube's
+/// `16 * planes` *rows* are key rows (plane `p` owns 16 of them) and `cfg.tile_keys` is the
+/// number of query rows per step. Per step, with the step's `Q` and `dO` rows in shared
+/// memory: `S^T = K Q^T` and `dP^T = V dO^T` on the tensor cores, `P^T` and
+/// `dS^T = P^T (dP^T - delta)` per lane, then `dV += P^T dO` and `dK += dS^T Q` into
+/// accumulators. For the selection branch the key rows lie in one selection block.
+#[cube(launch_unchecked, address_type = "dynamic")]
+#[allow(clippy::too_many_arguments)]
+pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    k: &Tensor<Vector<F, N>>,
+    v: &Tensor<Vector<F, N>>,
+    d_o: &Tensor<Vector<F, N>>,
+    delta: &Tensor<f32>,
+    lse: &Tensor<f32>,
+    selected: &Tensor<I>,
+    dk: &mut Tensor<F>,
+    dv: &mut Tensor<F>,
+    scale: f32,
+    #[comptime] cfg: MmaTileConfig,
+    #[comptime] keys: KeySet,
+) {
+    let width = N::value();
+    let key_rows = cfg.rows();
+    let steps = cfg.tile_keys;
+    let mut tile = mma_tile_new::<F, N>(cfg);
+    // The cube's key rows, then its value rows.
+    let mut own_rows = SharedMemory::<Vector<F, N>>::new(comptime!(
+        key_rows * (cfg.key_stride() + cfg.value_stride()) / width
+    ));
+    let mut score_grads = SharedMemory::<F>::new(comptime!(key_rows * cfg.probs_stride()));
+    let mut grads = SharedMemory::<f32>::new(comptime!(key_rows * cfg.scratch_stride()));
+    let mut row_lse = SharedMemory::<f32>::new(steps);
+    let mut row_delta = SharedMemory::<f32>::new(steps);
+    let mut row_position = SharedMemory::<u32>::new(steps);
+    let mut takes = SharedMemory::<u32>::new(comptime!(cfg.units()));
+    let mut positions = SharedMemory::<u32>::new(comptime!(cfg.units()));
+
+    let n_keys_total = k.shape(1);
+    let key_tiles = (n_keys_total + key_rows - 1) / key_rows;
+    let kv_heads = k.shape(2);
+    let cube = CUBE_POS;
+    let key_tile = cube % key_tiles;
+    let kv_head = (cube / key_tiles) % kv_heads;
+    let b = cube / (key_tiles * kv_heads);
+    if cube < q.shape(0) * kv_heads * key_tiles {
+        let seq = q.shape(1);
+        let first_key = key_tile * key_rows;
+        let n_keys = min(key_rows, n_keys_total - first_key);
+        let values_at = comptime!(key_rows * cfg.key_stride());
+        load_vector_rows::<F, N>(
+            k,
+            head_rows::<Vector<F, N>>(k, b, kv_head),
+            first_key,
+            n_keys,
+            &mut own_rows,
+            0usize,
+            key_rows,
+            cfg.d_k,
+            cfg.units(),
+        );
+        load_vector_rows::<F, N>(
+            v,
+            head_rows::<Vector<F, N>>(v, b, kv_head),
+            first_key,
+            n_keys,
+            &mut own_rows,
+            values_at,
+            key_rows,
+            cfg.d_v,
+            cfg.units(),
+        );
+        let mut acc_k = zero_accumulators(comptime!(cfg.d_k / MMA));
+        let mut acc_v = zero_accumulators(comptime!(cfg.d_v / MMA));
+        let (row, half) = lane_row();
+        let key = first_key + row;
+        let plane_keys = plane_first_row() < n_keys;
+        let block = first_key / comptime!(keys.select_block());
+        let slots = b * selected.stride(0) + kv_head * selected.stride(1);
+        let begin = first_query(first_key, keys);
+        let end = query_end(first_key + n_keys - 1, seq, keys);
+        let mut chunk = begin;
+        while chunk < end {
+            let count = compact_positions::<I>(
+                chunk,
+                end,
+                selected,
+                slots,
+                block,
+                &mut takes,
+                &mut positions,
+                cfg.units(),
+                keys,
+            );
+            let rows = count * cfg.group;
+            let mut first_row = 0usize;
+            while first_row < rows {
+                load_step_vectors::<F, N>(
+                    q,
+                    &positions,
+                    first_row,
+                    rows,
+                    b,
+                    kv_head,
+                    &mut tile.inputs,
+                    0usize,
+                    cfg.key_stride(),
+                    cfg.d_k,
+                    cfg,
+                );
+                load_step_vectors::<F, N>(
+                    d_o,
+                    &positions,
+                    first_row,
+                    rows,
+                    b,
+                    kv_head,
+                    &mut tile.inputs,
+                    cfg.values_at(),
+                    cfg.value_stride(),
+                    cfg.d_v,
+                    cfg,
+                );
+                load_row_stats(
+                    lse,
+                    delta,
+                    &positions,
+                    first_row,
+                    rows,
+                    b,
+                    kv_head,
+                    &mut row_position,
+                    &mut row_lse,
+                    &mut row_delta,
+                    steps,
+                    cfg.group,
+                    cfg.units(),
+                );
+                sync_cube();
+                // Uniform over the plane.
+                if plane_keys {
+                    let own_keys = plane_fragments::<F, N>(
+                        &own_rows,
+                        plane_first_row() * cfg.key_stride(),
+                        cfg.key_stride(),
+                        cfg.d_k,
+                    );
+                    plane_row_products::<F, N>(
+                        &tile.inputs,
+                        &own_keys,
+                        0usize,
+                        cfg.key_stride(),
+                        comptime!(cfg.d_k / MMA),
+                        &mut tile.scratch,
+                        cfg,
+                    );
+                    let own_values = plane_fragments::<F, N>(
+                        &own_rows,
+                        values_at + plane_first_row() * cfg.value_stride(),
+                        cfg.value_stride(),
+                        cfg.d_v,
+                    );
+                    plane_row_products::<F, N>(
+                        &tile.inputs,
+                        &own_values,
+                        cfg.values_at(),
+                        cfg.value_stride(),
+                        comptime!(cfg.d_v / MMA),
+                        &mut grads,
+                        cfg,
+                    );
+                    sync_plane();
+                    let cols = comptime!(cfg.tile_keys / 2);
+                    let at = row * cfg.scratch_stride();
+                    #[unroll]
+                    for i in 0..cols {
+                        let col = half * cols + i;
+                        let position = row_position[col] as usize;
+                        let mut p = 0.0f32;
+                        let mut ds = 0.0f32;
+                        if position > 0 && row < n_keys {
+                            if query_sees(position - 1, key, keys) {
+                                p = (tile.scratch[at + col] * scale - row_lse[col]).exp();
+                                ds = p * (grads[at + col] - row_delta[col]);
+                            }
+                        }
+                        tile.probs[row * cfg.probs_stride() + col] = F::cast_from(p);
+                        score_grads[row * cfg.probs_stride() + col] = F::cast_from(ds);
+                    }
+                    sync_plane();
+                    accumulate_products::<F, N>(
+                        &tile.probs,
+                        &tile.inputs,
+                        cfg.values_at(),
+                        cfg.value_stride(),
+                        &mut acc_v,
+                        comptime!(cfg.d_v / MMA),
+                        cfg,
+                    );
+                    accumulate_products::<F, N>(
+                        &score_grads,
+                        &tile.inputs,
+                        0usize,
+                        cfg.key_stride(),
+                        &mut acc_k,
+                        comptime!(cfg.d_k / MMA),
+                        cfg,
+                    );
+                }
+                sync_cube();
+                first_row += steps;
+            }
+            chunk += cfg.units();
+        }
+        let real = row < n_keys;
+        let dk_out = b * dk.stride(0) + key * dk.stride(1) + kv_head * dk.stride(2);
+        store_rows::<F, N>(&mut tile, &acc_k, scale, dk, dk_out, real, cfg.d_k, cfg);
+        let dv_out = b * dv.stride(0) + key * dv.stride(1) + kv_head * dv.stride(2);
+        store_rows::<F, N>(&mut tile, &acc_v, 1.0, dv, dv_out, real, cfg.d_v, cfg);
     }
 }

@@ -5,14 +5,14 @@
 //! `(b, KV head, t)` walks the same keys as the forward kernel of the branch, in the same
 //! tiles, so the gradient of every query row is a fixed-order sum (deterministic).
 
-use cubecl::cmma::{Matrix, MatrixIdent, MatrixLayout};
+use cubecl::cmma::Matrix;
 use cubecl::prelude::*;
 
 use crate::keys::{key_range, KeySet};
 use crate::mma::{
     accumulate_products, key_in_range, lane_row, load_group_rows, load_key_value_tile,
     load_queries, mma_tile_new, plane_first_row, plane_row_products, plane_scores, row_key_range,
-    row_position, store_group_rows, MmaTile, MmaTileConfig, MMA,
+    row_position, store_group_rows, zero_accumulators, MmaTile, MmaTileConfig, MMA,
 };
 use crate::tile::{
     cube_position, cube_positions, group_rows, head_rows, load_key_values, selected_tile,
@@ -302,18 +302,7 @@ pub fn grad_query_mma_kernel<F: Float, I: Int, N: Size>(
             lse: row_lse,
             delta: row_delta,
         };
-        let mut acc = Sequence::new();
-        #[unroll]
-        for _ in 0..comptime!(cfg.d_k / MMA) {
-            acc.push(Matrix::<f32>::from_value(
-                MatrixIdent::Accumulator,
-                MMA,
-                MMA,
-                MMA,
-                MatrixLayout::Undefined,
-                0.0,
-            ));
-        }
+        let mut acc = zero_accumulators(comptime!(cfg.d_k / MMA));
         if comptime!(keys.is_selected()) {
             let block = comptime!(keys.select_block());
             let slots =

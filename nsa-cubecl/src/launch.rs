@@ -8,7 +8,7 @@ use cubecl::{calculate_cube_count_elemwise, CubeElement};
 use crate::compress::{
     compressed_attention_kernel, compressed_attention_mma_kernel, SelectionConfig,
 };
-use crate::grad_key::{grad_key_value_kernel, KeyTileConfig};
+use crate::grad_key::{grad_key_value_kernel, grad_key_value_mma_kernel, KeyTileConfig};
 use crate::grad_query::{grad_query_kernel, grad_query_mma_kernel};
 use crate::keys::KeySet;
 use crate::mma::{MmaTileConfig, MMA, PLANE};
@@ -109,25 +109,10 @@ pub fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
     one_position: bool,
     extra_bytes: impl Fn(&MmaTileConfig) -> usize,
 ) -> Option<MmaTileConfig> {
-    if std::env::var_os(PORTABLE_KERNELS_VAR).is_some() {
+    if !tensor_cores_fit::<R, F>(client, shape) {
         return None;
     }
-    let properties = client.properties();
-    let elem = F::as_type_native_unchecked().storage_type();
-    let tensor_cores = properties.features.matmul.cmma.contains(&MmaConfig {
-        a_type: elem,
-        b_type: elem,
-        cd_type: f32::as_type_native_unchecked().storage_type(),
-        m: MMA as u32,
-        n: MMA as u32,
-        k: MMA as u32,
-    });
-    let hardware = &properties.hardware;
-    let planes_fit =
-        hardware.plane_size_min == PLANE as u32 && hardware.plane_size_max == PLANE as u32;
-    if !tensor_cores || !planes_fit || shape.d_k % MMA != 0 || shape.d_v % MMA != 0 {
-        return None;
-    }
+    let hardware = &client.properties().hardware;
     let group = shape.group();
     let min_planes = group.div_ceil(MMA);
     // A one-position cube gets a second plane to share the loads when the group fills one.
@@ -158,6 +143,65 @@ pub fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
         }
         planes -= 1;
     }
+}
+
+/// Whether the tensor-core kernels can run `shape` in `F` on this device: 16x16x16 `cmma`
+/// on `F` with f32 accumulation, 32-lane planes, head dims that are multiples of 16, and
+/// [`PORTABLE_KERNELS_VAR`] unset.
+fn tensor_cores_fit<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+) -> bool {
+    if std::env::var_os(PORTABLE_KERNELS_VAR).is_some() {
+        return false;
+    }
+    let properties = client.properties();
+    let elem = F::as_type_native_unchecked().storage_type();
+    let tensor_cores = properties.features.matmul.cmma.contains(&MmaConfig {
+        a_type: elem,
+        b_type: elem,
+        cd_type: f32::as_type_native_unchecked().storage_type(),
+        m: MMA as u32,
+        n: MMA as u32,
+        k: MMA as u32,
+    });
+    let hardware = &properties.hardware;
+    let planes_fit =
+        hardware.plane_size_min == PLANE as u32 && hardware.plane_size_max == PLANE as u32;
+    tensor_cores && planes_fit && shape.d_k % MMA == 0 && shape.d_v % MMA == 0
+}
+
+/// The key-side tensor-core cube (see [`crate::grad_key::grad_key_value_mma_kernel`]):
+/// 64 key rows (for the selection branch the largest of 64, 32, 16 dividing `l'`; `None`
+/// when `l'` is not a multiple of 16) and 32 query rows per step, if its shared memory fits.
+pub fn key_mma_tile_config<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    keys: KeySet,
+) -> Option<MmaTileConfig> {
+    if !tensor_cores_fit::<R, F>(client, shape) {
+        return None;
+    }
+    let key_rows = if keys.is_selected() {
+        let block = keys.select_block();
+        [64, 32, 16].into_iter().find(|rows| block % rows == 0)?
+    } else {
+        64
+    };
+    let cfg = MmaTileConfig {
+        group: shape.group(),
+        d_k: shape.d_k,
+        d_v: shape.d_v,
+        tile_keys: MMA_TILE_KEYS,
+        planes: key_rows / MMA,
+        positions: 1,
+    };
+    let elem = core::mem::size_of::<F>();
+    let own_rows = key_rows * (cfg.key_stride() + cfg.value_stride() + cfg.probs_stride());
+    let bytes = cfg.shared_bytes(elem)
+        + elem * own_rows
+        + 4 * (key_rows * cfg.scratch_stride() + 3 * cfg.tile_keys + 2 * cfg.units());
+    (bytes <= client.properties().hardware.max_shared_memory_size).then_some(cfg)
 }
 
 /// One cube per `(batch, KV head, cfg.positions query positions)`.
@@ -510,6 +554,34 @@ pub fn launch_grad_key_value<R: Runtime, F: Float + CubeElement, I: Int + CubeEl
     dv: TensorArg<R>,
     scale: f32,
 ) {
+    if let Some(cfg) = key_mma_tile_config::<R, F>(client, shape, keys) {
+        let cube_dim = CubeDim::new_1d(cfg.units() as u32);
+        let cubes = shape.batch * shape.kv_heads * key_rows.div_ceil(cfg.rows());
+        let count = calculate_cube_count_elemwise(client, cubes * cfg.units(), cube_dim);
+        // SAFETY: as for the forward tensor-core kernels.
+        unsafe {
+            grad_key_value_mma_kernel::launch_unchecked::<F, I, R>(
+                client,
+                count,
+                cube_dim,
+                address_type(shape, key_rows),
+                MMA_VECTOR,
+                args.q,
+                args.k,
+                args.v,
+                args.d_o,
+                args.delta,
+                args.lse,
+                args.selected,
+                dk,
+                dv,
+                scale,
+                cfg,
+                keys,
+            );
+        }
+        return;
+    }
     let cfg = key_tile_config(client, shape, keys);
     let cube_dim = CubeDim::new_1d(cfg.units as u32);
     let cubes = shape.batch * shape.kv_heads * key_rows.div_ceil(cfg.tile_keys);

@@ -243,21 +243,51 @@ pub fn load_group_rows<F: Float, N: Size>(
     }
     sync_cube();
     let stride = comptime!(dim + ROW_PAD);
-    let first = plane_first_row();
+    let fragments = plane_fragments::<F, N>(&tile.inputs, plane_first_row() * stride, stride, dim);
+    // Key tiles reuse the buffer.
+    sync_cube();
+    fragments
+}
+
+/// This plane's 16 rows of `dim` values in `buffer` (from element `at`, `stride` apart) as
+/// tensor-core `A` fragments, one per 16 values.
+#[cube]
+pub fn plane_fragments<F: Float, N: Size>(
+    buffer: &SharedMemory<Vector<F, N>>,
+    at: usize,
+    #[comptime] stride: usize,
+    #[comptime] dim: usize,
+) -> Sequence<Matrix<F>> {
     let mut fragments = Sequence::new();
     #[unroll]
     for k in 0..comptime!(dim / MMA) {
         fragments.push(load_fragment::<F, N>(
-            &tile.inputs,
-            first * stride + k * MMA,
+            buffer,
+            at + k * MMA,
             stride,
             MatrixIdent::A,
             MatrixLayout::RowMajor,
         ));
     }
-    // Key tiles reuse the buffer.
-    sync_cube();
     fragments
+}
+
+/// `count` zeroed tensor-core accumulators.
+#[cube]
+pub fn zero_accumulators(#[comptime] count: usize) -> Sequence<Matrix<f32>> {
+    let mut acc = Sequence::new();
+    #[unroll]
+    for _ in 0..count {
+        acc.push(Matrix::<f32>::from_value(
+            MatrixIdent::Accumulator,
+            MMA,
+            MMA,
+            MMA,
+            MatrixLayout::Undefined,
+            0.0,
+        ));
+    }
+    acc
 }
 
 /// [`load_group_rows`] of the queries `q: [B, T, H, d_k]`.
@@ -380,19 +410,10 @@ pub fn mma_state_new(#[comptime] cfg: MmaTileConfig) -> MmaState {
     let mut stats = Array::<f32>::new(2usize);
     stats[0] = NEG_BIG;
     stats[1] = 0.0;
-    let mut out = Sequence::new();
-    #[unroll]
-    for _ in 0..comptime!(cfg.d_v / MMA) {
-        out.push(Matrix::<f32>::from_value(
-            MatrixIdent::Accumulator,
-            MMA,
-            MMA,
-            MMA,
-            MatrixLayout::Undefined,
-            0.0,
-        ));
+    MmaState {
+        stats,
+        out: zero_accumulators(comptime!(cfg.d_v / MMA)),
     }
-    MmaState { stats, out }
 }
 
 /// The row log-sum-exp of a finished state ([`NEG_BIG`] for a row that attended nothing).
@@ -440,26 +461,22 @@ fn owns_columns(half: usize, #[comptime] chunk: usize, #[comptime] dim: usize) -
     2 * chunk + half < dim / MMA
 }
 
-/// Writes this plane's rows `acc * factor` (each lane its row's `factor`) to the real rows
-/// of `x: [B, T, H, dim]` at the cube's positions, chunk by chunk through the scratch.
-/// Every lane of the plane must call it.
+/// Writes this plane's rows `acc * factor` to `x` (`dim` values per row), chunk by chunk
+/// through the scratch: each lane its row's `factor`, at `x[out + col * x.stride(3)]`, if
+/// its row is `real`. Every lane of the plane must call it.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub fn store_group_rows<F: Float, N: Size>(
+pub fn store_rows<F: Float, N: Size>(
     tile: &mut MmaTile<F, N>,
     acc: &Sequence<Matrix<f32>>,
     factor: f32,
     x: &mut Tensor<F>,
-    b: usize,
-    t0: usize,
-    kv_head: usize,
+    out: usize,
+    real: bool,
     #[comptime] dim: usize,
     #[comptime] cfg: MmaTileConfig,
 ) {
     let (row, half) = lane_row();
-    let (position, real) = row_position(row, t0, x.shape(1), cfg);
-    let head = kv_head * cfg.group + row % cfg.group;
-    let out = b * x.stride(0) + position * x.stride(1) + head * x.stride(2);
     let own = row * cfg.scratch_stride() + half * MMA;
     #[unroll]
     for chunk in 0..comptime!(dim.div_ceil(CHUNK)) {
@@ -474,6 +491,27 @@ pub fn store_group_rows<F: Float, N: Size>(
         }
         sync_plane();
     }
+}
+
+/// [`store_rows`] to the cube's group rows of `x: [B, T, H, dim]` (padding rows skipped).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn store_group_rows<F: Float, N: Size>(
+    tile: &mut MmaTile<F, N>,
+    acc: &Sequence<Matrix<f32>>,
+    factor: f32,
+    x: &mut Tensor<F>,
+    b: usize,
+    t0: usize,
+    kv_head: usize,
+    #[comptime] dim: usize,
+    #[comptime] cfg: MmaTileConfig,
+) {
+    let (row, _) = lane_row();
+    let (position, real) = row_position(row, t0, x.shape(1), cfg);
+    let head = kv_head * cfg.group + row % cfg.group;
+    let out = b * x.stride(0) + position * x.stride(1) + head * x.stride(2);
+    store_rows::<F, N>(tile, acc, factor, x, out, real, dim, cfg);
 }
 
 /// Multiplies each row of the plane's output accumulators by its lane's `correction`,
