@@ -309,7 +309,7 @@ fn pick_blocks<I: Int>(
     }
 }
 
-/// [`compressed_attention_kernel`] on tensor cores: one cube per `(b, KV head,
+/// [`compressed_attention_kernel()`] on tensor cores: one cube per `(b, KV head,
 /// cfg.positions consecutive query positions)`. The attention pass walks the compressed
 /// keys the last position sees, each row masked to its own; the scoring pass recomputes
 /// the scores on the tensor cores, sums each position's probabilities over its group and

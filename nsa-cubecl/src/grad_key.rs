@@ -498,7 +498,7 @@ fn load_step_vectors<F: Float, N: Size>(
     }
 }
 
-/// [`grad_key_value_kernel`] on tensor cores (see [`crate::mma`]). Here the cube's
+/// [`grad_key_value_kernel()`] on tensor cores (see [`crate::mma`]). Here the cube's
 /// `16 * planes` *rows* are key rows (plane `p` owns 16 of them) and `cfg.tile_keys` is the
 /// number of query rows per step. Per step, with the step's `Q` and `dO` rows in shared
 /// memory: `S^T = K Q^T` and `dP^T = V dO^T` on the tensor cores, `P^T` and

@@ -259,7 +259,7 @@ fn grad_query_mma_tile<F: Float, N: Size>(
     sync_cube();
 }
 
-/// [`grad_query_kernel`] on tensor cores (see [`crate::mma`]): one cube per `(b, KV head,
+/// [`grad_query_kernel()`] on tensor cores (see [`crate::mma`]): one cube per `(b, KV head,
 /// cfg.positions query positions)` (one position for the selection branch), its rows' `Q`
 /// and `dO` held as fragments and `dQ` in accumulators, walking the same key tiles as the
 /// forward kernel.

@@ -102,7 +102,7 @@ const MMA_ROWS: usize = 64;
 /// have 16x16x16 `cmma` on `F` with f32 accumulation and 32-lane planes, the head dims
 /// must be multiples of 16, and the tile plus `extra_bytes(&tile)` must fit the device's
 /// shared memory. With `one_position` a cube holds one query position (the selection
-/// branch); otherwise as many positions as fill [`MMA_ROWS`] rows, fewer if memory is short.
+/// branch); otherwise as many positions as fill 64 rows, fewer if memory is short.
 pub fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     shape: &AttentionShape,
@@ -171,7 +171,7 @@ fn tensor_cores_fit<R: Runtime, F: Float + CubeElement>(
     tensor_cores && planes_fit && shape.d_k % MMA == 0 && shape.d_v % MMA == 0
 }
 
-/// The key-side tensor-core cube (see [`crate::grad_key::grad_key_value_mma_kernel`]):
+/// The key-side tensor-core cube (see [`crate::grad_key::grad_key_value_mma_kernel()`]):
 /// 64 key rows (for the selection branch the largest of 64, 32, 16 dividing `l'`; `None`
 /// when `l'` is not a multiple of 16) and 32 query rows per step, if its shared memory fits.
 pub fn key_mma_tile_config<R: Runtime, F: Float + CubeElement>(

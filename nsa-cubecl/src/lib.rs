@@ -1,9 +1,20 @@
 //! CubeCL kernels for Native Sparse Attention (NSA), generic over the CubeCL runtime and
 //! free of Burn types: `nsa-burn` launches them on Burn's CubeCL backends.
 //!
-//! Every kernel runs one cube per `(batch, KV head, query position)` holding the group's
-//! `G` query heads (the paper's group-centric layout) and streams keys through the shared
-//! online-softmax tile of [`tile`].
+//! Two implementations of every kernel, chosen per call in [`launch`]:
+//!
+//! - the **tensor-core** kernels ([`mma`]): on devices with 16x16x16 `cmma` for the input
+//!   type with f32 accumulation and 32-lane planes (CUDA, f16/bf16), head dims multiples of
+//!   16. A cube holds the `G` query heads of one or more consecutive positions of one KV head
+//!   (the paper's group-centric layout), one plane per 16 rows; `Q K^T`, `P V` and the
+//!   backward products run on tensor cores.
+//! - the **portable** kernels ([`tile`]): everywhere else (f32, lavapipe and other devices
+//!   without `cmma`), or when `NSA_PORTABLE_KERNELS` is set. One cube per
+//!   `(batch, KV head, query position)` with register-blocked dot products.
+//!
+//! Both walk the same keys in the same order and share the attention patterns of [`keys`],
+//! the selection scoring and top-n of [`compress`], and the on-device selection inversion of
+//! [`grad_key`].
 
 pub mod compress;
 pub mod grad_key;

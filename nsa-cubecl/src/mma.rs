@@ -67,7 +67,7 @@ impl MmaTileConfig {
         self.tile_keys + ROW_PAD
     }
 
-    /// Row stride of the f32 scratch, which holds a row of scores or a [`CHUNK`] of output
+    /// Row stride of the f32 scratch, which holds a row of scores or a 32-column chunk of output
     /// columns: four words of padding, so the lanes reading a column of rows hit different
     /// banks.
     pub fn scratch_stride(&self) -> usize {
@@ -290,7 +290,7 @@ pub fn zero_accumulators(#[comptime] count: usize) -> Sequence<Matrix<f32>> {
     acc
 }
 
-/// [`load_group_rows`] of the queries `q: [B, T, H, d_k]`.
+/// [`load_group_rows()`] of the queries `q: [B, T, H, d_k]`.
 #[cube]
 pub fn load_queries<F: Float, N: Size>(
     q: &Tensor<Vector<F, N>>,
@@ -429,7 +429,7 @@ pub fn mma_state_lse(state: &MmaState) -> f32 {
 /// Stores fragments `2 chunk` and `2 chunk + 1` of `acc` (of `dim / 16`; those that
 /// exist) to this plane's rows of the scratch, columns `0..32`; the plane must be
 /// synchronized before its lanes read them. Lane `(row, half)` then owns columns
-/// `16 half .. 16 half + 16` of the chunk, if they exist ([`owns_columns`]).
+/// `16 half .. 16 half + 16` of the chunk, if they exist ([`owns_columns()`]).
 #[cube]
 fn store_chunk<F: Float, N: Size>(
     tile: &mut MmaTile<F, N>,
@@ -493,7 +493,7 @@ pub fn store_rows<F: Float, N: Size>(
     }
 }
 
-/// [`store_rows`] to the cube's group rows of `x: [B, T, H, dim]` (padding rows skipped).
+/// [`store_rows()`] to the cube's group rows of `x: [B, T, H, dim]` (padding rows skipped).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn store_group_rows<F: Float, N: Size>(

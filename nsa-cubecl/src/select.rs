@@ -69,7 +69,7 @@ pub fn selected_attention_kernel<F: Float, I: Int>(
     }
 }
 
-/// [`selected_attention_kernel`] on tensor cores: one cube per `(b, KV head, t)`
+/// [`selected_attention_kernel()`] on tensor cores: one cube per `(b, KV head, t)`
 /// (`cfg.positions == 1`), its `16 * planes` rows the group's heads (padded); each selected
 /// block is attended in `ceil(l' / tile_keys)` tiles.
 #[cube(launch_unchecked, address_type = "dynamic")]

@@ -55,7 +55,7 @@ pub fn window_attention_kernel<F: Float>(
     }
 }
 
-/// [`window_attention_kernel`] on tensor cores: one cube per `(b, KV head, cfg.positions
+/// [`window_attention_kernel()`] on tensor cores: one cube per `(b, KV head, cfg.positions
 /// consecutive query positions)`; it walks the union of its rows' windows and masks each
 /// row to its own.
 #[cube(launch_unchecked, address_type = "dynamic")]
