@@ -1,14 +1,18 @@
-//! The tensor-core online-softmax tile: the attention of [`crate::tile`] with both matrix
-//! products (`Q K^T` and `P V`) on 16x16x16 `cmma` tiles, for runtimes that have them
-//! (CUDA; lavapipe does not, and runs the portable tile).
+//! The tensor-core online-softmax tile: the attention of [`crate::tile`] with its matrix
+//! products (`Q K^T`, `P V`, and in the backward pass `dO V^T`, `dS K`, `P^T dO`, `dS^T Q`)
+//! on 16x16x16 `cmma` tiles, for runtimes that have them (CUDA; lavapipe does not, and runs
+//! the portable tile).
 //!
 //! A cube holds `rows = 16 * planes` query rows: the `G` query heads of `positions`
 //! consecutive query positions of one KV head (row `r` is head `r % G` of position
 //! `t0 + r / G`; rows from `positions * G` on, and rows past the sequence, are padding).
-//! Plane `p` owns rows `16 p .. 16 p + 16`; its lane `2 r + h` keeps row `r`'s running
-//! max, running sum and output columns `h * d_v / 2 ..` in f32 registers. Keys and values
-//! stream through shared memory `tile_keys` rows at a time, in the input precision; scores
-//! and `P V` products pass through an f32 scratch, where each lane reads its row.
+//! Plane `p` owns rows `16 p .. 16 p + 16`: their query fragments and output accumulators
+//! stay in the plane's registers for the whole key walk, and its lane `2 r + h` keeps row
+//! `r`'s running max and sum. Keys and values stream through shared memory `tile_keys` rows
+//! at a time, as vectors in the input precision; scores pass through an f32 scratch where
+//! each lane reads half of its row, and the probabilities go back to shared memory in the
+//! input precision for the `P V` product. The key-side backward kernel uses the same tile
+//! with the roles swapped: key rows on the planes, query rows streaming.
 
 use cubecl::cmma::{self, Matrix, MatrixIdent, MatrixLayout};
 use cubecl::prelude::*;
@@ -33,9 +37,9 @@ pub struct MmaTileConfig {
     pub d_k: usize,
     /// Value head dimension (a multiple of 16).
     pub d_v: usize,
-    /// Key rows per tile (a multiple of 16).
+    /// Key rows per tile (a multiple of 16); query rows per step in the key-side kernel.
     pub tile_keys: usize,
-    /// Planes per cube; each owns 16 query rows.
+    /// Planes per cube; each owns 16 query rows (key rows in the key-side kernel).
     pub planes: usize,
     /// Query positions per cube (`positions * G <= 16 * planes`).
     pub positions: usize,
