@@ -12,10 +12,10 @@ use cubecl::prelude::*;
 
 use crate::keys::{first_query, query_end, query_sees, KeySet};
 use crate::mma::{
-    accumulate_products, lane_row, load_vector_rows, mma_tile_new, plane_first_row,
+    accumulate_products, lane_row, load_key_value_rows, mma_tile_new, plane_first_row,
     plane_fragments, plane_row_products, store_rows, zero_accumulators, MmaTileConfig, MMA,
 };
-use crate::tile::{head_rows, load_rows};
+use crate::tile::{cube_positions, head_rows, load_rows};
 
 /// Comptime shape of the key-side backward cube.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -86,25 +86,28 @@ fn selects<I: Int>(selected: &Tensor<I>, slots: usize, t: usize, block: usize) -
     found
 }
 
-/// The positions `chunk .. min(chunk + units, end)` that see the key tile, in order, into
-/// `positions`; returns how many. Each unit checks one position (for the selection branch:
-/// whether its group selected block `block`); an inclusive prefix sum of the flags
-/// (Hillis-Steele) gives each taken position its rank. Every unit must call it (it
-/// synchronizes the cube).
+/// The positions `chunk .. min(chunk + units, end)` that see the key tile starting at
+/// `first_key` of `(b, kv_head)`, in order, into `positions`; returns how many. Each unit
+/// checks one position (for the selection branch: whether its group selected the tile's
+/// block); an inclusive prefix sum of the flags (Hillis-Steele) gives each taken position
+/// its rank. Every unit must call it (it synchronizes the cube).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn compact_positions<I: Int>(
     chunk: usize,
     end: usize,
     selected: &Tensor<I>,
-    slots: usize,
-    block: usize,
+    b: usize,
+    kv_head: usize,
+    first_key: usize,
     takes: &mut SharedMemory<u32>,
     positions: &mut SharedMemory<u32>,
     #[comptime] units: usize,
     #[comptime] keys: KeySet,
 ) -> usize {
     let unit = UNIT_POS as usize;
+    let block = first_key / comptime!(keys.select_block());
+    let slots = b * selected.stride(0) + kv_head * selected.stride(1);
     let t = chunk + unit;
     let mut take = 0u32;
     if t < end {
@@ -318,15 +321,10 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
     };
     let unit = UNIT_POS as usize;
     let n_keys_total = k.shape(1);
-    let key_tiles = (n_keys_total + cfg.tile_keys - 1) / cfg.tile_keys;
-    let kv_heads = k.shape(2);
-    let cube = CUBE_POS;
-    let key_tile = cube % key_tiles;
-    let kv_head = (cube / key_tiles) % kv_heads;
-    let b = cube / (key_tiles * kv_heads);
-    if cube < q.shape(0) * kv_heads * key_tiles {
+    let (b, kv_head, first_key, active) =
+        cube_positions(q.shape(0), k.shape(2), n_keys_total, cfg.tile_keys);
+    if active {
         let seq = q.shape(1);
-        let first_key = key_tile * cfg.tile_keys;
         let n_keys = min(cfg.tile_keys, n_keys_total - first_key);
         load_rows::<F, f32>(
             k,
@@ -352,8 +350,6 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
         );
         let mut acc_k = zeros(comptime!(cfg.width(cfg.d_k)));
         let mut acc_v = zeros(comptime!(cfg.width(cfg.d_v)));
-        let block = first_key / comptime!(keys.select_block());
-        let slots = b * selected.stride(0) + kv_head * selected.stride(1);
         let begin = first_query(first_key, keys);
         let end = query_end(first_key + n_keys - 1, seq, keys);
         let mut chunk = begin;
@@ -362,8 +358,9 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
                 chunk,
                 end,
                 selected,
-                slots,
-                block,
+                b,
+                kv_head,
+                first_key,
                 &mut tile.takes,
                 &mut tile.positions,
                 cfg.units,
@@ -537,46 +534,29 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
     let mut positions = SharedMemory::<u32>::new(comptime!(cfg.units()));
 
     let n_keys_total = k.shape(1);
-    let key_tiles = (n_keys_total + key_rows - 1) / key_rows;
-    let kv_heads = k.shape(2);
-    let cube = CUBE_POS;
-    let key_tile = cube % key_tiles;
-    let kv_head = (cube / key_tiles) % kv_heads;
-    let b = cube / (key_tiles * kv_heads);
-    if cube < q.shape(0) * kv_heads * key_tiles {
+    let (b, kv_head, first_key, active) =
+        cube_positions(q.shape(0), k.shape(2), n_keys_total, key_rows);
+    if active {
         let seq = q.shape(1);
-        let first_key = key_tile * key_rows;
         let n_keys = min(key_rows, n_keys_total - first_key);
         let values_at = comptime!(key_rows * cfg.key_stride());
-        load_vector_rows::<F, N>(
+        load_key_value_rows::<F, N>(
             k,
             head_rows::<Vector<F, N>>(k, b, kv_head),
-            first_key,
-            n_keys,
-            &mut own_rows,
-            0usize,
-            key_rows,
-            cfg.d_k,
-            cfg.units(),
-        );
-        load_vector_rows::<F, N>(
             v,
             head_rows::<Vector<F, N>>(v, b, kv_head),
             first_key,
             n_keys,
             &mut own_rows,
-            values_at,
             key_rows,
-            cfg.d_v,
-            cfg.units(),
+            values_at,
+            cfg,
         );
         let mut acc_k = zero_accumulators(comptime!(cfg.d_k / MMA));
         let mut acc_v = zero_accumulators(comptime!(cfg.d_v / MMA));
         let (row, half) = lane_row();
         let key = first_key + row;
         let plane_keys = plane_first_row() < n_keys;
-        let block = first_key / comptime!(keys.select_block());
-        let slots = b * selected.stride(0) + kv_head * selected.stride(1);
         let begin = first_query(first_key, keys);
         let end = query_end(first_key + n_keys - 1, seq, keys);
         let mut chunk = begin;
@@ -585,8 +565,9 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
                 chunk,
                 end,
                 selected,
-                slots,
-                block,
+                b,
+                kv_head,
+                first_key,
                 &mut takes,
                 &mut positions,
                 cfg.units(),

@@ -667,8 +667,49 @@ fn softmax_step<F: Float, N: Size>(
     correction
 }
 
-/// Loads `valid` key and value rows from `first` into the tile's input buffer (zeros past
-/// `valid`) and synchronizes the cube.
+/// Loads `valid` key rows and value rows from `first` into `rows` rows of `dst`: keys from
+/// element 0 ([`MmaTileConfig::key_stride`] apart), values from element `values_at`
+/// ([`MmaTileConfig::value_stride`] apart); zeros past `valid`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn load_key_value_rows<F: Float, N: Size>(
+    k: &Tensor<Vector<F, N>>,
+    k_at: Rows,
+    v: &Tensor<Vector<F, N>>,
+    v_at: Rows,
+    first: usize,
+    valid: usize,
+    dst: &mut SharedMemory<Vector<F, N>>,
+    #[comptime] rows: usize,
+    #[comptime] values_at: usize,
+    #[comptime] cfg: MmaTileConfig,
+) {
+    load_vector_rows::<F, N>(
+        k,
+        k_at,
+        first,
+        valid,
+        dst,
+        0usize,
+        rows,
+        cfg.d_k,
+        cfg.units(),
+    );
+    load_vector_rows::<F, N>(
+        v,
+        v_at,
+        first,
+        valid,
+        dst,
+        values_at,
+        rows,
+        cfg.d_v,
+        cfg.units(),
+    );
+}
+
+/// [`load_key_value_rows()`] of one key tile into the tile's input buffer, then a cube
+/// barrier.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn load_key_value_tile<F: Float, N: Size>(
@@ -681,27 +722,17 @@ pub fn load_key_value_tile<F: Float, N: Size>(
     tile: &mut MmaTile<F, N>,
     #[comptime] cfg: MmaTileConfig,
 ) {
-    load_vector_rows::<F, N>(
+    load_key_value_rows::<F, N>(
         k,
         k_at,
-        first,
-        valid,
-        &mut tile.inputs,
-        0usize,
-        cfg.tile_keys,
-        cfg.d_k,
-        cfg.units(),
-    );
-    load_vector_rows::<F, N>(
         v,
         v_at,
         first,
         valid,
         &mut tile.inputs,
-        cfg.values_at(),
         cfg.tile_keys,
-        cfg.d_v,
-        cfg.units(),
+        cfg.values_at(),
+        cfg,
     );
     sync_cube();
 }
