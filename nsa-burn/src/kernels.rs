@@ -7,8 +7,8 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use nsa_cubecl::{
-    launch_compressed, launch_grad_key_value, launch_grad_query, launch_selected, launch_window,
-    AttentionShape, GradArgs, KeySet, SelectionConfig,
+    key_grad_split, launch_compressed, launch_grad_key_value, launch_grad_query, launch_selected,
+    launch_sum_key_splits, launch_window, AttentionShape, GradArgs, KeySet, SelectionConfig,
 };
 
 use crate::{BranchGrads, BranchSaved, NsaAttentionConfig, NsaBackend, NsaBackward};
@@ -167,6 +167,20 @@ where
     let client = q.client.clone();
     let scale = scale(config, &shape);
     with_float_type!(q.dtype, Fl => with_int_type!(selected.dtype, In => {
+        let split = key_grad_split::<R, Fl>(
+            &client,
+            &shape,
+            key_rows,
+            keys,
+            config.n_initial_blocks,
+        );
+        // [splits * B, split keys, H_kv, d_k + d_v] f32
+        let partial = empty_device_contiguous_dtype(
+            client.clone(),
+            q.device.clone(),
+            Shape::new(split.buffer_shape(&shape)),
+            DType::F32,
+        );
         launch_grad_query::<R, Fl, In>(
             &client,
             &shape,
@@ -182,6 +196,18 @@ where
             key_rows,
             keys,
             args(),
+            dk.clone().into_tensor_arg(),
+            dv.clone().into_tensor_arg(),
+            split,
+            partial.clone().into_tensor_arg(),
+            scale,
+        );
+        launch_sum_key_splits::<R, Fl>(
+            &client,
+            &shape,
+            key_rows,
+            split,
+            partial.into_tensor_arg(),
             dk.clone().into_tensor_arg(),
             dv.clone().into_tensor_arg(),
             scale,

@@ -109,6 +109,17 @@ fn cases() -> Vec<Case> {
         seq: 70,
         ..base
     });
+    // Long enough (T > 2048) that the tensor-core key-side backward splits the queries of
+    // the compressed keys and of the initial selection block over several cubes.
+    cases.push(Case {
+        batch: 2,
+        seq: 4500,
+        heads: 16,
+        kv_heads: 1,
+        d_k: 32,
+        d_v: 16,
+        config: small(),
+    });
     cases
 }
 

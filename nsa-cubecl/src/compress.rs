@@ -7,6 +7,7 @@ use crate::keys::{key_range, KeySet};
 use crate::mma::{
     key_in_range, lane_row, load_queries, load_vector_rows, mma_attend_range, mma_state_finish,
     mma_state_lse, mma_state_new, mma_tile_new, plane_scores, row_key_range, MmaTileConfig,
+    MMA, PLANE,
 };
 use crate::tile::{
     attend_range, cube_position, cube_positions, group_rows, head_rows, load_rows, state_finish,
@@ -183,6 +184,16 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
     }
 }
 
+/// `sync_plane()` for plane teams (`local`), `sync_cube()` for a cube-wide one.
+#[cube]
+fn team_sync(#[comptime] local: bool) {
+    if comptime!(local) {
+        sync_plane();
+    } else {
+        sync_cube();
+    }
+}
+
 /// The selection blocks `first..=last` that compressed keys `row..row + valid` overlap,
 /// capped at the query's `candidates` (blocks `j` with `j * l' <= t`).
 #[cube]
@@ -213,13 +224,19 @@ fn tile_block_score(
     j: usize,
     #[comptime] sel: SelectionConfig,
 ) -> f32 {
+    // Key i overlaps the block iff i * d < block_start + l' and i * d + l > block_start.
     let block_start = j * sel.select_block;
+    let mut lo = row;
+    if block_start >= sel.compress_block {
+        lo = max(lo, (block_start - sel.compress_block) / sel.compress_stride + 1);
+    }
+    let hi = min(
+        row + valid,
+        (block_start + sel.select_block - 1) / sel.compress_stride + 1,
+    );
     let mut total = 0.0f32;
-    for r in 0..valid {
-        let start = (row + r) * sel.compress_stride;
-        if start < block_start + sel.select_block && start + sel.compress_block > block_start {
-            total += probs[at + r];
-        }
+    for i in lo..hi {
+        total += probs[at + i - row];
     }
     total
 }
@@ -332,8 +349,6 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
     let mut tile = mma_tile_new::<F, N>(cfg);
     let mut group_probs = SharedMemory::<f32>::new(comptime!(cfg.positions * cfg.tile_keys));
     let mut block_scores = SharedMemory::<f32>::new(comptime!(cfg.positions * sel.max_blocks));
-    let mut best_score = SharedMemory::<f32>::new(comptime!(cfg.units()));
-    let mut best_block = SharedMemory::<u32>::new(comptime!(cfg.units()));
     let seq = q.shape(1);
     let n_keys = k_cmp.shape(1);
     let (b, head, t0, active) = cube_positions(q.shape(0), k_cmp.shape(2), seq, cfg.positions);
@@ -365,6 +380,13 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
             idx += units;
         }
         sync_cube();
+        // When a plane's 16 rows hold whole groups, each plane sums its own positions with
+        // plane barriers only; otherwise the cube works as one team.
+        let local = comptime!(MMA % cfg.group == 0);
+        let workers = comptime!(if local { PLANE } else { cfg.units() });
+        let owned = comptime!(if local { MMA / cfg.group } else { cfg.positions });
+        let worker = unit % workers;
+        let first_owned = unit / workers * owned;
         let cols = comptime!(cfg.tile_keys / 2);
         let scores = row * cfg.scratch_stride();
         let mut first = 0usize;
@@ -394,58 +416,174 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
                 }
                 tile.scratch[scores + col] = p;
             }
-            sync_cube();
+            team_sync(local);
             // Summed over each position's group (Eq. 10).
-            let mut idx = unit;
-            while idx < comptime!(cfg.positions * cfg.tile_keys) {
-                let position = idx / cfg.tile_keys;
+            let mut idx = worker;
+            while idx < comptime!(owned * cfg.tile_keys) {
+                let position = first_owned + idx / cfg.tile_keys;
                 let col = idx % cfg.tile_keys;
                 let mut p = 0.0f32;
                 #[unroll]
                 for g in 0..cfg.group {
                     p += tile.scratch[(position * cfg.group + g) * cfg.scratch_stride() + col];
                 }
-                group_probs[idx] = p;
-                idx += units;
+                group_probs[position * cfg.tile_keys + col] = p;
+                idx += workers;
             }
-            sync_cube();
-            // Each (position, selection block) the tile touches is summed by one unit.
+            team_sync(local);
+            // Each (position, selection block) the tile touches is summed by one worker.
             let (first_block, last_block) = tile_blocks(first, valid, seq, sel);
             let span = last_block + 1 - first_block;
-            let mut idx = unit;
-            while idx < positions * span {
-                let position = idx / span;
+            let mut idx = worker;
+            while idx < owned * span {
+                let position = first_owned + idx / span;
                 let j = first_block + idx % span;
-                if j * sel.select_block <= t0 + position {
-                    block_scores[position * sel.max_blocks + j] += tile_block_score(
-                        &group_probs,
-                        position * cfg.tile_keys,
-                        first,
-                        valid,
-                        j,
-                        sel,
-                    );
+                // Nested: `&&` does not short-circuit.
+                if position < positions {
+                    if j * sel.select_block <= t0 + position {
+                        block_scores[position * sel.max_blocks + j] += tile_block_score(
+                            &group_probs,
+                            position * cfg.tile_keys,
+                            first,
+                            valid,
+                            j,
+                            sel,
+                        );
+                    }
                 }
-                idx += units;
+                idx += workers;
             }
             sync_cube();
             first += cfg.tile_keys;
         }
 
-        for position in 0..positions {
+        // Top-n: plane p picks for positions p, p + planes, ..
+        let mut position = UNIT_POS as usize / PLANE;
+        while position < positions {
             let t = t0 + position;
             let out = b * selected.stride(0) + head * selected.stride(1) + t * selected.stride(2);
-            pick_blocks::<I>(
+            plane_pick_blocks::<I>(
                 &mut block_scores,
                 position * sel.max_blocks,
                 t,
-                &mut best_score,
-                &mut best_block,
                 selected,
                 out,
-                units,
                 sel,
             );
+            position += cfg.planes;
+        }
+    }
+}
+
+/// The best block among this lane's share `lane, lane + 32, ..` of the `candidates` scores
+/// at `block_scores[at..]`, the lower index on ties: `(score, block)`, `(NEG_BIG, 0)` if
+/// the share is empty.
+#[cube]
+fn lane_best(
+    block_scores: &SharedMemory<f32>,
+    at: usize,
+    lane: usize,
+    candidates: usize,
+) -> (f32, u32) {
+    let mut best = f32::new(NEG_BIG);
+    let mut best_j = 0u32;
+    let mut j = lane;
+    while j < candidates {
+        let score = block_scores[at + j];
+        if score > best {
+            best = score;
+            best_j = j as u32;
+        }
+        j += PLANE;
+    }
+    (best, best_j)
+}
+
+/// Whether `(score, block)` beats `(best, best_block)`: a higher score, or the same score
+/// at a lower block.
+#[cube]
+fn beats(score: f32, block: u32, best: f32, best_block: u32) -> bool {
+    score > best || (score == best && block < best_block)
+}
+
+/// The plane's best `(score, block)` from each lane's own, by a butterfly: every lane
+/// ends with the same winner.
+#[cube]
+fn plane_best(score: f32, block: u32) -> (f32, u32) {
+    let mut best = score;
+    let mut best_block = block;
+    #[unroll]
+    for step in 0..5u32 {
+        let mask = comptime!(16u32 >> step);
+        let other = plane_shuffle_xor(best, mask);
+        let other_block = plane_shuffle_xor(best_block, mask);
+        if beats(other, other_block, best, best_block) {
+            best = other;
+            best_block = other_block;
+        }
+    }
+    (best, best_block)
+}
+
+/// [`pick_blocks()`] by one plane, for the tensor-core kernel (whose planes pick for
+/// different positions at once, with no cube barrier): lane `l` owns the blocks
+/// `l, l + 32, ..` and keeps its best; each round the plane's best wins
+/// ([`plane_best`]) and only its owner rescans. Every lane of the plane must call it.
+#[cube]
+fn plane_pick_blocks<I: Int>(
+    block_scores: &mut SharedMemory<f32>,
+    at: usize,
+    t: usize,
+    selected: &mut Tensor<I>,
+    out: usize,
+    #[comptime] sel: SelectionConfig,
+) {
+    let lane = UNIT_POS as usize % PLANE;
+    let candidates = t / sel.select_block + 1;
+    let own = t / sel.select_block;
+    let mut j = lane;
+    while j < candidates {
+        if j < sel.n_initial || (j <= own && j + sel.n_local > own) {
+            block_scores[at + j] = FORCED;
+        }
+        j += PLANE;
+    }
+    let (mut best, mut best_j) = lane_best(block_scores, at, lane, candidates);
+    let mut chosen = Array::<i32>::new(sel.n_selected);
+    #[unroll]
+    for round in 0..sel.n_selected {
+        let (win, win_j) = plane_best(best, best_j);
+        let mut pick = i32::new(-1);
+        if win > NEG_BIG {
+            pick = i32::cast_from(win_j);
+            let win_block = usize::cast_from(win_j);
+            if win_block % PLANE == lane {
+                block_scores[at + win_block] = NEG_BIG;
+                let (next, next_j) = lane_best(block_scores, at, lane, candidates);
+                best = next;
+                best_j = next_j;
+            }
+        }
+        chosen[round] = pick;
+    }
+    // Slot of each pick: ascending, empty slots (-1) last.
+    #[unroll]
+    for i in 0..sel.n_selected {
+        let value = chosen[i];
+        let mut slot = 0usize;
+        #[unroll]
+        for other in 0..sel.n_selected {
+            let other_value = chosen[other];
+            if value >= 0 {
+                if other_value >= 0 && other_value < value {
+                    slot += 1;
+                }
+            } else if other_value >= 0 || other < i {
+                slot += 1;
+            }
+        }
+        if lane == comptime!(i % PLANE) {
+            selected[out + slot * selected.stride(3)] = I::cast_from(value);
         }
     }
 }

@@ -15,7 +15,7 @@ use crate::mma::{
     accumulate_products, lane_row, load_key_value_rows, mma_tile_new, plane_first_row,
     plane_fragments, plane_row_products, store_rows, zero_accumulators, MmaTileConfig, MMA,
 };
-use crate::tile::{cube_positions, head_rows, load_rows};
+use crate::tile::{cube_positions, cube_positions_at, head_rows, load_rows};
 
 /// Comptime shape of the key-side backward cube.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -501,6 +501,14 @@ fn load_step_vectors<F: Float, N: Size>(
 /// memory: `S^T = K Q^T` and `dP^T = V dO^T` on the tensor cores, `P^T` and
 /// `dS^T = P^T (dP^T - delta)` per lane, then `dV += P^T dO` and `dK += dS^T Q` into
 /// accumulators. For the selection branch the key rows lie in one selection block.
+///
+/// Key rows below `split_keys` (those every later query may see: all compressed keys, the
+/// forced initial selection blocks) would leave a few cubes with most of the work, so their
+/// queries are split: the grid repeats `splits` times, copy `s` walks only the query
+/// positions `s * split_positions ..` (`split_positions` of them) and writes its unscaled
+/// sums to `partial: [splits * B, split_keys, H_kv, d_k + d_v]` f32, which
+/// [`sum_key_splits_kernel()`] adds up in a fixed order. The other key rows run in copy 0
+/// over all their queries and write `dk` and `dv` directly.
 #[cube(launch_unchecked, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
@@ -513,7 +521,10 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
     selected: &Tensor<I>,
     dk: &mut Tensor<F>,
     dv: &mut Tensor<F>,
+    partial: &mut Tensor<f32>,
     scale: f32,
+    split_positions: u32,
+    split_keys: u32,
     #[comptime] cfg: MmaTileConfig,
     #[comptime] keys: KeySet,
 ) {
@@ -534,8 +545,17 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
     let mut positions = SharedMemory::<u32>::new(comptime!(cfg.units()));
 
     let n_keys_total = k.shape(1);
-    let (b, kv_head, first_key, active) =
-        cube_positions(q.shape(0), k.shape(2), n_keys_total, key_rows);
+    let batch = q.shape(0);
+    let tiles = batch * k.shape(2) * ((n_keys_total + key_rows - 1) / key_rows);
+    let split = CUBE_POS / tiles;
+    let (b, kv_head, first_key, inside) =
+        cube_positions_at(CUBE_POS % tiles, batch, k.shape(2), n_keys_total, key_rows);
+    let split_positions = usize::cast_from(split_positions);
+    let split_keys = usize::cast_from(split_keys);
+    let is_split = first_key < split_keys;
+    let splits = partial.shape(0) / batch;
+    // Unsplit tiles run in copy 0 only.
+    let active = inside && split < splits && (is_split || split == 0);
     if active {
         let seq = q.shape(1);
         let n_keys = min(key_rows, n_keys_total - first_key);
@@ -557,8 +577,12 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
         let (row, half) = lane_row();
         let key = first_key + row;
         let plane_keys = plane_first_row() < n_keys;
-        let begin = first_query(first_key, keys);
-        let end = query_end(first_key + n_keys - 1, seq, keys);
+        let mut begin = first_query(first_key, keys);
+        let mut end = query_end(first_key + n_keys - 1, seq, keys);
+        if is_split {
+            begin = max(begin, split * split_positions);
+            end = min(end, (split + 1) * split_positions);
+        }
         let mut chunk = begin;
         while chunk < end {
             let count = compact_positions::<I>(
@@ -694,9 +718,56 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
             chunk += cfg.units();
         }
         let real = row < n_keys;
-        let dk_out = b * dk.stride(0) + key * dk.stride(1) + kv_head * dk.stride(2);
-        store_rows::<F, N>(&mut tile, &acc_k, scale, dk, dk_out, real, cfg.d_k, cfg);
-        let dv_out = b * dv.stride(0) + key * dv.stride(1) + kv_head * dv.stride(2);
-        store_rows::<F, N>(&mut tile, &acc_v, 1.0, dv, dv_out, real, cfg.d_v, cfg);
+        if is_split {
+            let out = (split * batch + b) * partial.stride(0)
+                + key * partial.stride(1)
+                + kv_head * partial.stride(2);
+            store_rows::<F, N, f32>(&mut tile, &acc_k, 1.0, partial, out, real, cfg.d_k, cfg);
+            let dv_out = out + cfg.d_k * partial.stride(3);
+            store_rows::<F, N, f32>(&mut tile, &acc_v, 1.0, partial, dv_out, real, cfg.d_v, cfg);
+        } else {
+            let dk_out = b * dk.stride(0) + key * dk.stride(1) + kv_head * dk.stride(2);
+            store_rows::<F, N, F>(&mut tile, &acc_k, scale, dk, dk_out, real, cfg.d_k, cfg);
+            let dv_out = b * dv.stride(0) + key * dv.stride(1) + kv_head * dv.stride(2);
+            store_rows::<F, N, F>(&mut tile, &acc_v, 1.0, dv, dv_out, real, cfg.d_v, cfg);
+        }
+    }
+}
+
+/// Adds up the split copies of [`grad_key_value_mma_kernel()`]:
+/// `partial: [splits * B, split_keys, H_kv, d_k + d_v]` f32 -> the key rows
+/// `0..split_keys` of `dk: [B, L, H_kv, d_k]` (times `scale`) and `dv: [B, L, H_kv, d_v]`,
+/// one unit per output, copies summed in order (deterministic).
+#[cube(launch, address_type = "dynamic")]
+pub fn sum_key_splits_kernel<F: Float>(
+    partial: &Tensor<f32>,
+    dk: &mut Tensor<F>,
+    dv: &mut Tensor<F>,
+    scale: f32,
+    #[comptime] d_k: usize,
+    #[comptime] d_v: usize,
+) {
+    let batch = dk.shape(0);
+    let split_keys = partial.shape(1);
+    let kv_heads = partial.shape(2);
+    let width = comptime!(d_k + d_v);
+    let idx = ABSOLUTE_POS;
+    if idx < batch * split_keys * kv_heads * width {
+        let col = idx % width;
+        let kv_head = (idx / width) % kv_heads;
+        let key = (idx / (width * kv_heads)) % split_keys;
+        let b = idx / (width * kv_heads * split_keys);
+        let at = key * partial.stride(1) + kv_head * partial.stride(2) + col * partial.stride(3);
+        let mut sum = 0.0f32;
+        for split in 0..partial.shape(0) / batch {
+            sum += partial[(split * batch + b) * partial.stride(0) + at];
+        }
+        if col < d_k {
+            let out = b * dk.stride(0) + key * dk.stride(1) + kv_head * dk.stride(2);
+            dk[out + col * dk.stride(3)] = F::cast_from(sum * scale);
+        } else {
+            let out = b * dv.stride(0) + key * dv.stride(1) + kv_head * dv.stride(2);
+            dv[out + (col - d_k) * dv.stride(3)] = F::cast_from(sum);
+        }
     }
 }

@@ -8,7 +8,9 @@ use cubecl::{calculate_cube_count_elemwise, CubeElement};
 use crate::compress::{
     compressed_attention_kernel, compressed_attention_mma_kernel, SelectionConfig,
 };
-use crate::grad_key::{grad_key_value_kernel, grad_key_value_mma_kernel, KeyTileConfig};
+use crate::grad_key::{
+    grad_key_value_kernel, grad_key_value_mma_kernel, sum_key_splits_kernel, KeyTileConfig,
+};
 use crate::grad_query::{grad_query_kernel, grad_query_mma_kernel};
 use crate::keys::KeySet;
 use crate::mma::{MmaTileConfig, MMA, PLANE};
@@ -376,9 +378,8 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
         max_blocks,
         ..selection
     };
-    let scoring_bytes = |tile: &MmaTileConfig| {
-        4 * (tile.positions * (tile.tile_keys + max_blocks) + 2 * tile.units())
-    };
+    let scoring_bytes =
+        |tile: &MmaTileConfig| 4 * tile.positions * (tile.tile_keys + max_blocks);
     if let Some(cfg) = mma_tile_config::<R, F>(client, shape, false, scoring_bytes) {
         let (count, dim) = mma_grid(client, shape, &cfg);
         // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
@@ -541,8 +542,84 @@ pub fn key_tile_config<R: Runtime>(
     }
 }
 
+/// Query positions per copy of a split key tile, at least.
+const MIN_SPLIT_POSITIONS: usize = 2048;
+
+/// Copies a split key tile runs in, at most (bounds the partial-sum buffer).
+const MAX_SPLITS: usize = 16;
+
+/// How the tensor-core key-side backward splits the queries of the key rows that every
+/// later query may see (see [`crate::grad_key::grad_key_value_mma_kernel()`]): key rows
+/// `0..keys` run in `splits` copies of `positions` query positions each, whose sums go
+/// through an f32 buffer of [`KeyGradSplit::buffer_shape`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyGradSplit {
+    /// Copies of each split key tile (1: nothing split).
+    pub splits: usize,
+    /// Query positions per copy.
+    pub positions: usize,
+    /// Split key rows, `0..keys` (0: nothing split).
+    pub keys: usize,
+}
+
+impl KeyGradSplit {
+    /// `[splits * B, keys, H_kv, d_k + d_v]`, or `[B, 1, 1, 1]` (never read) when nothing
+    /// is split.
+    pub fn buffer_shape(&self, shape: &AttentionShape) -> [usize; 4] {
+        if self.keys == 0 {
+            [shape.batch, 1, 1, 1]
+        } else {
+            [
+                self.splits * shape.batch,
+                self.keys,
+                shape.kv_heads,
+                shape.d_k + shape.d_v,
+            ]
+        }
+    }
+}
+
+/// The split for the key-side backward of `shape` over `key_rows` key rows: on the
+/// tensor-core path, every compressed key and the first `initial_blocks` selection blocks
+/// (which all later queries see or select) are split when `T` exceeds
+/// `MIN_SPLIT_POSITIONS`, in at most `MAX_SPLITS` copies; nothing otherwise.
+pub fn key_grad_split<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    key_rows: usize,
+    keys: KeySet,
+    initial_blocks: usize,
+) -> KeyGradSplit {
+    let none = KeyGradSplit {
+        splits: 1,
+        positions: shape.seq,
+        keys: 0,
+    };
+    if key_mma_tile_config::<R, F>(client, shape, keys).is_none()
+        || shape.seq <= MIN_SPLIT_POSITIONS
+    {
+        return none;
+    }
+    let split_keys = match keys {
+        KeySet::Compressed { .. } => key_rows,
+        KeySet::Selected { block } => (initial_blocks * block).min(key_rows),
+        KeySet::Window { .. } => 0,
+    };
+    if split_keys == 0 {
+        return none;
+    }
+    let positions = MIN_SPLIT_POSITIONS.max(shape.seq.div_ceil(MAX_SPLITS));
+    KeyGradSplit {
+        splits: shape.seq.div_ceil(positions),
+        positions,
+        keys: split_keys,
+    }
+}
+
 /// Backward, key side: `dk: [B, L, H_kv, d_k]` and `dv: [B, L, H_kv, d_v]` of the branch
-/// whose attention pattern is `keys`, over `key_rows` key rows (`L`).
+/// whose attention pattern is `keys`, over `key_rows` key rows (`L`). With a `split` from
+/// [`key_grad_split`], `partial` is an f32 buffer of [`KeyGradSplit::buffer_shape`] and the
+/// split rows of `dk`/`dv` are left for [`launch_sum_key_splits`].
 #[allow(clippy::too_many_arguments)]
 pub fn launch_grad_key_value<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
     client: &ComputeClient<R>,
@@ -552,11 +629,13 @@ pub fn launch_grad_key_value<R: Runtime, F: Float + CubeElement, I: Int + CubeEl
     args: GradArgs<R>,
     dk: TensorArg<R>,
     dv: TensorArg<R>,
+    split: KeyGradSplit,
+    partial: TensorArg<R>,
     scale: f32,
 ) {
     if let Some(cfg) = key_mma_tile_config::<R, F>(client, shape, keys) {
         let cube_dim = CubeDim::new_1d(cfg.units() as u32);
-        let cubes = shape.batch * shape.kv_heads * key_rows.div_ceil(cfg.rows());
+        let cubes = split.splits * shape.batch * shape.kv_heads * key_rows.div_ceil(cfg.rows());
         let count = calculate_cube_count_elemwise(client, cubes * cfg.units(), cube_dim);
         // SAFETY: as for the forward tensor-core kernels.
         unsafe {
@@ -575,13 +654,17 @@ pub fn launch_grad_key_value<R: Runtime, F: Float + CubeElement, I: Int + CubeEl
                 args.selected,
                 dk,
                 dv,
+                partial,
                 scale,
+                split.positions as u32,
+                split.keys as u32,
                 cfg,
                 keys,
             );
         }
         return;
     }
+    assert_eq!(split.keys, 0, "the portable key-side kernel does not split");
     let cfg = key_tile_config(client, shape, keys);
     let cube_dim = CubeDim::new_1d(cfg.units as u32);
     let cubes = shape.batch * shape.kv_heads * key_rows.div_ceil(cfg.tile_keys);
@@ -603,5 +686,39 @@ pub fn launch_grad_key_value<R: Runtime, F: Float + CubeElement, I: Int + CubeEl
         scale,
         cfg,
         keys,
+    );
+}
+
+/// Adds up the split copies of [`launch_grad_key_value`]: `partial` (f32,
+/// [`KeyGradSplit::buffer_shape`]) -> key rows `0..split.keys` of `dk: [B, L, H_kv, d_k]`
+/// and `dv: [B, L, H_kv, d_v]`. Nothing to do when nothing was split.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_sum_key_splits<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    key_rows: usize,
+    split: KeyGradSplit,
+    partial: TensorArg<R>,
+    dk: TensorArg<R>,
+    dv: TensorArg<R>,
+    scale: f32,
+) {
+    if split.keys == 0 {
+        return;
+    }
+    let outputs = shape.batch * split.keys * shape.kv_heads * (shape.d_k + shape.d_v);
+    let cube_dim = CubeDim::new_1d(256);
+    let count = calculate_cube_count_elemwise(client, outputs, cube_dim);
+    sum_key_splits_kernel::launch::<F, R>(
+        client,
+        count,
+        cube_dim,
+        address_type(shape, key_rows),
+        partial,
+        dk,
+        dv,
+        scale,
+        shape.d_k,
+        shape.d_v,
     );
 }

@@ -29,8 +29,9 @@ pub mod window;
 pub use compress::SelectionConfig;
 pub use keys::KeySet;
 pub use launch::{
-    launch_compressed, launch_grad_key_value, launch_grad_query, launch_selected, launch_window,
-    mma_tile_config, tile_config, AttentionShape, GradArgs, PORTABLE_KERNELS_VAR,
+    key_grad_split, launch_compressed, launch_grad_key_value, launch_grad_query, launch_selected,
+    launch_sum_key_splits, launch_window, mma_tile_config, tile_config, AttentionShape, GradArgs,
+    KeyGradSplit, PORTABLE_KERNELS_VAR,
 };
 pub use mma::MmaTileConfig;
 pub use tile::TileConfig;

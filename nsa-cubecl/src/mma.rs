@@ -470,11 +470,11 @@ fn owns_columns(half: usize, #[comptime] chunk: usize, #[comptime] dim: usize) -
 /// its row is `real`. Every lane of the plane must call it.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub fn store_rows<F: Float, N: Size>(
+pub fn store_rows<F: Float, N: Size, E: Float>(
     tile: &mut MmaTile<F, N>,
     acc: &Sequence<Matrix<f32>>,
     factor: f32,
-    x: &mut Tensor<F>,
+    x: &mut Tensor<E>,
     out: usize,
     real: bool,
     #[comptime] dim: usize,
@@ -490,7 +490,7 @@ pub fn store_rows<F: Float, N: Size>(
             #[unroll]
             for i in 0..MMA {
                 let col = chunk * CHUNK + half * MMA + i;
-                x[out + col * x.stride(3)] = F::cast_from(tile.scratch[own + i] * factor);
+                x[out + col * x.stride(3)] = E::cast_from(tile.scratch[own + i] * factor);
             }
         }
         sync_plane();
@@ -515,7 +515,7 @@ pub fn store_group_rows<F: Float, N: Size>(
     let (position, real) = row_position(row, t0, x.shape(1), cfg);
     let head = kv_head * cfg.group + row % cfg.group;
     let out = b * x.stride(0) + position * x.stride(1) + head * x.stride(2);
-    store_rows::<F, N>(tile, acc, factor, x, out, real, dim, cfg);
+    store_rows::<F, N, F>(tile, acc, factor, x, out, real, dim, cfg);
 }
 
 /// Multiplies each row of the plane's output accumulators by its lane's `correction`,

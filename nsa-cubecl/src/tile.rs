@@ -387,7 +387,18 @@ pub fn cube_positions(
     seq: usize,
     #[comptime] positions: usize,
 ) -> (usize, usize, usize, bool) {
-    let cube = CUBE_POS;
+    cube_positions_at(CUBE_POS, batch, kv_heads, seq, positions)
+}
+
+/// [`cube_positions`] of cube number `cube` of a grid the caller lays out itself.
+#[cube]
+pub fn cube_positions_at(
+    cube: usize,
+    batch: usize,
+    kv_heads: usize,
+    seq: usize,
+    #[comptime] positions: usize,
+) -> (usize, usize, usize, bool) {
     let blocks = (seq + positions - 1) / positions;
     let block = cube % blocks;
     let head = (cube / blocks) % kv_heads;
