@@ -14,8 +14,9 @@ use crate::keys::{first_query, query_end, query_sees, KeySet};
 use crate::mma::{
     accumulate_products, lane_row, load_key_value_rows, mma_tile_new, plane_first_row,
     plane_fragments, plane_row_products, store_rows, zero_accumulators, MmaTileConfig, MMA,
+    PLANE,
 };
-use crate::tile::{cube_positions, cube_positions_at, head_rows, load_rows};
+use crate::tile::{cube_tiles_at, head_rows, load_rows};
 
 /// Comptime shape of the key-side backward cube.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -89,8 +90,10 @@ fn selects<I: Int>(selected: &Tensor<I>, slots: usize, t: usize, block: usize) -
 /// The positions `chunk .. min(chunk + units, end)` that see the key tile starting at
 /// `first_key` of `(b, kv_head)`, in order, into `positions`; returns how many. Each unit
 /// checks one position (for the selection branch: whether its group selected the tile's
-/// block); an inclusive prefix sum of the flags (Hillis-Steele) gives each taken position
-/// its rank. Every unit must call it (it synchronizes the cube).
+/// block); an inclusive prefix sum of the flags gives each taken position its rank: per
+/// plane with plane ops plus the earlier planes' totals when `plane_ops` (32-lane planes),
+/// Hillis-Steele over the cube otherwise. Every unit must call it (it synchronizes the
+/// cube).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn compact_positions<I: Int>(
@@ -104,6 +107,7 @@ fn compact_positions<I: Int>(
     positions: &mut SharedMemory<u32>,
     #[comptime] units: usize,
     #[comptime] keys: KeySet,
+    #[comptime] plane_ops: bool,
 ) -> usize {
     let unit = UNIT_POS as usize;
     let block = first_key / comptime!(keys.select_block());
@@ -120,25 +124,46 @@ fn compact_positions<I: Int>(
             }
         }
     }
-    takes[unit] = take;
-    sync_cube();
-    let mut offset = 1usize;
-    while offset < units {
-        let mut before = 0u32;
-        if unit >= offset {
-            before = takes[unit - offset];
+    let (rank, count) = if comptime!(plane_ops) {
+        // takes[p]: how many positions plane p takes.
+        let plane = unit / PLANE;
+        let in_plane = plane_inclusive_sum(take);
+        if unit % PLANE == PLANE - 1 {
+            takes[plane] = in_plane;
         }
         sync_cube();
-        takes[unit] += before;
+        let mut rank = in_plane;
+        let mut count = 0u32;
+        #[unroll]
+        for p in 0..comptime!(units / PLANE) {
+            let total = takes[p];
+            if p < plane {
+                rank += total;
+            }
+            count += total;
+        }
+        (rank, count)
+    } else {
+        takes[unit] = take;
         sync_cube();
-        offset *= 2;
-    }
+        let mut offset = 1usize;
+        while offset < units {
+            let mut before = 0u32;
+            if unit >= offset {
+                before = takes[unit - offset];
+            }
+            sync_cube();
+            takes[unit] += before;
+            sync_cube();
+            offset *= 2;
+        }
+        (takes[unit], takes[units - 1])
+    };
     if take == 1 {
-        positions[takes[unit] as usize - 1] = t as u32;
+        positions[rank as usize - 1] = t as u32;
     }
-    let count = takes[units - 1] as usize;
     sync_cube();
-    count
+    count as usize
 }
 
 /// The statistics of the step's rows `first_row .. first_row + step_rows` of the position
@@ -321,8 +346,9 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
     };
     let unit = UNIT_POS as usize;
     let n_keys_total = k.shape(1);
-    let (b, kv_head, first_key, active) =
-        cube_positions(q.shape(0), k.shape(2), n_keys_total, cfg.tile_keys);
+    let tiles = (n_keys_total + cfg.tile_keys - 1) / cfg.tile_keys;
+    let (b, kv_head, tile_index, active) = cube_tiles_at(CUBE_POS, q.shape(0), k.shape(2), tiles);
+    let first_key = tile_index * cfg.tile_keys;
     if active {
         let seq = q.shape(1);
         let n_keys = min(cfg.tile_keys, n_keys_total - first_key);
@@ -365,6 +391,7 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
                 &mut tile.positions,
                 cfg.units,
                 keys,
+                false,
             );
             let rows = count * cfg.group;
             let mut first_row = 0usize;
@@ -546,10 +573,12 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
 
     let n_keys_total = k.shape(1);
     let batch = q.shape(0);
-    let tiles = batch * k.shape(2) * ((n_keys_total + key_rows - 1) / key_rows);
-    let split = CUBE_POS / tiles;
-    let (b, kv_head, first_key, inside) =
-        cube_positions_at(CUBE_POS % tiles, batch, k.shape(2), n_keys_total, key_rows);
+    let tiles = (n_keys_total + key_rows - 1) / key_rows;
+    let grid = batch * k.shape(2) * tiles;
+    let split = CUBE_POS / grid;
+    let (b, kv_head, tile_index, inside) =
+        cube_tiles_at(CUBE_POS % grid, batch, k.shape(2), tiles);
+    let first_key = tile_index * key_rows;
     let split_positions = usize::cast_from(split_positions);
     let split_keys = usize::cast_from(split_keys);
     let is_split = first_key < split_keys;
@@ -596,6 +625,7 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
                 &mut positions,
                 cfg.units(),
                 keys,
+                true,
             );
             let rows = count * cfg.group;
             let mut first_row = 0usize;

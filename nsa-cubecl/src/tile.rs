@@ -380,6 +380,8 @@ pub fn cube_position(batch: usize, kv_heads: usize, seq: usize) -> (usize, usize
 }
 
 /// [`cube_position`] for cubes of `positions` consecutive query positions: the first one.
+/// The latest positions come first: in the causal branches they attend the most keys, so
+/// the longest cubes start first instead of trailing at the end of the grid.
 #[cube]
 pub fn cube_positions(
     batch: usize,
@@ -387,23 +389,24 @@ pub fn cube_positions(
     seq: usize,
     #[comptime] positions: usize,
 ) -> (usize, usize, usize, bool) {
-    cube_positions_at(CUBE_POS, batch, kv_heads, seq, positions)
+    let blocks = (seq + positions - 1) / positions;
+    let (b, head, block, inside) = cube_tiles_at(CUBE_POS, batch, kv_heads, blocks);
+    (b, head, (blocks - 1 - block) * positions, inside)
 }
 
-/// [`cube_positions`] of cube number `cube` of a grid the caller lays out itself.
+/// Cube number `cube` of a grid of `batch * kv_heads * tiles` cubes (tiles fastest, in
+/// order) as `(batch, KV head, tile)`, and whether it is inside that grid.
 #[cube]
-pub fn cube_positions_at(
+pub fn cube_tiles_at(
     cube: usize,
     batch: usize,
     kv_heads: usize,
-    seq: usize,
-    #[comptime] positions: usize,
+    tiles: usize,
 ) -> (usize, usize, usize, bool) {
-    let blocks = (seq + positions - 1) / positions;
-    let block = cube % blocks;
-    let head = (cube / blocks) % kv_heads;
-    let b = cube / (blocks * kv_heads);
-    (b, head, block * positions, cube < batch * kv_heads * blocks)
+    let tile = cube % tiles;
+    let head = (cube / tiles) % kv_heads;
+    let b = cube / (tiles * kv_heads);
+    (b, head, tile, cube < batch * kv_heads * tiles)
 }
 
 /// The group's query (or output) rows at `(b, t)` of a `[B, T, H, d]` tensor: heads
