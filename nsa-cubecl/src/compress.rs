@@ -4,10 +4,10 @@
 use cubecl::prelude::*;
 
 use crate::keys::{key_range, KeySet};
-use crate::mma::{
-    key_in_range, lane_row, load_queries, load_vector_rows, mma_attend_range, mma_state_finish,
-    mma_state_lse, mma_state_new, mma_tile_new, plane_scores, row_key_range, MmaTileConfig,
-    MMA, PLANE,
+use crate::mma::{load_vector_rows, plane_first_row, row_key_range, MmaTileConfig, MMA, PLANE};
+use crate::register_tile::{
+    lane_key_in_range, lane_ranges, lane_rows, plane_score_tiles, register_attend_range,
+    register_load_queries, register_row_lse, register_state_finish, register_state_new,
 };
 use crate::tile::{
     attend_range, cube_position, cube_positions, group_rows, head_rows, load_rows, state_finish,
@@ -228,7 +228,10 @@ fn tile_block_score(
     let block_start = j * sel.select_block;
     let mut lo = row;
     if block_start >= sel.compress_block {
-        lo = max(lo, (block_start - sel.compress_block) / sel.compress_stride + 1);
+        lo = max(
+            lo,
+            (block_start - sel.compress_block) / sel.compress_stride + 1,
+        );
     }
     let hi = min(
         row + valid,
@@ -346,7 +349,10 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
     #[comptime] sel: SelectionConfig,
 ) {
     let keys = comptime!(sel.key_set());
-    let mut tile = mma_tile_new::<F, N>(cfg);
+    let width = N::value();
+    let mut inputs = SharedMemory::<Vector<F, N>>::new(comptime!(cfg.input_elems() / width));
+    // Probabilities of the scoring pass, [rows, scratch_stride] f32.
+    let mut probs = SharedMemory::<f32>::new(comptime!(cfg.rows() * cfg.scratch_stride()));
     let mut group_probs = SharedMemory::<f32>::new(comptime!(cfg.positions * cfg.tile_keys));
     let mut block_scores = SharedMemory::<f32>::new(comptime!(cfg.positions * sel.max_blocks));
     let seq = q.shape(1);
@@ -355,22 +361,39 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
     if active {
         let unit = UNIT_POS as usize;
         let units = comptime!(cfg.units());
-        let queries = load_queries::<F, N>(q, b, t0, head, &mut tile, cfg);
+        let queries = register_load_queries::<F, N>(q, b, t0, head, &mut inputs, cfg);
         let k_at = head_rows::<Vector<F, N>>(k_cmp, b, head);
         let v_at = head_rows::<Vector<F, N>>(v_cmp, b, head);
-        let (row, half) = lane_row();
-        let (start, end) = row_key_range(row, t0, seq, n_keys, keys, cfg);
+        let (low, high) = lane_rows();
+        let ranges = lane_ranges(
+            row_key_range(low, t0, seq, n_keys, keys, cfg),
+            row_key_range(high, t0, seq, n_keys, keys, cfg),
+        );
         let positions = min(t0 + cfg.positions, seq) - t0;
         let (_, visible) = key_range(t0 + positions - 1, n_keys, keys);
 
         // Attention over the compressed keys.
-        let mut state = mma_state_new(cfg);
-        mma_attend_range::<F, N>(
-            k_cmp, k_at, v_cmp, v_at, 0, visible, start, end, scale, &queries, &mut tile,
-            &mut state, cfg,
+        let mut state = register_state_new(cfg);
+        register_attend_range::<F, N>(
+            k_cmp,
+            k_at,
+            v_cmp,
+            v_at,
+            0,
+            visible,
+            &ranges,
+            scale,
+            &queries,
+            &mut inputs,
+            &mut state,
+            cfg,
         );
-        mma_state_finish::<F, N>(&state, &mut tile, o, lse, b, t0, head, cfg);
-        let row_lse = mma_state_lse(&state);
+        register_state_finish::<F>(&state, o, lse, b, t0, head, cfg);
+        let mut row_lse = Array::<f32>::new(2usize);
+        #[unroll]
+        for half in 0..2usize {
+            row_lse[half] = register_row_lse(&state, half);
+        }
 
         // Selection-block scores of every position: its candidates are the blocks j with
         // j * l' <= t.
@@ -384,11 +407,13 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
         // plane barriers only; otherwise the cube works as one team.
         let local = comptime!(MMA % cfg.group == 0);
         let workers = comptime!(if local { PLANE } else { cfg.units() });
-        let owned = comptime!(if local { MMA / cfg.group } else { cfg.positions });
+        let owned = comptime!(if local {
+            MMA / cfg.group
+        } else {
+            cfg.positions
+        });
         let worker = unit % workers;
         let first_owned = unit / workers * owned;
-        let cols = comptime!(cfg.tile_keys / 2);
-        let scores = row * cfg.scratch_stride();
         let mut first = 0usize;
         while first < visible {
             let valid = min(visible - first, cfg.tile_keys);
@@ -397,24 +422,32 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
                 k_at,
                 first,
                 valid,
-                &mut tile.inputs,
+                &mut inputs,
                 0usize,
                 cfg.tile_keys,
                 cfg.d_k,
                 units,
             );
             sync_cube();
-            plane_scores::<F, N>(&mut tile, &queries, cfg);
-            sync_plane();
-            // Scores -> probabilities with the row's log-sum-exp, in place.
-            #[unroll]
-            for i in 0..cols {
-                let col = half * cols + i;
-                let mut p = 0.0f32;
-                if key_in_range(col, first, valid, start, end) {
-                    p = (tile.scratch[scores + col] * scale - row_lse).exp();
+            // Scores -> probabilities with the rows' log-sum-exp (uniform over the plane).
+            if plane_first_row() < comptime!(cfg.positions * cfg.group) {
+                let scores = plane_score_tiles::<F, N>(&inputs, &queries, cfg);
+                #[unroll]
+                for half in 0..2usize {
+                    let row = low + half * 8;
+                    #[unroll]
+                    for tile in 0..comptime!(cfg.tile_keys / 8) {
+                        #[unroll]
+                        for e in 0..2usize {
+                            let mut p = 0.0f32;
+                            if lane_key_in_range(&ranges, first, valid, tile, half, e) {
+                                p = (scores[2 * tile + half][e] * scale - row_lse[half]).exp();
+                            }
+                            let col = tile * 8 + unit % 4 * 2 + e;
+                            probs[row * cfg.scratch_stride() + col] = p;
+                        }
+                    }
                 }
-                tile.scratch[scores + col] = p;
             }
             team_sync(local);
             // Summed over each position's group (Eq. 10).
@@ -425,7 +458,7 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
                 let mut p = 0.0f32;
                 #[unroll]
                 for g in 0..cfg.group {
-                    p += tile.scratch[(position * cfg.group + g) * cfg.scratch_stride() + col];
+                    p += probs[(position * cfg.group + g) * cfg.scratch_stride() + col];
                 }
                 group_probs[position * cfg.tile_keys + col] = p;
                 idx += workers;

@@ -13,8 +13,7 @@ use cubecl::prelude::*;
 use crate::keys::{first_query, query_end, query_sees, KeySet};
 use crate::mma::{
     accumulate_products, lane_row, load_key_value_rows, mma_tile_new, plane_first_row,
-    plane_fragments, plane_row_products, store_rows, zero_accumulators, MmaTileConfig, MMA,
-    PLANE,
+    plane_fragments, plane_row_products, store_rows, zero_accumulators, MmaTileConfig, MMA, PLANE,
 };
 use crate::tile::{cube_tiles_at, head_rows, load_rows};
 
@@ -576,8 +575,7 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
     let tiles = (n_keys_total + key_rows - 1) / key_rows;
     let grid = batch * k.shape(2) * tiles;
     let split = CUBE_POS / grid;
-    let (b, kv_head, tile_index, inside) =
-        cube_tiles_at(CUBE_POS % grid, batch, k.shape(2), tiles);
+    let (b, kv_head, tile_index, inside) = cube_tiles_at(CUBE_POS % grid, batch, k.shape(2), tiles);
     let first_key = tile_index * key_rows;
     let split_positions = usize::cast_from(split_positions);
     let split_keys = usize::cast_from(split_keys);

@@ -102,14 +102,14 @@ const MMA_ROWS: usize = 64;
 
 /// The tensor-core tile for `shape`, or `None` to use the portable kernels: the device must
 /// have 16x16x16 `cmma` on `F` with f32 accumulation and 32-lane planes, the head dims
-/// must be multiples of 16, and the tile plus `extra_bytes(&tile)` must fit the device's
-/// shared memory. With `one_position` a cube holds one query position (the selection
-/// branch); otherwise as many positions as fill 64 rows, fewer if memory is short.
+/// must be multiples of 16, and the kernel's shared memory, `bytes(&tile)`, must fit the
+/// device. With `one_position` a cube holds one query position (the selection branch);
+/// otherwise as many positions as fill 64 rows, fewer if memory is short.
 pub fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     shape: &AttentionShape,
     one_position: bool,
-    extra_bytes: impl Fn(&MmaTileConfig) -> usize,
+    bytes: impl Fn(&MmaTileConfig) -> usize,
 ) -> Option<MmaTileConfig> {
     if !tensor_cores_fit::<R, F>(client, shape) {
         return None;
@@ -136,8 +136,7 @@ pub fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
                 planes * MMA / group
             },
         };
-        let bytes = cfg.shared_bytes(core::mem::size_of::<F>()) + extra_bytes(&cfg);
-        if bytes <= hardware.max_shared_memory_size {
+        if bytes(&cfg) <= hardware.max_shared_memory_size {
             return Some(cfg);
         }
         if planes == min_planes {
@@ -148,7 +147,7 @@ pub fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
 }
 
 /// Whether the tensor-core kernels can run `shape` in `F` on this device: 16x16x16 `cmma`
-/// on `F` with f32 accumulation, 32-lane planes, head dims that are multiples of 16, and
+/// and manual m16n8k16 `mma` on `F` with f32 accumulation, 32-lane planes, head dims that are multiples of 16, and
 /// [`PORTABLE_KERNELS_VAR`] unset.
 fn tensor_cores_fit<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
@@ -159,14 +158,17 @@ fn tensor_cores_fit<R: Runtime, F: Float + CubeElement>(
     }
     let properties = client.properties();
     let elem = F::as_type_native_unchecked().storage_type();
-    let tensor_cores = properties.features.matmul.cmma.contains(&MmaConfig {
+    let config = |n: usize| MmaConfig {
         a_type: elem,
         b_type: elem,
         cd_type: f32::as_type_native_unchecked().storage_type(),
         m: MMA as u32,
-        n: MMA as u32,
+        n: n as u32,
         k: MMA as u32,
-    });
+    };
+    // cmma 16x16x16 for the backward kernels, manual m16n8k16 for the forward ones.
+    let tensor_cores = properties.features.matmul.cmma.contains(&config(MMA))
+        && properties.features.matmul.mma.contains(&config(MMA / 2));
     let hardware = &properties.hardware;
     let planes_fit =
         hardware.plane_size_min == PLANE as u32 && hardware.plane_size_max == PLANE as u32;
@@ -252,7 +254,8 @@ pub fn launch_window<R: Runtime, F: Float + CubeElement>(
     scale: f32,
     window: usize,
 ) {
-    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, false, |_| 0) {
+    let elem = core::mem::size_of::<F>();
+    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, false, |c| c.input_bytes(elem)) {
         let (count, dim) = mma_grid(client, shape, &cfg);
         // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
         // past `valid` and padding rows are never read), as the parity tests check.
@@ -308,7 +311,8 @@ pub fn launch_selected<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>
     scale: f32,
     select_block: usize,
 ) {
-    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, true, |_| 0) {
+    let elem = core::mem::size_of::<F>();
+    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, true, |c| c.input_bytes(elem)) {
         let (count, dim) = mma_grid(client, shape, &cfg);
         // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
         // past `valid` and padding rows are never read), as the parity tests check.
@@ -378,9 +382,13 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
         max_blocks,
         ..selection
     };
-    let scoring_bytes =
-        |tile: &MmaTileConfig| 4 * tile.positions * (tile.tile_keys + max_blocks);
-    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, false, scoring_bytes) {
+    let elem = core::mem::size_of::<F>();
+    let bytes = |tile: &MmaTileConfig| {
+        tile.input_bytes(elem)
+            + 4 * (tile.rows() * tile.scratch_stride()
+                + tile.positions * (tile.tile_keys + max_blocks))
+    };
+    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, false, bytes) {
         let (count, dim) = mma_grid(client, shape, &cfg);
         // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
         // past `valid` and padding rows are never read), as the parity tests check.
@@ -455,8 +463,10 @@ pub fn launch_grad_query<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
     dq: TensorArg<R>,
     scale: f32,
 ) {
-    let grads_bytes = |tile: &MmaTileConfig| 4 * tile.rows() * tile.scratch_stride();
-    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, keys.is_selected(), grads_bytes) {
+    let elem = core::mem::size_of::<F>();
+    let bytes =
+        |tile: &MmaTileConfig| tile.shared_bytes(elem) + 4 * tile.rows() * tile.scratch_stride();
+    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, keys.is_selected(), bytes) {
         let (count, dim) = mma_grid(client, shape, &cfg);
         // SAFETY: as for the forward tensor-core kernels.
         unsafe {

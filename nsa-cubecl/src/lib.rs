@@ -22,6 +22,7 @@ pub mod grad_query;
 pub mod keys;
 pub mod launch;
 pub mod mma;
+pub mod register_tile;
 pub mod select;
 pub mod tile;
 pub mod window;

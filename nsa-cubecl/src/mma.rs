@@ -1,24 +1,26 @@
-//! The tensor-core online-softmax tile: the attention of [`crate::tile`] with its matrix
-//! products (`Q K^T`, `P V`, and in the backward pass `dO V^T`, `dS K`, `P^T dO`, `dS^T Q`)
-//! on 16x16x16 `cmma` tiles, for runtimes that have them (CUDA; lavapipe does not, and runs
-//! the portable tile).
+//! The tensor-core tile of the backward kernels (`dO V^T`, `dS K`, `P^T dO`, `dS^T Q` and
+//! the recomputed `Q K^T` on 16x16x16 `cmma` tiles), and what every tensor-core kernel
+//! shares: the comptime [`MmaTileConfig`], the cube's row layout and the vector loaders of
+//! query, key and value rows. The forward kernels compute on register fragments instead
+//! ([`crate::register_tile`]). Runtimes without tensor cores (lavapipe) run the portable
+//! tile ([`crate::tile`]).
 //!
 //! A cube holds `rows = 16 * planes` query rows: the `G` query heads of `positions`
 //! consecutive query positions of one KV head (row `r` is head `r % G` of position
 //! `t0 + r / G`; rows from `positions * G` on, and rows past the sequence, are padding).
-//! Plane `p` owns rows `16 p .. 16 p + 16`: their query fragments and output accumulators
-//! stay in the plane's registers for the whole key walk, and its lane `2 r + h` keeps row
-//! `r`'s running max and sum. Keys and values stream through shared memory `tile_keys` rows
-//! at a time, as vectors in the input precision; scores pass through an f32 scratch where
-//! each lane reads half of its row, and the probabilities go back to shared memory in the
-//! input precision for the `P V` product. The key-side backward kernel uses the same tile
-//! with the roles swapped: key rows on the planes, query rows streaming.
+//! Plane `p` owns rows `16 p .. 16 p + 16`: their query fragments and accumulators stay in
+//! the plane's registers for the whole key walk, and its lane `2 r + h` works on half of
+//! row `r`. Keys and values stream through shared memory `tile_keys` rows at a time, as
+//! vectors in the input precision; scores pass through an f32 scratch, and probabilities
+//! go back to shared memory in the input precision for the next product. The key-side
+//! backward kernel uses the same tile with the roles swapped: key rows on the planes, query
+//! rows streaming.
 
 use cubecl::cmma::{self, Matrix, MatrixIdent, MatrixLayout};
 use cubecl::prelude::*;
 
 use crate::keys::{key_range, KeySet};
-use crate::tile::{Rows, NEG_BIG};
+use crate::tile::Rows;
 
 /// Side of a tensor-core tile.
 pub const MMA: usize = 16;
@@ -90,9 +92,16 @@ impl MmaTileConfig {
             .max(self.values_at() + self.tile_keys * self.value_stride())
     }
 
-    /// Bytes of shared memory of the tile for inputs of `elem_bytes` bytes.
+    /// Bytes of the input buffer alone (all the register-fragment forward tile of
+    /// [`crate::register_tile`] needs) for inputs of `elem_bytes` bytes.
+    pub fn input_bytes(&self, elem_bytes: usize) -> usize {
+        elem_bytes * self.input_elems()
+    }
+
+    /// Bytes of shared memory of the whole tile for inputs of `elem_bytes` bytes.
     pub fn shared_bytes(&self, elem_bytes: usize) -> usize {
-        elem_bytes * (self.input_elems() + self.rows() * self.probs_stride())
+        self.input_bytes(elem_bytes)
+            + elem_bytes * self.rows() * self.probs_stride()
             + 4 * self.rows() * self.scratch_stride()
     }
 }
@@ -215,19 +224,18 @@ pub fn load_vector_rows<F: Float, N: Size>(
 }
 
 /// Copies the cube's rows of `x: [B, T, H, dim]` (queries or output gradients, vectors of
-/// `N`) into the tile's input buffer, zeros for padding rows, and returns this plane's rows
-/// as tensor-core `A` fragments, one per 16 of `dim`. Every unit must call it (it
-/// synchronizes the cube); the input buffer is free again when it returns.
+/// `N`) into `inputs`, `dim + ROW_PAD` elements apart, zeros for padding rows. Every unit
+/// must call it (it synchronizes the cube).
 #[cube]
-pub fn load_group_rows<F: Float, N: Size>(
+pub fn stage_group_rows<F: Float, N: Size>(
     x: &Tensor<Vector<F, N>>,
     b: usize,
     t0: usize,
     kv_head: usize,
-    tile: &mut MmaTile<F, N>,
+    inputs: &mut SharedMemory<Vector<F, N>>,
     #[comptime] dim: usize,
     #[comptime] cfg: MmaTileConfig,
-) -> Sequence<Matrix<F>> {
+) {
     let width = x.vector_size();
     let per_row = comptime!(dim / width);
     let count = comptime!(cfg.rows() * per_row);
@@ -242,10 +250,26 @@ pub fn load_group_rows<F: Float, N: Size>(
             let at = b * x.stride(0) + position * x.stride(1) + head * x.stride(2);
             value = x[at / width + idx % per_row];
         }
-        tile.inputs[idx + row * comptime!(ROW_PAD / width)] = value;
+        inputs[idx + row * comptime!(ROW_PAD / width)] = value;
         idx += cfg.units();
     }
     sync_cube();
+}
+
+/// [`stage_group_rows()`] into the tile's input buffer, returning this plane's rows as
+/// tensor-core `A` fragments, one per 16 of `dim`. Every unit must call it (it
+/// synchronizes the cube); the input buffer is free again when it returns.
+#[cube]
+pub fn load_group_rows<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    b: usize,
+    t0: usize,
+    kv_head: usize,
+    tile: &mut MmaTile<F, N>,
+    #[comptime] dim: usize,
+    #[comptime] cfg: MmaTileConfig,
+) -> Sequence<Matrix<F>> {
+    stage_group_rows::<F, N>(x, b, t0, kv_head, &mut tile.inputs, dim, cfg);
     let stride = comptime!(dim + ROW_PAD);
     let fragments = plane_fragments::<F, N>(&tile.inputs, plane_first_row() * stride, stride, dim);
     // Key tiles reuse the buffer.
@@ -400,36 +424,6 @@ pub fn plane_scores<F: Float, N: Size>(
     );
 }
 
-/// A plane's running attention state: each lane's row max and sum (`stats`) and the
-/// plane's unnormalized output rows `[16, d_v]` in tensor-core accumulators.
-#[derive(CubeType)]
-pub struct MmaState {
-    pub stats: Array<f32>,
-    pub out: Sequence<Matrix<f32>>,
-}
-
-/// Fresh state: max [`NEG_BIG`], sum 0, output 0.
-#[cube]
-pub fn mma_state_new(#[comptime] cfg: MmaTileConfig) -> MmaState {
-    let mut stats = Array::<f32>::new(2usize);
-    stats[0] = NEG_BIG;
-    stats[1] = 0.0;
-    MmaState {
-        stats,
-        out: zero_accumulators(comptime!(cfg.d_v / MMA)),
-    }
-}
-
-/// The row log-sum-exp of a finished state ([`NEG_BIG`] for a row that attended nothing).
-#[cube]
-pub fn mma_state_lse(state: &MmaState) -> f32 {
-    let mut lse = f32::new(NEG_BIG);
-    if state.stats[1] > 0.0 {
-        lse = state.stats[0] + state.stats[1].ln();
-    }
-    lse
-}
-
 /// Stores fragments `2 chunk` and `2 chunk + 1` of `acc` (of `dim / 16`; those that
 /// exist) to this plane's rows of the scratch, columns `0..32`; the plane must be
 /// synchronized before its lanes read them. Lane `(row, half)` then owns columns
@@ -518,47 +512,6 @@ pub fn store_group_rows<F: Float, N: Size>(
     store_rows::<F, N, F>(tile, acc, factor, x, out, real, dim, cfg);
 }
 
-/// Multiplies each row of the plane's output accumulators by its lane's `correction`,
-/// chunk by chunk through the scratch. Every lane of the plane must call it.
-#[cube]
-fn rescale_out<F: Float, N: Size>(
-    tile: &mut MmaTile<F, N>,
-    state: &mut MmaState,
-    correction: f32,
-    #[comptime] cfg: MmaTileConfig,
-) {
-    let (row, half) = lane_row();
-    let own = row * cfg.scratch_stride() + half * MMA;
-    let first = plane_first_row() * cfg.scratch_stride();
-    #[unroll]
-    for chunk in 0..comptime!(cfg.d_v.div_ceil(CHUNK)) {
-        store_chunk::<F, N>(tile, &state.out, chunk, cfg.d_v, cfg);
-        sync_plane();
-        if owns_columns(half, chunk, cfg.d_v) {
-            #[unroll]
-            for i in 0..MMA {
-                tile.scratch[own + i] *= correction;
-            }
-        }
-        sync_plane();
-        #[unroll]
-        for j in 0..2usize {
-            if comptime!(2 * chunk + j < cfg.d_v / MMA) {
-                let at = first + j * MMA;
-                cmma::load_with_layout(
-                    state.out.index(comptime!(2 * chunk + j)),
-                    &tile
-                        .scratch
-                        .slice(at, at + comptime!(fragment_span(cfg.scratch_stride()))),
-                    cfg.scratch_stride() as u32,
-                    MatrixLayout::RowMajor,
-                );
-            }
-        }
-        sync_plane();
-    }
-}
-
 /// `acc += P B` on the tensor cores: this plane's rows of the tile's `probs` (`[16,
 /// tile_keys]`, input precision) times the tile's rows `[tile_keys, 16 n]` in `inputs` from
 /// element `at`, `stride` apart. `P V` in the forward pass, `dS K` for `dQ`.
@@ -605,66 +558,6 @@ pub fn accumulate_products<F: Float, N: Size>(
 pub fn key_in_range(col: usize, first: usize, valid: usize, start: usize, end: usize) -> bool {
     let key = first + col;
     col < valid && key >= start && key < end
-}
-
-/// How far (natural log) a row's max may fall behind the true max before the output is
-/// rescaled: probabilities stay below `e^8`, harmless in f32 sums and f16/bf16 tiles, and
-/// most tiles skip the rescale.
-const RESCALE_MARGIN: f32 = 8.0;
-
-/// Online-softmax step of this lane's half row: masks the scores in the scratch, writes the
-/// probabilities to the tile in the input precision and updates the max and sum. The max
-/// only moves when the tile's exceeds it by [`RESCALE_MARGIN`]; returns the factor the
-/// row's output must be multiplied by (1 when it did not move).
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn softmax_step<F: Float, N: Size>(
-    tile: &mut MmaTile<F, N>,
-    state: &mut MmaState,
-    first: usize,
-    valid: usize,
-    start: usize,
-    end: usize,
-    scale: f32,
-    #[comptime] cfg: MmaTileConfig,
-) -> f32 {
-    let (row, half) = lane_row();
-    let cols = comptime!(cfg.tile_keys / 2);
-    let scores = row * cfg.scratch_stride();
-    let mut tile_max = f32::new(NEG_BIG);
-    #[unroll]
-    for i in 0..cols {
-        let col = half * cols + i;
-        if key_in_range(col, first, valid, start, end) {
-            tile_max = max(tile_max, tile.scratch[scores + col] * scale);
-        }
-    }
-    tile_max = max(tile_max, plane_shuffle_xor(tile_max, 1));
-    let old_max = state.stats[0];
-    let mut new_max = old_max;
-    let mut correction = 1.0f32;
-    if tile_max > old_max + RESCALE_MARGIN {
-        new_max = tile_max;
-        // A row that attended nothing yet has nothing to rescale.
-        if old_max > NEG_BIG {
-            correction = (old_max - new_max).exp();
-        }
-    }
-    let mut sum = 0.0f32;
-    #[unroll]
-    for i in 0..cols {
-        let col = half * cols + i;
-        let mut p = 0.0f32;
-        if key_in_range(col, first, valid, start, end) {
-            p = (tile.scratch[scores + col] * scale - new_max).exp();
-        }
-        sum += p;
-        tile.probs[row * cfg.probs_stride() + col] = F::cast_from(p);
-    }
-    sum += plane_shuffle_xor(sum, 1);
-    state.stats[0] = new_max;
-    state.stats[1] = state.stats[1] * correction + sum;
-    correction
 }
 
 /// Loads `valid` key rows and value rows from `first` into `rows` rows of `dst`: keys from
@@ -735,108 +628,4 @@ pub fn load_key_value_tile<F: Float, N: Size>(
         cfg,
     );
     sync_cube();
-}
-
-/// Attends one key tile: loads `valid` key and value rows from `first`, scores them against
-/// the cube's query rows on the tensor cores and folds them into this lane's state, row
-/// by row masked to the row's `[start, end)`. Every unit must call it (it synchronizes the
-/// cube); `valid` may be anything from 0 to `tile_keys`.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub fn mma_attend_tile<F: Float, N: Size>(
-    k: &Tensor<Vector<F, N>>,
-    k_at: Rows,
-    v: &Tensor<Vector<F, N>>,
-    v_at: Rows,
-    first: usize,
-    valid: usize,
-    start: usize,
-    end: usize,
-    scale: f32,
-    queries: &Sequence<Matrix<F>>,
-    tile: &mut MmaTile<F, N>,
-    state: &mut MmaState,
-    #[comptime] cfg: MmaTileConfig,
-) {
-    load_key_value_tile::<F, N>(k, k_at, v, v_at, first, valid, tile, cfg);
-    // A plane whose rows are all padding only helps load (uniform over the plane).
-    if plane_first_row() < comptime!(cfg.positions * cfg.group) {
-        plane_scores::<F, N>(tile, queries, cfg);
-        sync_plane();
-        let correction = softmax_step::<F, N>(tile, state, first, valid, start, end, scale, cfg);
-        // Uniform over the plane.
-        if plane_any(correction < 1.0) {
-            rescale_out::<F, N>(tile, state, correction, cfg);
-        }
-        sync_plane();
-        accumulate_products::<F, N>(
-            &tile.probs,
-            &tile.inputs,
-            cfg.values_at(),
-            cfg.value_stride(),
-            &mut state.out,
-            comptime!(cfg.d_v / MMA),
-            cfg,
-        );
-    }
-    sync_cube();
-}
-
-/// Attends the key rows `first..last` (a range the whole cube agrees on) tile by tile, each
-/// row masked to its own `[start, end)`.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub fn mma_attend_range<F: Float, N: Size>(
-    k: &Tensor<Vector<F, N>>,
-    k_at: Rows,
-    v: &Tensor<Vector<F, N>>,
-    v_at: Rows,
-    first: usize,
-    last: usize,
-    start: usize,
-    end: usize,
-    scale: f32,
-    queries: &Sequence<Matrix<F>>,
-    tile: &mut MmaTile<F, N>,
-    state: &mut MmaState,
-    #[comptime] cfg: MmaTileConfig,
-) {
-    let mut row = first;
-    while row < last {
-        let valid = min(last - row, cfg.tile_keys);
-        mma_attend_tile::<F, N>(
-            k, k_at, v, v_at, row, valid, start, end, scale, queries, tile, state, cfg,
-        );
-        row += cfg.tile_keys;
-    }
-}
-
-/// Writes this plane's output rows to `o: [B, T, H, d_v]` (`out / sum`, 0 for an empty
-/// row; each lane its half row) and, from the lane of the first half, the row's
-/// log-sum-exp to `lse: [B, H, T]`. Every lane must call it; it uses the scratch.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub fn mma_state_finish<F: Float, N: Size>(
-    state: &MmaState,
-    tile: &mut MmaTile<F, N>,
-    o: &mut Tensor<F>,
-    lse: &mut Tensor<f32>,
-    b: usize,
-    t0: usize,
-    kv_head: usize,
-    #[comptime] cfg: MmaTileConfig,
-) {
-    let sum = state.stats[1];
-    let mut inverse = 0.0f32;
-    if sum > 0.0 {
-        inverse = 1.0 / sum;
-    }
-    store_group_rows::<F, N>(tile, &state.out, inverse, o, b, t0, kv_head, cfg.d_v, cfg);
-    let (row, half) = lane_row();
-    let (position, real) = row_position(row, t0, o.shape(1), cfg);
-    let head = kv_head * cfg.group + row % cfg.group;
-    if real && half == 0 {
-        lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)] =
-            mma_state_lse(state);
-    }
 }

@@ -4,9 +4,10 @@
 use cubecl::prelude::*;
 
 use crate::keys::KeySet;
-use crate::mma::{
-    lane_row, load_queries, mma_attend_tile, mma_state_finish, mma_state_new, mma_tile_new,
-    row_key_range, MmaTileConfig,
+use crate::mma::{row_key_range, MmaTileConfig};
+use crate::register_tile::{
+    lane_ranges, lane_rows, register_attend_tile, register_load_queries, register_state_finish,
+    register_state_new,
 };
 use crate::tile::{
     attend_tile, cube_position, cube_positions, group_rows, head_rows, selected_tile, state_finish,
@@ -85,26 +86,24 @@ pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
     #[comptime] cfg: MmaTileConfig,
     #[comptime] select_block: usize,
 ) {
-    let mut tile = mma_tile_new::<F, N>(cfg);
+    let keys = comptime!(KeySet::Selected {
+        block: select_block
+    });
+    let width = N::value();
+    let mut inputs = SharedMemory::<Vector<F, N>>::new(comptime!(cfg.input_elems() / width));
     let seq = q.shape(1);
     let (b, head, t, active) = cube_positions(q.shape(0), k.shape(2), seq, 1usize);
     if active {
-        let queries = load_queries::<F, N>(q, b, t, head, &mut tile, cfg);
+        let queries = register_load_queries::<F, N>(q, b, t, head, &mut inputs, cfg);
         let k_at = head_rows::<Vector<F, N>>(k, b, head);
         let v_at = head_rows::<Vector<F, N>>(v, b, head);
         let slots = b * selected.stride(0) + head * selected.stride(1) + t * selected.stride(2);
-        let (row, _) = lane_row();
-        let (start, end) = row_key_range(
-            row,
-            t,
-            seq,
-            k.shape(1),
-            comptime!(KeySet::Selected {
-                block: select_block
-            }),
-            cfg,
+        let (low, high) = lane_rows();
+        let ranges = lane_ranges(
+            row_key_range(low, t, seq, k.shape(1), keys, cfg),
+            row_key_range(high, t, seq, k.shape(1), keys, cfg),
         );
-        let mut state = mma_state_new(cfg);
+        let mut state = register_state_new(cfg);
         for slot in 0..selected.shape(3) {
             let block = i32::cast_from(selected[slots + slot * selected.stride(3)]);
             #[unroll]
@@ -112,13 +111,23 @@ pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
                 let (first, valid) = selected_tile(block, part, t, select_block, cfg.tile_keys);
                 // Uniform over the cube: every row is position t.
                 if valid > 0 {
-                    mma_attend_tile::<F, N>(
-                        k, k_at, v, v_at, first, valid, start, end, scale, &queries, &mut tile,
-                        &mut state, cfg,
+                    register_attend_tile::<F, N>(
+                        k,
+                        k_at,
+                        v,
+                        v_at,
+                        first,
+                        valid,
+                        &ranges,
+                        scale,
+                        &queries,
+                        &mut inputs,
+                        &mut state,
+                        cfg,
                     );
                 }
             }
         }
-        mma_state_finish::<F, N>(&state, &mut tile, o, lse, b, t, head, cfg);
+        register_state_finish::<F>(&state, o, lse, b, t, head, cfg);
     }
 }

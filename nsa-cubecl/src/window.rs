@@ -3,9 +3,10 @@
 use cubecl::prelude::*;
 
 use crate::keys::{key_range, KeySet};
-use crate::mma::{
-    lane_row, load_queries, mma_attend_range, mma_state_finish, mma_state_new, mma_tile_new,
-    row_key_range, MmaTileConfig,
+use crate::mma::{row_key_range, MmaTileConfig};
+use crate::register_tile::{
+    lane_ranges, lane_rows, register_attend_range, register_load_queries, register_state_finish,
+    register_state_new,
 };
 use crate::tile::{
     attend_range, cube_position, cube_positions, group_rows, head_rows, state_finish, state_new,
@@ -70,22 +71,37 @@ pub fn window_attention_mma_kernel<F: Float, N: Size>(
     #[comptime] window: usize,
 ) {
     let keys = comptime!(KeySet::Window { size: window });
-    let mut tile = mma_tile_new::<F, N>(cfg);
+    let width = N::value();
+    let mut inputs = SharedMemory::<Vector<F, N>>::new(comptime!(cfg.input_elems() / width));
     let seq = q.shape(1);
     let (b, head, t0, active) = cube_positions(q.shape(0), k.shape(2), seq, cfg.positions);
     if active {
-        let queries = load_queries::<F, N>(q, b, t0, head, &mut tile, cfg);
+        let queries = register_load_queries::<F, N>(q, b, t0, head, &mut inputs, cfg);
         let k_at = head_rows::<Vector<F, N>>(k, b, head);
         let v_at = head_rows::<Vector<F, N>>(v, b, head);
-        let (row, _) = lane_row();
-        let (start, end) = row_key_range(row, t0, seq, k.shape(1), keys, cfg);
+        let (low, high) = lane_rows();
+        let ranges = lane_ranges(
+            row_key_range(low, t0, seq, k.shape(1), keys, cfg),
+            row_key_range(high, t0, seq, k.shape(1), keys, cfg),
+        );
         let last_position = min(t0 + cfg.positions, seq) - 1;
         let (first, _) = key_range(t0, k.shape(1), keys);
         let (_, last) = key_range(last_position, k.shape(1), keys);
-        let mut state = mma_state_new(cfg);
-        mma_attend_range::<F, N>(
-            k, k_at, v, v_at, first, last, start, end, scale, &queries, &mut tile, &mut state, cfg,
+        let mut state = register_state_new(cfg);
+        register_attend_range::<F, N>(
+            k,
+            k_at,
+            v,
+            v_at,
+            first,
+            last,
+            &ranges,
+            scale,
+            &queries,
+            &mut inputs,
+            &mut state,
+            cfg,
         );
-        mma_state_finish::<F, N>(&state, &mut tile, o, lse, b, t0, head, cfg);
+        register_state_finish::<F>(&state, o, lse, b, t0, head, cfg);
     }
 }

@@ -1,0 +1,485 @@
+//! The forward attention tile on register fragments: `mma.sync` m16n8k16 through CubeCL's
+//! manual MMA, for the tensor-core path of the three forward kernels.
+//!
+//! The cube is laid out as in [`crate::mma`] (plane `p` owns query rows `16 p .. 16 p + 16`,
+//! key and value tiles stream through shared memory), but nothing of a row's attention
+//! leaves the registers: lane `l` of a plane holds, of every 16 x 8 accumulator, rows
+//! `g = l / 4` and `g + 8` at columns `2 (l % 4)` and `2 (l % 4) + 1` (the PTX fragment
+//! layout). Scores, the online softmax and the output accumulators stay there; the
+//! probabilities of two neighbouring 8-key score tiles are exactly the `A` fragment of the
+//! `P V` product over those 16 keys, so they go in without a round trip through shared
+//! memory. Keys and values are read from shared memory with `ldmatrix` (transposed for the
+//! values); the 8-element row padding of [`MmaTileConfig`] keeps those reads free of bank
+//! conflicts.
+
+use cubecl::cmma::{MatrixIdent, MmaDefinition};
+use cubecl::prelude::*;
+
+use crate::mma::{
+    key_in_range, load_key_value_rows, plane_first_row, row_position, stage_group_rows,
+    MmaTileConfig, MMA, PLANE,
+};
+use crate::tile::{Rows, NEG_BIG};
+
+/// Two 16-bit inputs in one 32-bit register.
+pub type Pair<F> = Vector<F, Const<2>>;
+/// Two f32 accumulator entries of one row.
+pub type AccPair = Vector<f32, Const<2>>;
+
+/// Columns of one `mma` output tile (m16 n8 k16).
+const N8: usize = 8;
+
+/// The m16n8k16 `mma` on `F` with f32 accumulation.
+#[cube]
+fn mma_definition<F: Float>() -> MmaDefinition<F, F, f32> {
+    MmaDefinition::<F, F, f32>::new(MMA, N8, MMA)
+}
+
+/// This lane's index in its plane.
+#[cube]
+fn lane() -> usize {
+    UNIT_POS as usize % PLANE
+}
+
+/// `ldmatrix.x4` (`.trans` when `transpose`): four 8x8 matrices of 16-bit values from
+/// shared memory, lanes `8 m .. 8 m + 8` pointing at the rows of matrix `m`; this lane's row
+/// starts at element `at` of `buffer` (a multiple of the vector width, 16 bytes).
+#[cube]
+fn load_x4<F: Float, N: Size>(
+    buffer: &SharedMemory<Vector<F, N>>,
+    at: usize,
+    #[comptime] transpose: bool,
+) -> Array<Pair<F>> {
+    let width = N::value();
+    let start = at / width;
+    let definition = mma_definition::<F>();
+    definition.load_matrix::<Vector<F, N>, Const<2>>(
+        &buffer.slice(start, start + 1),
+        MatrixIdent::A,
+        4usize,
+        transpose,
+    )
+}
+
+/// `acc[2 tile ..= 2 tile + 1] += a b` for the 4-register `A` fragment `a` and the
+/// `B` fragment `b0, b1`.
+#[cube]
+fn mma_into<F: Float>(
+    a: &Array<Pair<F>>,
+    b0: Pair<F>,
+    b1: Pair<F>,
+    acc: &mut Array<AccPair>,
+    #[comptime] tile: usize,
+) {
+    let definition = mma_definition::<F>();
+    let mut b = Array::<Pair<F>>::new(2usize);
+    b[0] = b0;
+    b[1] = b1;
+    let mut c = Array::<AccPair>::new(2usize);
+    c[0] = acc[2 * tile];
+    c[1] = acc[2 * tile + 1];
+    definition.execute_inplace(a, &b, &mut c);
+    acc[2 * tile] = c[0];
+    acc[2 * tile + 1] = c[1];
+}
+
+/// Registers `4 step .. 4 step + 4` of the flat fragment list `frags`.
+#[cube]
+fn a_fragment<F: Float>(frags: &Array<Pair<F>>, #[comptime] step: usize) -> Array<Pair<F>> {
+    let mut a = Array::<Pair<F>>::new(4usize);
+    #[unroll]
+    for i in 0..4usize {
+        a[i] = frags[4 * step + i];
+    }
+    a
+}
+
+/// `count` zeroed accumulator pairs.
+#[cube]
+fn zero_pairs(#[comptime] count: usize) -> Array<AccPair> {
+    let mut acc = Array::<AccPair>::new(count);
+    #[unroll]
+    for i in 0..count {
+        acc[i] = AccPair::new(0.0);
+    }
+    acc
+}
+
+/// This plane's 16 rows of `dim` values in `buffer` (from element 0, `stride` apart) as
+/// `A` fragments: `dim / 16` steps of four registers, flat.
+#[cube]
+pub fn plane_row_fragments<F: Float, N: Size>(
+    buffer: &SharedMemory<Vector<F, N>>,
+    #[comptime] stride: usize,
+    #[comptime] dim: usize,
+) -> Array<Pair<F>> {
+    let lane = lane();
+    let row = plane_first_row() + lane % MMA;
+    let mut frags = Array::<Pair<F>>::new(comptime!(dim / MMA * 4));
+    #[unroll]
+    for step in 0..comptime!(dim / MMA) {
+        let regs = load_x4::<F, N>(buffer, row * stride + step * MMA + lane / MMA * N8, false);
+        #[unroll]
+        for i in 0..4usize {
+            frags[4 * step + i] = regs[i];
+        }
+    }
+    frags
+}
+
+/// Copies the cube's query rows of `q: [B, T, H, d_k]` into `inputs` and returns this
+/// plane's as [`plane_row_fragments`]. Every unit must call it (it synchronizes the cube);
+/// `inputs` is free again when it returns.
+#[cube]
+pub fn register_load_queries<F: Float, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    b: usize,
+    t0: usize,
+    kv_head: usize,
+    inputs: &mut SharedMemory<Vector<F, N>>,
+    #[comptime] cfg: MmaTileConfig,
+) -> Array<Pair<F>> {
+    stage_group_rows::<F, N>(q, b, t0, kv_head, inputs, cfg.d_k, cfg);
+    let queries = plane_row_fragments::<F, N>(inputs, cfg.key_stride(), cfg.d_k);
+    sync_cube();
+    queries
+}
+
+/// Scores `Q K^T` (unscaled) of this plane's rows against the `tile_keys` key rows in
+/// `inputs` (from element 0, `key_stride` apart): `tile_keys / 8` accumulator tiles of two
+/// pairs (rows `g` and `g + 8`).
+#[cube]
+pub fn plane_score_tiles<F: Float, N: Size>(
+    inputs: &SharedMemory<Vector<F, N>>,
+    queries: &Array<Pair<F>>,
+    #[comptime] cfg: MmaTileConfig,
+) -> Array<AccPair> {
+    let lane = lane();
+    let mut scores = zero_pairs(comptime!(cfg.tile_keys / N8 * 2));
+    #[unroll]
+    for keys in 0..comptime!(cfg.tile_keys / MMA) {
+        // Matrices: keys 0-7 | dims 0-7, keys 0-7 | dims 8-15, keys 8-15 | dims 0-7, ...
+        let key = keys * MMA + lane / MMA * N8 + lane % N8;
+        let dim = (lane / N8) % 2 * N8;
+        #[unroll]
+        for step in 0..comptime!(cfg.d_k / MMA) {
+            let regs = load_x4::<F, N>(inputs, key * cfg.key_stride() + step * MMA + dim, false);
+            let a = a_fragment::<F>(queries, step);
+            mma_into::<F>(&a, regs[0], regs[1], &mut scores, comptime!(2 * keys));
+            mma_into::<F>(&a, regs[2], regs[3], &mut scores, comptime!(2 * keys + 1));
+        }
+    }
+    scores
+}
+
+/// The key rows `[start, end)` of this lane's two rows (`g` and `g + 8` of its plane).
+#[derive(CubeType, Clone, Copy)]
+pub struct LaneRanges {
+    pub start_low: usize,
+    pub end_low: usize,
+    pub start_high: usize,
+    pub end_high: usize,
+}
+
+/// [`LaneRanges`] from the `(start, end)` key ranges of the lane's rows `g` and `g + 8`.
+#[cube]
+pub fn lane_ranges(low: (usize, usize), high: (usize, usize)) -> LaneRanges {
+    let (start_low, end_low) = low;
+    let (start_high, end_high) = high;
+    LaneRanges {
+        start_low,
+        end_low,
+        start_high,
+        end_high,
+    }
+}
+
+/// The cube rows of this lane: `g` and `g + 8` of its plane.
+#[cube]
+pub fn lane_rows() -> (usize, usize) {
+    let low = plane_first_row() + lane() / 4;
+    (low, low + N8)
+}
+
+/// Row `half`'s (0: `g`, 1: `g + 8`) key range.
+#[cube]
+fn range_of(ranges: &LaneRanges, #[comptime] half: usize) -> (usize, usize) {
+    if comptime!(half == 0) {
+        (ranges.start_low, ranges.end_low)
+    } else {
+        (ranges.start_high, ranges.end_high)
+    }
+}
+
+/// Whether entry `e` of score tile `tile`, row `half`, is a key of that row's range (tile
+/// starting at key row `first`, `valid` rows loaded).
+#[cube]
+pub fn lane_key_in_range(
+    ranges: &LaneRanges,
+    first: usize,
+    valid: usize,
+    #[comptime] tile: usize,
+    #[comptime] half: usize,
+    #[comptime] e: usize,
+) -> bool {
+    let (start, end) = range_of(ranges, half);
+    let col = tile * N8 + lane() % 4 * 2 + e;
+    key_in_range(col, first, valid, start, end)
+}
+
+/// A plane's running attention state for this lane's two rows: the row maxima, this lane's
+/// share of the row sums, and the unnormalized output rows (`d_v / 8` accumulator tiles).
+#[derive(CubeType)]
+pub struct RegisterState {
+    pub max: Array<f32>,
+    pub sum: Array<f32>,
+    pub out: Array<AccPair>,
+}
+
+/// Fresh state: maxima [`NEG_BIG`], sums 0, output 0.
+#[cube]
+pub fn register_state_new(#[comptime] cfg: MmaTileConfig) -> RegisterState {
+    let mut max = Array::<f32>::new(2usize);
+    let mut sum = Array::<f32>::new(2usize);
+    #[unroll]
+    for half in 0..2usize {
+        max[half] = NEG_BIG;
+        sum[half] = 0.0;
+    }
+    RegisterState {
+        max,
+        sum,
+        out: zero_pairs(comptime!(cfg.d_v / N8 * 2)),
+    }
+}
+
+/// `x` reduced over the four lanes that share a row (`op` max when `is_max`, sum otherwise).
+#[cube]
+fn row_reduce(x: f32, #[comptime] is_max: bool) -> f32 {
+    let mut value = x;
+    #[unroll]
+    for mask in 1..3u32 {
+        let other = plane_shuffle_xor(value, mask);
+        if comptime!(is_max) {
+            value = max(value, other);
+        } else {
+            value += other;
+        }
+    }
+    value
+}
+
+/// Online-softmax step of this lane's two rows over the score tiles: new maxima, the output
+/// and sums rescaled, and the probabilities (masked to each row's range) returned as the
+/// `A` fragments of `P V`: `tile_keys / 16` steps of four registers, flat.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn softmax_tiles<F: Float>(
+    scores: &Array<AccPair>,
+    state: &mut RegisterState,
+    first: usize,
+    valid: usize,
+    ranges: &LaneRanges,
+    scale: f32,
+    #[comptime] cfg: MmaTileConfig,
+) -> Array<Pair<F>> {
+    let tiles = comptime!(cfg.tile_keys / N8);
+    let mut probs = Array::<Pair<F>>::new(comptime!(tiles * 2));
+    #[unroll]
+    for half in 0..2usize {
+        let mut tile_max = f32::new(NEG_BIG);
+        #[unroll]
+        for tile in 0..tiles {
+            #[unroll]
+            for e in 0..2usize {
+                if lane_key_in_range(ranges, first, valid, tile, half, e) {
+                    tile_max = max(tile_max, scores[2 * tile + half][e] * scale);
+                }
+            }
+        }
+        tile_max = row_reduce(tile_max, true);
+        let old_max = state.max[half];
+        let new_max = max(old_max, tile_max);
+        let mut correction = 1.0f32;
+        // A row that attended nothing yet has nothing to rescale.
+        if old_max > NEG_BIG {
+            correction = (old_max - new_max).exp();
+        }
+        state.max[half] = new_max;
+        let mut sum = state.sum[half] * correction;
+        #[unroll]
+        for tile in 0..comptime!(cfg.d_v / N8) {
+            state.out[2 * tile + half] = state.out[2 * tile + half] * AccPair::new(correction);
+        }
+        #[unroll]
+        for tile in 0..tiles {
+            let mut pair = Pair::<F>::empty();
+            #[unroll]
+            for e in 0..2usize {
+                let mut p = 0.0f32;
+                if lane_key_in_range(ranges, first, valid, tile, half, e) {
+                    p = (scores[2 * tile + half][e] * scale - new_max).exp();
+                }
+                sum += p;
+                pair[e] = F::cast_from(p);
+            }
+            // Score tiles 2s, 2s + 1 are A fragment s: registers (g, lo), (g + 8, lo),
+            // (g, hi), (g + 8, hi).
+            probs[comptime!((tile / 2) * 4 + (tile % 2) * 2 + half)] = pair;
+        }
+        state.sum[half] = sum;
+    }
+    probs
+}
+
+/// `out += P V`: the probabilities' `A` fragments times the tile's value rows in `inputs`
+/// (from [`MmaTileConfig::values_at`], `value_stride` apart), read transposed.
+#[cube]
+fn accumulate_values<F: Float, N: Size>(
+    inputs: &SharedMemory<Vector<F, N>>,
+    probs: &Array<Pair<F>>,
+    out: &mut Array<AccPair>,
+    #[comptime] cfg: MmaTileConfig,
+) {
+    let lane = lane();
+    // Matrices: keys 0-7 | dims 0-7, keys 8-15 | dims 0-7, keys 0-7 | dims 8-15, ...
+    let key_in_step = (lane / N8) % 2 * N8 + lane % N8;
+    let dim = lane / MMA * N8;
+    #[unroll]
+    for step in 0..comptime!(cfg.tile_keys / MMA) {
+        let a = a_fragment::<F>(probs, step);
+        let row = cfg.values_at() + (step * MMA + key_in_step) * cfg.value_stride();
+        #[unroll]
+        for dims in 0..comptime!(cfg.d_v / MMA) {
+            let regs = load_x4::<F, N>(inputs, row + dims * MMA + dim, true);
+            mma_into::<F>(&a, regs[0], regs[1], out, comptime!(2 * dims));
+            mma_into::<F>(&a, regs[2], regs[3], out, comptime!(2 * dims + 1));
+        }
+    }
+}
+
+/// Attends one key tile: loads `valid` key and value rows from `first` into `inputs`,
+/// scores them against this plane's query rows and folds them into this lane's state, each
+/// row masked to its own range. Every unit must call it (it synchronizes the cube); `valid`
+/// may be anything from 0 to `tile_keys`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn register_attend_tile<F: Float, N: Size>(
+    k: &Tensor<Vector<F, N>>,
+    k_at: Rows,
+    v: &Tensor<Vector<F, N>>,
+    v_at: Rows,
+    first: usize,
+    valid: usize,
+    ranges: &LaneRanges,
+    scale: f32,
+    queries: &Array<Pair<F>>,
+    inputs: &mut SharedMemory<Vector<F, N>>,
+    state: &mut RegisterState,
+    #[comptime] cfg: MmaTileConfig,
+) {
+    load_key_value_rows::<F, N>(
+        k,
+        k_at,
+        v,
+        v_at,
+        first,
+        valid,
+        inputs,
+        cfg.tile_keys,
+        cfg.values_at(),
+        cfg,
+    );
+    sync_cube();
+    // A plane whose rows are all padding only helps load (uniform over the plane).
+    if plane_first_row() < comptime!(cfg.positions * cfg.group) {
+        let scores = plane_score_tiles::<F, N>(inputs, queries, cfg);
+        let probs = softmax_tiles::<F>(&scores, state, first, valid, ranges, scale, cfg);
+        accumulate_values::<F, N>(inputs, &probs, &mut state.out, cfg);
+    }
+    sync_cube();
+}
+
+/// Attends the key rows `first..last` (a range the whole cube agrees on) tile by tile.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn register_attend_range<F: Float, N: Size>(
+    k: &Tensor<Vector<F, N>>,
+    k_at: Rows,
+    v: &Tensor<Vector<F, N>>,
+    v_at: Rows,
+    first: usize,
+    last: usize,
+    ranges: &LaneRanges,
+    scale: f32,
+    queries: &Array<Pair<F>>,
+    inputs: &mut SharedMemory<Vector<F, N>>,
+    state: &mut RegisterState,
+    #[comptime] cfg: MmaTileConfig,
+) {
+    let mut row = first;
+    while row < last {
+        let valid = min(last - row, cfg.tile_keys);
+        register_attend_tile::<F, N>(
+            k, k_at, v, v_at, row, valid, ranges, scale, queries, inputs, state, cfg,
+        );
+        row += cfg.tile_keys;
+    }
+}
+
+/// The log-sum-exp of this lane's row `half` ([`NEG_BIG`] for a row that attended
+/// nothing). Every lane of the plane must call it (it reduces the sum over the row's lanes).
+#[cube]
+pub fn register_row_lse(state: &RegisterState, #[comptime] half: usize) -> f32 {
+    let sum = row_reduce(state.sum[half], false);
+    let mut lse = f32::new(NEG_BIG);
+    if sum > 0.0 {
+        lse = state.max[half] + sum.ln();
+    }
+    lse
+}
+
+/// Writes this lane's two output rows to `o: [B, T, H, d_v]` (`out / sum`, 0 for an empty
+/// row) and, from the row's first lane, their log-sum-exp to `lse: [B, H, T]`. Every lane
+/// must call it.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn register_state_finish<F: Float>(
+    state: &RegisterState,
+    o: &mut Tensor<F>,
+    lse: &mut Tensor<f32>,
+    b: usize,
+    t0: usize,
+    kv_head: usize,
+    #[comptime] cfg: MmaTileConfig,
+) {
+    let (low, _) = lane_rows();
+    let col = lane() % 4 * 2;
+    #[unroll]
+    for half in 0..2usize {
+        let sum = row_reduce(state.sum[half], false);
+        let row = low + half * N8;
+        let (position, real) = row_position(row, t0, o.shape(1), cfg);
+        if real {
+            let head = kv_head * cfg.group + row % cfg.group;
+            let mut inverse = 0.0f32;
+            let mut row_lse = f32::new(NEG_BIG);
+            if sum > 0.0 {
+                inverse = 1.0 / sum;
+                row_lse = state.max[half] + sum.ln();
+            }
+            let out = b * o.stride(0) + position * o.stride(1) + head * o.stride(2);
+            #[unroll]
+            for tile in 0..comptime!(cfg.d_v / N8) {
+                let pair = state.out[2 * tile + half];
+                #[unroll]
+                for e in 0..2usize {
+                    o[out + (tile * N8 + col + e) * o.stride(3)] = F::cast_from(pair[e] * inverse);
+                }
+            }
+            if col == 0 {
+                lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)] = row_lse;
+            }
+        }
+    }
+}
