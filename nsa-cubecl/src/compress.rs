@@ -7,7 +7,7 @@ use crate::keys::{key_range, KeySet};
 use crate::mma::{load_vector_rows, plane_first_row, row_key_range, MmaTileConfig, MMA, PLANE};
 use crate::register_tile::{
     lane_key_in_range, lane_ranges, lane_rows, plane_score_tiles, register_attend_range,
-    register_load_queries, register_row_lse, register_state_finish, register_state_new,
+    register_load_rows, register_row_lse, register_state_finish, register_state_new,
 };
 use crate::tile::{
     attend_range, cube_position, cube_positions, group_rows, head_rows, load_rows, state_finish,
@@ -361,7 +361,7 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
     if active {
         let unit = UNIT_POS as usize;
         let units = comptime!(cfg.units());
-        let queries = register_load_queries::<F, N>(q, b, t0, head, &mut inputs, cfg);
+        let queries = register_load_rows::<F, N>(q, b, t0, head, &mut inputs, cfg.d_k, cfg);
         let k_at = head_rows::<Vector<F, N>>(k_cmp, b, head);
         let v_at = head_rows::<Vector<F, N>>(v_cmp, b, head);
         let (low, high) = lane_rows();

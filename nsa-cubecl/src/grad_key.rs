@@ -11,9 +11,10 @@
 use cubecl::prelude::*;
 
 use crate::keys::{first_query, query_end, query_sees, KeySet};
-use crate::mma::{
-    accumulate_products, lane_row, load_key_value_rows, mma_tile_new, plane_first_row,
-    plane_fragments, plane_row_products, store_rows, zero_accumulators, MmaTileConfig, MMA, PLANE,
+use crate::mma::{load_key_value_rows, plane_first_row, MmaTileConfig, PLANE};
+use crate::register_tile::{
+    accumulate_tile_rows, fragment_slot, lane_rows, plane_row_fragments, plane_row_products,
+    store_lane_pairs, zero_pairs, AccPair, Pair,
 };
 use crate::tile::{cube_tiles_at, head_rows, load_rows};
 
@@ -521,12 +522,13 @@ fn load_step_vectors<F: Float, N: Size>(
     }
 }
 
-/// [`grad_key_value_kernel()`] on tensor cores (see [`crate::mma`]). Here the cube's
-/// `16 * planes` *rows* are key rows (plane `p` owns 16 of them) and `cfg.tile_keys` is the
-/// number of query rows per step. Per step, with the step's `Q` and `dO` rows in shared
-/// memory: `S^T = K Q^T` and `dP^T = V dO^T` on the tensor cores, `P^T` and
-/// `dS^T = P^T (dP^T - delta)` per lane, then `dV += P^T dO` and `dK += dS^T Q` into
-/// accumulators. For the selection branch the key rows lie in one selection block.
+/// [`grad_key_value_kernel()`] on tensor cores (register fragments, see
+/// [`crate::register_tile`]). Here the cube's `16 * planes` *rows* are key rows (plane `p`
+/// owns 16 of them, kept in shared memory) and `cfg.tile_keys` is the number of query rows
+/// per step. Per step, with the step's `Q` and `dO` rows in shared memory: `S^T = K Q^T`
+/// and `dP^T = V dO^T`, `P^T` and `dS^T = P^T (dP^T - delta)` in registers, then
+/// `dV += P^T dO` and `dK += dS^T Q` into accumulators. For the selection branch the key
+/// rows lie in one selection block.
 ///
 /// Key rows below `split_keys` (those every later query may see: all compressed keys, the
 /// forced initial selection blocks) would leave a few cubes with most of the work, so their
@@ -557,13 +559,12 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
     let width = N::value();
     let key_rows = cfg.rows();
     let steps = cfg.tile_keys;
-    let mut tile = mma_tile_new::<F, N>(cfg);
+    // The step's query rows, then its output-gradient rows.
+    let mut inputs = SharedMemory::<Vector<F, N>>::new(comptime!(cfg.input_elems() / width));
     // The cube's key rows, then its value rows.
     let mut own_rows = SharedMemory::<Vector<F, N>>::new(comptime!(
         key_rows * (cfg.key_stride() + cfg.value_stride()) / width
     ));
-    let mut score_grads = SharedMemory::<F>::new(comptime!(key_rows * cfg.probs_stride()));
-    let mut grads = SharedMemory::<f32>::new(comptime!(key_rows * cfg.scratch_stride()));
     let mut row_lse = SharedMemory::<f32>::new(steps);
     let mut row_delta = SharedMemory::<f32>::new(steps);
     let mut row_position = SharedMemory::<u32>::new(steps);
@@ -599,10 +600,9 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
             values_at,
             cfg,
         );
-        let mut acc_k = zero_accumulators(comptime!(cfg.d_k / MMA));
-        let mut acc_v = zero_accumulators(comptime!(cfg.d_v / MMA));
-        let (row, half) = lane_row();
-        let key = first_key + row;
+        let mut acc_k = zero_pairs(comptime!(cfg.d_k / 8 * 2));
+        let mut acc_v = zero_pairs(comptime!(cfg.d_v / 8 * 2));
+        let (low, high) = lane_rows();
         let plane_keys = plane_first_row() < n_keys;
         let mut begin = first_query(first_key, keys);
         let mut end = query_end(first_key + n_keys - 1, seq, keys);
@@ -635,7 +635,7 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
                     rows,
                     b,
                     kv_head,
-                    &mut tile.inputs,
+                    &mut inputs,
                     0usize,
                     cfg.key_stride(),
                     cfg.d_k,
@@ -648,7 +648,7 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
                     rows,
                     b,
                     kv_head,
-                    &mut tile.inputs,
+                    &mut inputs,
                     cfg.values_at(),
                     cfg.value_stride(),
                     cfg.d_v,
@@ -672,71 +672,60 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
                 sync_cube();
                 // Uniform over the plane.
                 if plane_keys {
-                    let own_keys = plane_fragments::<F, N>(
-                        &own_rows,
-                        plane_first_row() * cfg.key_stride(),
-                        cfg.key_stride(),
-                        cfg.d_k,
-                    );
-                    plane_row_products::<F, N>(
-                        &tile.inputs,
+                    // S^T = K Q^T and dP^T = V dO^T: key rows against the step's query rows.
+                    let own_keys =
+                        plane_row_fragments::<F, N>(&own_rows, 0usize, cfg.key_stride(), cfg.d_k);
+                    let scores = plane_row_products::<F, N>(
+                        &inputs,
                         &own_keys,
                         0usize,
                         cfg.key_stride(),
-                        comptime!(cfg.d_k / MMA),
-                        &mut tile.scratch,
+                        cfg.d_k,
                         cfg,
                     );
-                    let own_values = plane_fragments::<F, N>(
+                    let own_values = plane_row_fragments::<F, N>(
                         &own_rows,
-                        values_at + plane_first_row() * cfg.value_stride(),
+                        values_at,
                         cfg.value_stride(),
                         cfg.d_v,
                     );
-                    plane_row_products::<F, N>(
-                        &tile.inputs,
+                    let grads = plane_row_products::<F, N>(
+                        &inputs,
                         &own_values,
                         cfg.values_at(),
                         cfg.value_stride(),
-                        comptime!(cfg.d_v / MMA),
-                        &mut grads,
+                        cfg.d_v,
                         cfg,
                     );
-                    sync_plane();
-                    let cols = comptime!(cfg.tile_keys / 2);
-                    let at = row * cfg.scratch_stride();
-                    #[unroll]
-                    for i in 0..cols {
-                        let col = half * cols + i;
-                        let position = row_position[col] as usize;
-                        let mut p = 0.0f32;
-                        let mut ds = 0.0f32;
-                        if position > 0 && row < n_keys {
-                            if query_sees(position - 1, key, keys) {
-                                p = (tile.scratch[at + col] * scale - row_lse[col]).exp();
-                                ds = p * (grads[at + col] - row_delta[col]);
-                            }
-                        }
-                        tile.probs[row * cfg.probs_stride() + col] = F::cast_from(p);
-                        score_grads[row * cfg.probs_stride() + col] = F::cast_from(ds);
-                    }
-                    sync_plane();
-                    accumulate_products::<F, N>(
-                        &tile.probs,
-                        &tile.inputs,
+                    let (probs, score_grads) = transposed_gradients::<F>(
+                        &scores,
+                        &grads,
+                        first_key,
+                        n_keys,
+                        &row_position,
+                        &row_lse,
+                        &row_delta,
+                        scale,
+                        cfg,
+                        keys,
+                    );
+                    // dV += P^T dO, dK += dS^T Q.
+                    accumulate_tile_rows::<F, N>(
+                        &inputs,
+                        &probs,
                         cfg.values_at(),
                         cfg.value_stride(),
+                        cfg.d_v,
                         &mut acc_v,
-                        comptime!(cfg.d_v / MMA),
                         cfg,
                     );
-                    accumulate_products::<F, N>(
+                    accumulate_tile_rows::<F, N>(
+                        &inputs,
                         &score_grads,
-                        &tile.inputs,
                         0usize,
                         cfg.key_stride(),
+                        cfg.d_k,
                         &mut acc_k,
-                        comptime!(cfg.d_k / MMA),
                         cfg,
                     );
                 }
@@ -745,21 +734,111 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
             }
             chunk += cfg.units();
         }
-        let real = row < n_keys;
+        // This lane's key rows, g and g + 8 of its plane.
+        let mut real = Array::<bool>::new(2usize);
+        real[0] = low < n_keys;
+        real[1] = high < n_keys;
+        let mut unit_factor = Array::<f32>::new(2usize);
+        unit_factor[0] = 1.0;
+        unit_factor[1] = 1.0;
         if is_split {
             let out = (split * batch + b) * partial.stride(0)
-                + key * partial.stride(1)
+                + (first_key + low) * partial.stride(1)
                 + kv_head * partial.stride(2);
-            store_rows::<F, N, f32>(&mut tile, &acc_k, 1.0, partial, out, real, cfg.d_k, cfg);
-            let dv_out = out + cfg.d_k * partial.stride(3);
-            store_rows::<F, N, f32>(&mut tile, &acc_v, 1.0, partial, dv_out, real, cfg.d_v, cfg);
+            let high_out = out + 8 * partial.stride(1);
+            store_lane_pairs::<f32>(&acc_k, &unit_factor, partial, out, high_out, &real, cfg.d_k);
+            let dv_at = cfg.d_k * partial.stride(3);
+            store_lane_pairs::<f32>(
+                &acc_v,
+                &unit_factor,
+                partial,
+                out + dv_at,
+                high_out + dv_at,
+                &real,
+                cfg.d_v,
+            );
         } else {
-            let dk_out = b * dk.stride(0) + key * dk.stride(1) + kv_head * dk.stride(2);
-            store_rows::<F, N, F>(&mut tile, &acc_k, scale, dk, dk_out, real, cfg.d_k, cfg);
-            let dv_out = b * dv.stride(0) + key * dv.stride(1) + kv_head * dv.stride(2);
-            store_rows::<F, N, F>(&mut tile, &acc_v, 1.0, dv, dv_out, real, cfg.d_v, cfg);
+            let mut key_factor = Array::<f32>::new(2usize);
+            key_factor[0] = scale;
+            key_factor[1] = scale;
+            let dk_out =
+                b * dk.stride(0) + (first_key + low) * dk.stride(1) + kv_head * dk.stride(2);
+            store_lane_pairs::<F>(
+                &acc_k,
+                &key_factor,
+                dk,
+                dk_out,
+                dk_out + 8 * dk.stride(1),
+                &real,
+                cfg.d_k,
+            );
+            let dv_out =
+                b * dv.stride(0) + (first_key + low) * dv.stride(1) + kv_head * dv.stride(2);
+            store_lane_pairs::<F>(
+                &acc_v,
+                &unit_factor,
+                dv,
+                dv_out,
+                dv_out + 8 * dv.stride(1),
+                &real,
+                cfg.d_v,
+            );
         }
     }
+}
+
+/// `P^T` and `dS^T = P^T (dP^T - delta)` of this lane's two key rows (`first_key + g`,
+/// `+ g + 8` of its plane; rows from `n_keys` on are padding) against the step's query rows
+/// (column `c` is the query row with position `row_position[c] - 1`, 0 for none, and
+/// statistics `row_lse[c]`, `row_delta[c]`), masked to the pairs the branch attends, as
+/// the `A` fragments of `P^T dO` and `dS^T Q`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn transposed_gradients<F: Float>(
+    scores: &Array<AccPair>,
+    grads: &Array<AccPair>,
+    first_key: usize,
+    n_keys: usize,
+    row_position: &SharedMemory<u32>,
+    row_lse: &SharedMemory<f32>,
+    row_delta: &SharedMemory<f32>,
+    scale: f32,
+    #[comptime] cfg: MmaTileConfig,
+    #[comptime] keys: KeySet,
+) -> (Array<Pair<F>>, Array<Pair<F>>) {
+    let (low, _) = lane_rows();
+    let tiles = comptime!(cfg.tile_keys / 8);
+    let mut probs = Array::<Pair<F>>::new(comptime!(tiles * 2));
+    let mut score_grads = Array::<Pair<F>>::new(comptime!(tiles * 2));
+    #[unroll]
+    for half in 0..2usize {
+        let row = low + half * 8;
+        let key = first_key + row;
+        #[unroll]
+        for tile in 0..tiles {
+            let mut p_pair = Pair::<F>::empty();
+            let mut ds_pair = Pair::<F>::empty();
+            #[unroll]
+            for e in 0..2usize {
+                let col = tile * 8 + UNIT_POS as usize % 4 * 2 + e;
+                let position = row_position[col] as usize;
+                let mut p = 0.0f32;
+                let mut ds = 0.0f32;
+                // Nested: `&&` does not short-circuit.
+                if position > 0 && row < n_keys {
+                    if query_sees(position - 1, key, keys) {
+                        p = (scores[2 * tile + half][e] * scale - row_lse[col]).exp();
+                        ds = p * (grads[2 * tile + half][e] - row_delta[col]);
+                    }
+                }
+                p_pair[e] = F::cast_from(p);
+                ds_pair[e] = F::cast_from(ds);
+            }
+            probs[comptime!(fragment_slot(tile, half))] = p_pair;
+            score_grads[comptime!(fragment_slot(tile, half))] = ds_pair;
+        }
+    }
+    (probs, score_grads)
 }
 
 /// Adds up the split copies of [`grad_key_value_mma_kernel()`]:

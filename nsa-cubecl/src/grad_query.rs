@@ -5,14 +5,15 @@
 //! `(b, KV head, t)` walks the same keys as the forward kernel of the branch, in the same
 //! tiles, so the gradient of every query row is a fixed-order sum (deterministic).
 
-use cubecl::cmma::Matrix;
 use cubecl::prelude::*;
 
 use crate::keys::{key_range, KeySet};
 use crate::mma::{
-    accumulate_products, key_in_range, lane_row, load_group_rows, load_key_value_tile,
-    load_queries, mma_tile_new, plane_first_row, plane_row_products, plane_scores, row_key_range,
-    row_position, store_group_rows, zero_accumulators, MmaTile, MmaTileConfig, MMA,
+    load_key_value_rows, plane_first_row, row_key_range, row_position, MmaTileConfig,
+};
+use crate::register_tile::{
+    accumulate_tile_rows, lane_ranges, lane_rows, plane_row_products, plane_score_tiles,
+    register_load_rows, score_gradients, store_lane_rows, zero_pairs, AccPair, LaneRanges, Pair,
 };
 use crate::tile::{
     cube_position, cube_positions, group_rows, head_rows, load_key_values, selected_tile,
@@ -195,9 +196,9 @@ pub fn grad_query_kernel<F: Float, I: Int>(
 }
 
 /// One key tile of [`grad_query_mma_kernel`]: loads `valid` key and value rows from
-/// `first`, computes `S = Q K^T` and `dP = dO V^T` on the tensor cores, `dS = P (dP -
-/// delta)` per lane (masked to the row's `[start, end)`) and `acc += dS K`. Every unit must
-/// call it (it synchronizes the cube).
+/// `first`, computes `S = Q K^T` and `dP = dO V^T` on register fragments, `dS = P (dP -
+/// delta)` per lane (each row masked to its range) and `acc += dS K`. Every unit must call
+/// it (it synchronizes the cube).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn grad_query_mma_tile<F: Float, N: Size>(
@@ -207,62 +208,60 @@ fn grad_query_mma_tile<F: Float, N: Size>(
     v_at: Rows,
     first: usize,
     valid: usize,
-    start: usize,
-    end: usize,
+    ranges: &LaneRanges,
     scale: f32,
-    stats: RowStats,
-    queries: &Sequence<Matrix<F>>,
-    out_grads: &Sequence<Matrix<F>>,
-    tile: &mut MmaTile<F, N>,
-    grads: &mut SharedMemory<f32>,
-    acc: &mut Sequence<Matrix<f32>>,
+    row_lse: &Array<f32>,
+    row_delta: &Array<f32>,
+    queries: &Array<Pair<F>>,
+    out_grads: &Array<Pair<F>>,
+    inputs: &mut SharedMemory<Vector<F, N>>,
+    acc: &mut Array<AccPair>,
     #[comptime] cfg: MmaTileConfig,
 ) {
-    load_key_value_tile::<F, N>(k, k_at, v, v_at, first, valid, tile, cfg);
+    load_key_value_rows::<F, N>(
+        k,
+        k_at,
+        v,
+        v_at,
+        first,
+        valid,
+        inputs,
+        cfg.tile_keys,
+        cfg.values_at(),
+        cfg,
+    );
+    sync_cube();
     // A plane whose rows are all padding only helps load (uniform over the plane).
     if plane_first_row() < comptime!(cfg.positions * cfg.group) {
-        plane_scores::<F, N>(tile, queries, cfg);
-        plane_row_products::<F, N>(
-            &tile.inputs,
+        let scores = plane_score_tiles::<F, N>(inputs, queries, cfg);
+        let grads = plane_row_products::<F, N>(
+            inputs,
             out_grads,
             cfg.values_at(),
             cfg.value_stride(),
-            comptime!(cfg.d_v / MMA),
-            grads,
+            cfg.d_v,
             cfg,
         );
-        sync_plane();
-        let (row, half) = lane_row();
-        let cols = comptime!(cfg.tile_keys / 2);
-        let at = row * cfg.scratch_stride();
-        #[unroll]
-        for i in 0..cols {
-            let col = half * cols + i;
-            let mut ds = 0.0f32;
-            if key_in_range(col, first, valid, start, end) {
-                let p = (tile.scratch[at + col] * scale - stats.lse).exp();
-                ds = p * (grads[at + col] - stats.delta);
-            }
-            tile.probs[row * cfg.probs_stride() + col] = F::cast_from(ds);
-        }
-        sync_plane();
-        accumulate_products::<F, N>(
-            &tile.probs,
-            &tile.inputs,
+        let score_grads = score_gradients::<F>(
+            &scores, &grads, first, valid, ranges, scale, row_lse, row_delta, cfg,
+        );
+        accumulate_tile_rows::<F, N>(
+            inputs,
+            &score_grads,
             0usize,
             cfg.key_stride(),
+            cfg.d_k,
             acc,
-            comptime!(cfg.d_k / MMA),
             cfg,
         );
     }
     sync_cube();
 }
 
-/// [`grad_query_kernel()`] on tensor cores (see [`crate::mma`]): one cube per `(b, KV head,
-/// cfg.positions query positions)` (one position for the selection branch), its rows' `Q`
-/// and `dO` held as fragments and `dQ` in accumulators, walking the same key tiles as the
-/// forward kernel.
+/// [`grad_query_kernel()`] on tensor cores (register fragments, see
+/// [`crate::register_tile`]): one cube per `(b, KV head, cfg.positions query positions)`
+/// (one position for the selection branch), its rows' `Q` and `dO` held as fragments and
+/// `dQ` in accumulators, walking the same key tiles as the forward kernel.
 #[cube(launch_unchecked, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn grad_query_mma_kernel<F: Float, I: Int, N: Size>(
@@ -278,31 +277,37 @@ pub fn grad_query_mma_kernel<F: Float, I: Int, N: Size>(
     #[comptime] cfg: MmaTileConfig,
     #[comptime] keys: KeySet,
 ) {
-    let mut tile = mma_tile_new::<F, N>(cfg);
-    let mut grads = SharedMemory::<f32>::new(comptime!(cfg.rows() * cfg.scratch_stride()));
+    let width = N::value();
+    let mut inputs = SharedMemory::<Vector<F, N>>::new(comptime!(cfg.input_elems() / width));
     let seq = q.shape(1);
     let (b, kv_head, t0, active) = cube_positions(q.shape(0), k.shape(2), seq, cfg.positions);
     if active {
-        let queries = load_queries::<F, N>(q, b, t0, kv_head, &mut tile, cfg);
-        let out_grads = load_group_rows::<F, N>(d_o, b, t0, kv_head, &mut tile, cfg.d_v, cfg);
+        let queries = register_load_rows::<F, N>(q, b, t0, kv_head, &mut inputs, cfg.d_k, cfg);
+        let out_grads = register_load_rows::<F, N>(d_o, b, t0, kv_head, &mut inputs, cfg.d_v, cfg);
         let k_at = head_rows::<Vector<F, N>>(k, b, kv_head);
         let v_at = head_rows::<Vector<F, N>>(v, b, kv_head);
-        let (row, _) = lane_row();
-        let (position, real) = row_position(row, t0, seq, cfg);
-        let (start, end) = row_key_range(row, t0, seq, k.shape(1), keys, cfg);
-        let head = kv_head * cfg.group + row % cfg.group;
-        let mut row_lse = 0.0f32;
-        let mut row_delta = 0.0f32;
-        if real {
-            row_lse = lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)];
-            row_delta =
-                delta[b * delta.stride(0) + position * delta.stride(1) + head * delta.stride(2)];
+        let (low, high) = lane_rows();
+        let ranges = lane_ranges(
+            row_key_range(low, t0, seq, k.shape(1), keys, cfg),
+            row_key_range(high, t0, seq, k.shape(1), keys, cfg),
+        );
+        let mut row_lse = Array::<f32>::new(2usize);
+        let mut row_delta = Array::<f32>::new(2usize);
+        #[unroll]
+        for half in 0..2usize {
+            let row = low + half * 8;
+            let (position, real) = row_position(row, t0, seq, cfg);
+            let head = kv_head * cfg.group + row % cfg.group;
+            row_lse[half] = 0.0;
+            row_delta[half] = 0.0;
+            if real {
+                row_lse[half] =
+                    lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)];
+                row_delta[half] = delta
+                    [b * delta.stride(0) + position * delta.stride(1) + head * delta.stride(2)];
+            }
         }
-        let stats = RowStats {
-            lse: row_lse,
-            delta: row_delta,
-        };
-        let mut acc = zero_accumulators(comptime!(cfg.d_k / MMA));
+        let mut acc = zero_pairs(comptime!(cfg.d_k / 8 * 2));
         if comptime!(keys.is_selected()) {
             let block = comptime!(keys.select_block());
             let slots =
@@ -315,8 +320,21 @@ pub fn grad_query_mma_kernel<F: Float, I: Int, N: Size>(
                     // Uniform over the cube: every row is position t0.
                     if valid > 0 {
                         grad_query_mma_tile::<F, N>(
-                            k, k_at, v, v_at, first, valid, start, end, scale, stats, &queries,
-                            &out_grads, &mut tile, &mut grads, &mut acc, cfg,
+                            k,
+                            k_at,
+                            v,
+                            v_at,
+                            first,
+                            valid,
+                            &ranges,
+                            scale,
+                            &row_lse,
+                            &row_delta,
+                            &queries,
+                            &out_grads,
+                            &mut inputs,
+                            &mut acc,
+                            cfg,
                         );
                     }
                 }
@@ -329,12 +347,28 @@ pub fn grad_query_mma_kernel<F: Float, I: Int, N: Size>(
             while first < last_key {
                 let valid = min(last_key - first, cfg.tile_keys);
                 grad_query_mma_tile::<F, N>(
-                    k, k_at, v, v_at, first, valid, start, end, scale, stats, &queries, &out_grads,
-                    &mut tile, &mut grads, &mut acc, cfg,
+                    k,
+                    k_at,
+                    v,
+                    v_at,
+                    first,
+                    valid,
+                    &ranges,
+                    scale,
+                    &row_lse,
+                    &row_delta,
+                    &queries,
+                    &out_grads,
+                    &mut inputs,
+                    &mut acc,
+                    cfg,
                 );
                 first += cfg.tile_keys;
             }
         }
-        store_group_rows::<F, N>(&mut tile, &acc, scale, dq, b, t0, kv_head, cfg.d_k, cfg);
+        let mut factor = Array::<f32>::new(2usize);
+        factor[0] = scale;
+        factor[1] = scale;
+        store_lane_rows::<F>(&acc, &factor, dq, b, t0, kv_head, cfg.d_k, cfg);
     }
 }

@@ -464,8 +464,7 @@ pub fn launch_grad_query<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
     scale: f32,
 ) {
     let elem = core::mem::size_of::<F>();
-    let bytes =
-        |tile: &MmaTileConfig| tile.shared_bytes(elem) + 4 * tile.rows() * tile.scratch_stride();
+    let bytes = |tile: &MmaTileConfig| tile.input_bytes(elem);
     if let Some(cfg) = mma_tile_config::<R, F>(client, shape, keys.is_selected(), bytes) {
         let (count, dim) = mma_grid(client, shape, &cfg);
         // SAFETY: as for the forward tensor-core kernels.

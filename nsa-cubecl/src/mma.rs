@@ -28,7 +28,7 @@ pub const MMA: usize = 16;
 pub const PLANE: usize = 32;
 /// Elements of padding after each row of a shared input buffer, so the 16 rows of a
 /// fragment load fall in different banks (a multiple of the vector width).
-const ROW_PAD: usize = 8;
+pub const ROW_PAD: usize = 8;
 
 /// Comptime shape of the tensor-core tile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -256,27 +256,6 @@ pub fn stage_group_rows<F: Float, N: Size>(
     sync_cube();
 }
 
-/// [`stage_group_rows()`] into the tile's input buffer, returning this plane's rows as
-/// tensor-core `A` fragments, one per 16 of `dim`. Every unit must call it (it
-/// synchronizes the cube); the input buffer is free again when it returns.
-#[cube]
-pub fn load_group_rows<F: Float, N: Size>(
-    x: &Tensor<Vector<F, N>>,
-    b: usize,
-    t0: usize,
-    kv_head: usize,
-    tile: &mut MmaTile<F, N>,
-    #[comptime] dim: usize,
-    #[comptime] cfg: MmaTileConfig,
-) -> Sequence<Matrix<F>> {
-    stage_group_rows::<F, N>(x, b, t0, kv_head, &mut tile.inputs, dim, cfg);
-    let stride = comptime!(dim + ROW_PAD);
-    let fragments = plane_fragments::<F, N>(&tile.inputs, plane_first_row() * stride, stride, dim);
-    // Key tiles reuse the buffer.
-    sync_cube();
-    fragments
-}
-
 /// This plane's 16 rows of `dim` values in `buffer` (from element `at`, `stride` apart) as
 /// tensor-core `A` fragments, one per 16 values.
 #[cube]
@@ -316,19 +295,6 @@ pub fn zero_accumulators(#[comptime] count: usize) -> Sequence<Matrix<f32>> {
         ));
     }
     acc
-}
-
-/// [`load_group_rows()`] of the queries `q: [B, T, H, d_k]`.
-#[cube]
-pub fn load_queries<F: Float, N: Size>(
-    q: &Tensor<Vector<F, N>>,
-    b: usize,
-    t0: usize,
-    kv_head: usize,
-    tile: &mut MmaTile<F, N>,
-    #[comptime] cfg: MmaTileConfig,
-) -> Sequence<Matrix<F>> {
-    load_group_rows::<F, N>(q, b, t0, kv_head, tile, cfg.d_k, cfg)
 }
 
 /// Elements a 16x16 fragment spans in a row-major buffer `stride` apart.
@@ -405,25 +371,6 @@ pub fn plane_row_products<F: Float, N: Size>(
     }
 }
 
-/// Scores `Q K^T` of this plane's query rows against the keys in the tile, unscaled, into
-/// the plane's rows of the scratch.
-#[cube]
-pub fn plane_scores<F: Float, N: Size>(
-    tile: &mut MmaTile<F, N>,
-    queries: &Sequence<Matrix<F>>,
-    #[comptime] cfg: MmaTileConfig,
-) {
-    plane_row_products::<F, N>(
-        &tile.inputs,
-        queries,
-        0usize,
-        cfg.key_stride(),
-        comptime!(cfg.d_k / MMA),
-        &mut tile.scratch,
-        cfg,
-    );
-}
-
 /// Stores fragments `2 chunk` and `2 chunk + 1` of `acc` (of `dim / 16`; those that
 /// exist) to this plane's rows of the scratch, columns `0..32`; the plane must be
 /// synchronized before its lanes read them. Lane `(row, half)` then owns columns
@@ -489,27 +436,6 @@ pub fn store_rows<F: Float, N: Size, E: Float>(
         }
         sync_plane();
     }
-}
-
-/// [`store_rows()`] to the cube's group rows of `x: [B, T, H, dim]` (padding rows skipped).
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub fn store_group_rows<F: Float, N: Size>(
-    tile: &mut MmaTile<F, N>,
-    acc: &Sequence<Matrix<f32>>,
-    factor: f32,
-    x: &mut Tensor<F>,
-    b: usize,
-    t0: usize,
-    kv_head: usize,
-    #[comptime] dim: usize,
-    #[comptime] cfg: MmaTileConfig,
-) {
-    let (row, _) = lane_row();
-    let (position, real) = row_position(row, t0, x.shape(1), cfg);
-    let head = kv_head * cfg.group + row % cfg.group;
-    let out = b * x.stride(0) + position * x.stride(1) + head * x.stride(2);
-    store_rows::<F, N, F>(tile, acc, factor, x, out, real, dim, cfg);
 }
 
 /// `acc += P B` on the tensor cores: this plane's rows of the tile's `probs` (`[16,
@@ -599,33 +525,4 @@ pub fn load_key_value_rows<F: Float, N: Size>(
         cfg.d_v,
         cfg.units(),
     );
-}
-
-/// [`load_key_value_rows()`] of one key tile into the tile's input buffer, then a cube
-/// barrier.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub fn load_key_value_tile<F: Float, N: Size>(
-    k: &Tensor<Vector<F, N>>,
-    k_at: Rows,
-    v: &Tensor<Vector<F, N>>,
-    v_at: Rows,
-    first: usize,
-    valid: usize,
-    tile: &mut MmaTile<F, N>,
-    #[comptime] cfg: MmaTileConfig,
-) {
-    load_key_value_rows::<F, N>(
-        k,
-        k_at,
-        v,
-        v_at,
-        first,
-        valid,
-        &mut tile.inputs,
-        cfg.tile_keys,
-        cfg.values_at(),
-        cfg,
-    );
-    sync_cube();
 }

@@ -17,7 +17,7 @@ use cubecl::prelude::*;
 
 use crate::mma::{
     key_in_range, load_key_value_rows, plane_first_row, row_position, stage_group_rows,
-    MmaTileConfig, MMA, PLANE,
+    MmaTileConfig, MMA, PLANE, ROW_PAD,
 };
 use crate::tile::{Rows, NEG_BIG};
 
@@ -96,7 +96,7 @@ fn a_fragment<F: Float>(frags: &Array<Pair<F>>, #[comptime] step: usize) -> Arra
 
 /// `count` zeroed accumulator pairs.
 #[cube]
-fn zero_pairs(#[comptime] count: usize) -> Array<AccPair> {
+pub fn zero_pairs(#[comptime] count: usize) -> Array<AccPair> {
     let mut acc = Array::<AccPair>::new(count);
     #[unroll]
     for i in 0..count {
@@ -105,11 +105,12 @@ fn zero_pairs(#[comptime] count: usize) -> Array<AccPair> {
     acc
 }
 
-/// This plane's 16 rows of `dim` values in `buffer` (from element 0, `stride` apart) as
+/// This plane's 16 rows of `dim` values in `buffer` (from element `at`, `stride` apart) as
 /// `A` fragments: `dim / 16` steps of four registers, flat.
 #[cube]
 pub fn plane_row_fragments<F: Float, N: Size>(
     buffer: &SharedMemory<Vector<F, N>>,
+    #[comptime] at: usize,
     #[comptime] stride: usize,
     #[comptime] dim: usize,
 ) -> Array<Pair<F>> {
@@ -118,7 +119,11 @@ pub fn plane_row_fragments<F: Float, N: Size>(
     let mut frags = Array::<Pair<F>>::new(comptime!(dim / MMA * 4));
     #[unroll]
     for step in 0..comptime!(dim / MMA) {
-        let regs = load_x4::<F, N>(buffer, row * stride + step * MMA + lane / MMA * N8, false);
+        let regs = load_x4::<F, N>(
+            buffer,
+            at + row * stride + step * MMA + lane / MMA * N8,
+            false,
+        );
         #[unroll]
         for i in 0..4usize {
             frags[4 * step + i] = regs[i];
@@ -127,49 +132,71 @@ pub fn plane_row_fragments<F: Float, N: Size>(
     frags
 }
 
-/// Copies the cube's query rows of `q: [B, T, H, d_k]` into `inputs` and returns this
-/// plane's as [`plane_row_fragments`]. Every unit must call it (it synchronizes the cube);
-/// `inputs` is free again when it returns.
+/// Copies the cube's rows of `x: [B, T, H, dim]` (queries or output gradients) into
+/// `inputs` and returns this plane's as [`plane_row_fragments`]. Every unit must call it (it
+/// synchronizes the cube); `inputs` is free again when it returns.
 #[cube]
-pub fn register_load_queries<F: Float, N: Size>(
-    q: &Tensor<Vector<F, N>>,
+pub fn register_load_rows<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
     b: usize,
     t0: usize,
     kv_head: usize,
     inputs: &mut SharedMemory<Vector<F, N>>,
+    #[comptime] dim: usize,
     #[comptime] cfg: MmaTileConfig,
 ) -> Array<Pair<F>> {
-    stage_group_rows::<F, N>(q, b, t0, kv_head, inputs, cfg.d_k, cfg);
-    let queries = plane_row_fragments::<F, N>(inputs, cfg.key_stride(), cfg.d_k);
+    stage_group_rows::<F, N>(x, b, t0, kv_head, inputs, dim, cfg);
+    let rows = plane_row_fragments::<F, N>(inputs, 0usize, comptime!(dim + ROW_PAD), dim);
     sync_cube();
-    queries
+    rows
 }
 
-/// Scores `Q K^T` (unscaled) of this plane's rows against the `tile_keys` key rows in
-/// `inputs` (from element 0, `key_stride` apart): `tile_keys / 8` accumulator tiles of two
-/// pairs (rows `g` and `g + 8`).
+/// `A B^T` of this plane's 16 rows (`frags`, `dim` wide) against the tile's `tile_keys`
+/// rows in `inputs` (from element `at`, `stride` apart): `tile_keys / 8` accumulator tiles
+/// of two pairs (rows `g` and `g + 8`). The scores `Q K^T` (unscaled), and `dO V^T` in the
+/// backward pass.
+#[cube]
+pub fn plane_row_products<F: Float, N: Size>(
+    inputs: &SharedMemory<Vector<F, N>>,
+    frags: &Array<Pair<F>>,
+    #[comptime] at: usize,
+    #[comptime] stride: usize,
+    #[comptime] dim: usize,
+    #[comptime] cfg: MmaTileConfig,
+) -> Array<AccPair> {
+    let lane = lane();
+    let mut products = zero_pairs(comptime!(cfg.tile_keys / N8 * 2));
+    #[unroll]
+    for rows in 0..comptime!(cfg.tile_keys / MMA) {
+        // Matrices: rows 0-7 | dims 0-7, rows 0-7 | dims 8-15, rows 8-15 | dims 0-7, ...
+        let row = rows * MMA + lane / MMA * N8 + lane % N8;
+        let col = (lane / N8) % 2 * N8;
+        #[unroll]
+        for step in 0..comptime!(dim / MMA) {
+            let regs = load_x4::<F, N>(inputs, at + row * stride + step * MMA + col, false);
+            let a = a_fragment::<F>(frags, step);
+            mma_into::<F>(&a, regs[0], regs[1], &mut products, comptime!(2 * rows));
+            mma_into::<F>(&a, regs[2], regs[3], &mut products, comptime!(2 * rows + 1));
+        }
+    }
+    products
+}
+
+/// The scores `Q K^T` (unscaled) of this plane's rows against the tile's keys.
 #[cube]
 pub fn plane_score_tiles<F: Float, N: Size>(
     inputs: &SharedMemory<Vector<F, N>>,
     queries: &Array<Pair<F>>,
     #[comptime] cfg: MmaTileConfig,
 ) -> Array<AccPair> {
-    let lane = lane();
-    let mut scores = zero_pairs(comptime!(cfg.tile_keys / N8 * 2));
-    #[unroll]
-    for keys in 0..comptime!(cfg.tile_keys / MMA) {
-        // Matrices: keys 0-7 | dims 0-7, keys 0-7 | dims 8-15, keys 8-15 | dims 0-7, ...
-        let key = keys * MMA + lane / MMA * N8 + lane % N8;
-        let dim = (lane / N8) % 2 * N8;
-        #[unroll]
-        for step in 0..comptime!(cfg.d_k / MMA) {
-            let regs = load_x4::<F, N>(inputs, key * cfg.key_stride() + step * MMA + dim, false);
-            let a = a_fragment::<F>(queries, step);
-            mma_into::<F>(&a, regs[0], regs[1], &mut scores, comptime!(2 * keys));
-            mma_into::<F>(&a, regs[2], regs[3], &mut scores, comptime!(2 * keys + 1));
-        }
-    }
-    scores
+    plane_row_products::<F, N>(inputs, queries, 0usize, cfg.key_stride(), cfg.d_k, cfg)
+}
+
+/// Index in a flat `A` fragment list of the pair of row `half` from score tile `tile`:
+/// score tiles `2 s` and `2 s + 1` are fragment `s`, registers (g, lo), (g + 8, lo),
+/// (g, hi), (g + 8, hi).
+pub fn fragment_slot(tile: usize, half: usize) -> usize {
+    (tile / 2) * 4 + (tile % 2) * 2 + half
 }
 
 /// The key rows `[start, end)` of this lane's two rows (`g` and `g + 8` of its plane).
@@ -323,37 +350,77 @@ fn softmax_tiles<F: Float>(
                 sum += p;
                 pair[e] = F::cast_from(p);
             }
-            // Score tiles 2s, 2s + 1 are A fragment s: registers (g, lo), (g + 8, lo),
-            // (g, hi), (g + 8, hi).
-            probs[comptime!((tile / 2) * 4 + (tile % 2) * 2 + half)] = pair;
+            probs[comptime!(fragment_slot(tile, half))] = pair;
         }
         state.sum[half] = sum;
     }
     probs
 }
 
-/// `out += P V`: the probabilities' `A` fragments times the tile's value rows in `inputs`
-/// (from [`MmaTileConfig::values_at`], `value_stride` apart), read transposed.
+/// `dS = P (dP - delta)` with `P = exp(S scale - lse)` for this lane's two rows (each
+/// masked to its range; the tile starts at key row `first`, `valid` rows loaded), as the
+/// `A` fragments of `dS K`.
 #[cube]
-fn accumulate_values<F: Float, N: Size>(
+#[allow(clippy::too_many_arguments)]
+pub fn score_gradients<F: Float>(
+    scores: &Array<AccPair>,
+    grads: &Array<AccPair>,
+    first: usize,
+    valid: usize,
+    ranges: &LaneRanges,
+    scale: f32,
+    row_lse: &Array<f32>,
+    row_delta: &Array<f32>,
+    #[comptime] cfg: MmaTileConfig,
+) -> Array<Pair<F>> {
+    let tiles = comptime!(cfg.tile_keys / N8);
+    let mut frags = Array::<Pair<F>>::new(comptime!(tiles * 2));
+    #[unroll]
+    for half in 0..2usize {
+        #[unroll]
+        for tile in 0..tiles {
+            let mut pair = Pair::<F>::empty();
+            #[unroll]
+            for e in 0..2usize {
+                let mut ds = 0.0f32;
+                if lane_key_in_range(ranges, first, valid, tile, half, e) {
+                    let p = (scores[2 * tile + half][e] * scale - row_lse[half]).exp();
+                    ds = p * (grads[2 * tile + half][e] - row_delta[half]);
+                }
+                pair[e] = F::cast_from(ds);
+            }
+            frags[comptime!(fragment_slot(tile, half))] = pair;
+        }
+    }
+    frags
+}
+
+/// `acc += W R`: the `A` fragments `weights` (this plane's rows against the tile's
+/// `tile_keys` rows) times the tile's rows `[tile_keys, dim]` in `inputs` (from element
+/// `at`, `stride` apart), read transposed. `P V` in the forward pass, `dS K` for `dQ`.
+#[cube]
+pub fn accumulate_tile_rows<F: Float, N: Size>(
     inputs: &SharedMemory<Vector<F, N>>,
-    probs: &Array<Pair<F>>,
-    out: &mut Array<AccPair>,
+    weights: &Array<Pair<F>>,
+    #[comptime] at: usize,
+    #[comptime] stride: usize,
+    #[comptime] dim: usize,
+    acc: &mut Array<AccPair>,
     #[comptime] cfg: MmaTileConfig,
 ) {
     let lane = lane();
-    // Matrices: keys 0-7 | dims 0-7, keys 8-15 | dims 0-7, keys 0-7 | dims 8-15, ...
-    let key_in_step = (lane / N8) % 2 * N8 + lane % N8;
-    let dim = lane / MMA * N8;
+    // Matrices: rows 0-7 | dims 0-7, rows 8-15 | dims 0-7, rows 0-7 | dims 8-15, ...
+    let row_in_step = (lane / N8) % 2 * N8 + lane % N8;
+    let col = lane / MMA * N8;
     #[unroll]
     for step in 0..comptime!(cfg.tile_keys / MMA) {
-        let a = a_fragment::<F>(probs, step);
-        let row = cfg.values_at() + (step * MMA + key_in_step) * cfg.value_stride();
+        let a = a_fragment::<F>(weights, step);
+        let row = at + (step * MMA + row_in_step) * stride;
         #[unroll]
-        for dims in 0..comptime!(cfg.d_v / MMA) {
-            let regs = load_x4::<F, N>(inputs, row + dims * MMA + dim, true);
-            mma_into::<F>(&a, regs[0], regs[1], out, comptime!(2 * dims));
-            mma_into::<F>(&a, regs[2], regs[3], out, comptime!(2 * dims + 1));
+        for dims in 0..comptime!(dim / MMA) {
+            let regs = load_x4::<F, N>(inputs, row + dims * MMA + col, true);
+            mma_into::<F>(&a, regs[0], regs[1], acc, comptime!(2 * dims));
+            mma_into::<F>(&a, regs[2], regs[3], acc, comptime!(2 * dims + 1));
         }
     }
 }
@@ -395,7 +462,15 @@ pub fn register_attend_tile<F: Float, N: Size>(
     if plane_first_row() < comptime!(cfg.positions * cfg.group) {
         let scores = plane_score_tiles::<F, N>(inputs, queries, cfg);
         let probs = softmax_tiles::<F>(&scores, state, first, valid, ranges, scale, cfg);
-        accumulate_values::<F, N>(inputs, &probs, &mut state.out, cfg);
+        accumulate_tile_rows::<F, N>(
+            inputs,
+            &probs,
+            cfg.values_at(),
+            cfg.value_stride(),
+            cfg.d_v,
+            &mut state.out,
+            cfg,
+        );
     }
     sync_cube();
 }
@@ -439,6 +514,69 @@ pub fn register_row_lse(state: &RegisterState, #[comptime] half: usize) -> f32 {
     lse
 }
 
+/// Writes this lane's two rows of `acc` (`dim / 8` accumulator tiles), row `half` times
+/// `factor[half]`, to `x[out + col * x.stride(3)]` with `out` `low_out` for row `g` and
+/// `high_out` for row `g + 8`, each only if `real[half]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn store_lane_pairs<E: Float>(
+    acc: &Array<AccPair>,
+    factor: &Array<f32>,
+    x: &mut Tensor<E>,
+    low_out: usize,
+    high_out: usize,
+    real: &Array<bool>,
+    #[comptime] dim: usize,
+) {
+    let col = lane() % 4 * 2;
+    #[unroll]
+    for half in 0..2usize {
+        let mut out = low_out;
+        if comptime!(half == 1) {
+            out = high_out;
+        }
+        if real[half] {
+            #[unroll]
+            for tile in 0..comptime!(dim / N8) {
+                let pair = acc[2 * tile + half];
+                #[unroll]
+                for e in 0..2usize {
+                    x[out + (tile * N8 + col + e) * x.stride(3)] =
+                        E::cast_from(pair[e] * factor[half]);
+                }
+            }
+        }
+    }
+}
+
+/// [`store_lane_pairs()`] to this lane's cube rows of `x: [B, T, H, dim]` (padding rows
+/// skipped).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn store_lane_rows<F: Float>(
+    acc: &Array<AccPair>,
+    factor: &Array<f32>,
+    x: &mut Tensor<F>,
+    b: usize,
+    t0: usize,
+    kv_head: usize,
+    #[comptime] dim: usize,
+    #[comptime] cfg: MmaTileConfig,
+) {
+    let (low, _) = lane_rows();
+    let mut real = Array::<bool>::new(2usize);
+    let mut outs = Array::<usize>::new(2usize);
+    #[unroll]
+    for half in 0..2usize {
+        let row = low + half * N8;
+        let (position, row_real) = row_position(row, t0, x.shape(1), cfg);
+        let head = kv_head * cfg.group + row % cfg.group;
+        real[half] = row_real;
+        outs[half] = b * x.stride(0) + position * x.stride(1) + head * x.stride(2);
+    }
+    store_lane_pairs::<F>(acc, factor, x, outs[0], outs[1], &real, dim);
+}
+
 /// Writes this lane's two output rows to `o: [B, T, H, d_v]` (`out / sum`, 0 for an empty
 /// row) and, from the row's first lane, their log-sum-exp to `lse: [B, H, T]`. Every lane
 /// must call it.
@@ -454,32 +592,22 @@ pub fn register_state_finish<F: Float>(
     #[comptime] cfg: MmaTileConfig,
 ) {
     let (low, _) = lane_rows();
-    let col = lane() % 4 * 2;
+    let mut inverse = Array::<f32>::new(2usize);
     #[unroll]
     for half in 0..2usize {
         let sum = row_reduce(state.sum[half], false);
         let row = low + half * N8;
         let (position, real) = row_position(row, t0, o.shape(1), cfg);
-        if real {
+        let mut row_lse = f32::new(NEG_BIG);
+        inverse[half] = 0.0;
+        if sum > 0.0 {
+            inverse[half] = 1.0 / sum;
+            row_lse = state.max[half] + sum.ln();
+        }
+        if real && lane() % 4 == 0 {
             let head = kv_head * cfg.group + row % cfg.group;
-            let mut inverse = 0.0f32;
-            let mut row_lse = f32::new(NEG_BIG);
-            if sum > 0.0 {
-                inverse = 1.0 / sum;
-                row_lse = state.max[half] + sum.ln();
-            }
-            let out = b * o.stride(0) + position * o.stride(1) + head * o.stride(2);
-            #[unroll]
-            for tile in 0..comptime!(cfg.d_v / N8) {
-                let pair = state.out[2 * tile + half];
-                #[unroll]
-                for e in 0..2usize {
-                    o[out + (tile * N8 + col + e) * o.stride(3)] = F::cast_from(pair[e] * inverse);
-                }
-            }
-            if col == 0 {
-                lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)] = row_lse;
-            }
+            lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)] = row_lse;
         }
     }
+    store_lane_rows::<F>(&state.out, &inverse, o, b, t0, kv_head, cfg.d_v, cfg);
 }

@@ -6,7 +6,7 @@ use cubecl::prelude::*;
 use crate::keys::KeySet;
 use crate::mma::{row_key_range, MmaTileConfig};
 use crate::register_tile::{
-    lane_ranges, lane_rows, register_attend_tile, register_load_queries, register_state_finish,
+    lane_ranges, lane_rows, register_attend_tile, register_load_rows, register_state_finish,
     register_state_new,
 };
 use crate::tile::{
@@ -94,7 +94,7 @@ pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
     let seq = q.shape(1);
     let (b, head, t, active) = cube_positions(q.shape(0), k.shape(2), seq, 1usize);
     if active {
-        let queries = register_load_queries::<F, N>(q, b, t, head, &mut inputs, cfg);
+        let queries = register_load_rows::<F, N>(q, b, t, head, &mut inputs, cfg.d_k, cfg);
         let k_at = head_rows::<Vector<F, N>>(k, b, head);
         let v_at = head_rows::<Vector<F, N>>(v, b, head);
         let slots = b * selected.stride(0) + head * selected.stride(1) + t * selected.stride(2);

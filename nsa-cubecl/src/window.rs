@@ -5,7 +5,7 @@ use cubecl::prelude::*;
 use crate::keys::{key_range, KeySet};
 use crate::mma::{row_key_range, MmaTileConfig};
 use crate::register_tile::{
-    lane_ranges, lane_rows, register_attend_range, register_load_queries, register_state_finish,
+    lane_ranges, lane_rows, register_attend_range, register_load_rows, register_state_finish,
     register_state_new,
 };
 use crate::tile::{
@@ -76,7 +76,7 @@ pub fn window_attention_mma_kernel<F: Float, N: Size>(
     let seq = q.shape(1);
     let (b, head, t0, active) = cube_positions(q.shape(0), k.shape(2), seq, cfg.positions);
     if active {
-        let queries = register_load_queries::<F, N>(q, b, t0, head, &mut inputs, cfg);
+        let queries = register_load_rows::<F, N>(q, b, t0, head, &mut inputs, cfg.d_k, cfg);
         let k_at = head_rows::<Vector<F, N>>(k, b, head);
         let v_at = head_rows::<Vector<F, N>>(v, b, head);
         let (low, high) = lane_rows();
