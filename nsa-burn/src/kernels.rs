@@ -1,14 +1,15 @@
 //! [`NsaBackend`] on Burn's generic CubeCL backend: launches the `nsa-cubecl` kernels,
 //! forward and backward.
 
-use burn::tensor::{bf16, f16, DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{bf16, f16, DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use nsa_cubecl::{
-    key_grad_split, launch_compressed, launch_grad_key_value, launch_grad_query, launch_selected,
-    launch_sum_key_splits, launch_window, AttentionShape, GradArgs, KeySet, SelectionConfig,
+    key_grad_split, launch_compressed, launch_delta, launch_grad_key_value, launch_grad_query,
+    launch_selected, launch_sum_key_splits, launch_window, AttentionShape, GradArgs, KeySet,
+    SelectionConfig,
 };
 
 use crate::{BranchGrads, BranchSaved, NsaAttentionConfig, NsaBackend, NsaBackward};
@@ -114,7 +115,7 @@ fn empty_like<R: CubeRuntime>(x: &CubeTensor<R>) -> CubeTensor<R> {
     )
 }
 
-/// The backward pass of one branch: `delta = rowsum(dO * O)` in Burn ops, then the
+/// The backward pass of one branch: `delta = rowsum(dO * O)` (its own kernel), then the
 /// query-side and key-side kernels. `selected` is the selection for
 /// [`KeySet::Selected`]; the other branches pass none (the kernels then get a one-element
 /// placeholder they never read).
@@ -131,19 +132,24 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    type Backend<R, F, I, BT> = CubeBackend<R, F, I, BT>;
-    let float = |x: CubeTensor<R>| {
-        Tensor::<Backend<R, F, I, BT>, 4>::from_primitive(TensorPrimitive::Float(x))
-            .cast(DType::F32)
-    };
-    // [B, T, H, 1] f32
-    let delta = (float(grad.clone()) * float(saved.output))
-        .sum_dim(3)
-        .into_primitive()
-        .tensor();
     let grad = into_contiguous(grad);
+    let output = into_contiguous(saved.output);
     let (q, k, v) = contiguous(saved.q, saved.k, saved.v);
     let shape = attention_shape(&q, &v);
+    // [B, T, H] f32
+    let delta = empty_device_contiguous_dtype(
+        q.client.clone(),
+        q.device.clone(),
+        Shape::new([shape.batch, shape.seq, shape.heads]),
+        DType::F32,
+    );
+    with_float_type!(q.dtype, Fl => launch_delta::<R, Fl>(
+        &q.client,
+        &shape,
+        grad.clone().into_tensor_arg(),
+        output.into_tensor_arg(),
+        delta.clone().into_tensor_arg(),
+    ));
     let key_rows = dims(&k)[1];
     let selected = match selected {
         Some(selected) => into_contiguous(selected),

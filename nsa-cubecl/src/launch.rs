@@ -8,6 +8,7 @@ use cubecl::{calculate_cube_count_elemwise, CubeElement};
 use crate::compress::{
     compressed_attention_kernel, compressed_attention_mma_kernel, SelectionConfig,
 };
+use crate::delta::delta_kernel;
 use crate::grad_key::{
     grad_key_value_kernel, grad_key_value_mma_kernel, sum_key_splits_kernel, KeyTileConfig,
 };
@@ -101,7 +102,7 @@ const MMA_TILE_KEYS: usize = 32;
 const MMA_ROWS: usize = 64;
 
 /// The tensor-core tile for `shape`, or `None` to use the portable kernels: the device must
-/// have 16x16x16 `cmma` on `F` with f32 accumulation and 32-lane planes, the head dims
+/// have m16n8k16 `mma` on `F` with f32 accumulation and 32-lane planes, the head dims
 /// must be multiples of 16, and the kernel's shared memory, `bytes(&tile)`, must fit the
 /// device. With `one_position` a cube holds one query position (the selection branch);
 /// otherwise as many positions as fill 64 rows, fewer if memory is short.
@@ -146,8 +147,8 @@ pub fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
     }
 }
 
-/// Whether the tensor-core kernels can run `shape` in `F` on this device: 16x16x16 `cmma`
-/// and manual m16n8k16 `mma` on `F` with f32 accumulation, 32-lane planes, head dims that are multiples of 16, and
+/// Whether the tensor-core kernels can run `shape` in `F` on this device: manual m16n8k16
+/// `mma` on `F` with f32 accumulation, 32-lane planes, head dims that are multiples of 16, and
 /// [`PORTABLE_KERNELS_VAR`] unset.
 fn tensor_cores_fit<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
@@ -166,9 +167,7 @@ fn tensor_cores_fit<R: Runtime, F: Float + CubeElement>(
         n: n as u32,
         k: MMA as u32,
     };
-    // cmma 16x16x16 for the backward kernels, manual m16n8k16 for the forward ones.
-    let tensor_cores = properties.features.matmul.cmma.contains(&config(MMA))
-        && properties.features.matmul.mma.contains(&config(MMA / 2));
+    let tensor_cores = properties.features.matmul.mma.contains(&config(MMA / 2));
     let hardware = &properties.hardware;
     let planes_fit =
         hardware.plane_size_min == PLANE as u32 && hardware.plane_size_max == PLANE as u32;
@@ -201,10 +200,8 @@ pub fn key_mma_tile_config<R: Runtime, F: Float + CubeElement>(
         positions: 1,
     };
     let elem = core::mem::size_of::<F>();
-    let own_rows = key_rows * (cfg.key_stride() + cfg.value_stride() + cfg.probs_stride());
-    let bytes = cfg.shared_bytes(elem)
-        + elem * own_rows
-        + 4 * (key_rows * cfg.scratch_stride() + 3 * cfg.tile_keys + 2 * cfg.units());
+    let own_rows = key_rows * (cfg.key_stride() + cfg.value_stride());
+    let bytes = cfg.input_bytes(elem) + elem * own_rows + 4 * (3 * cfg.tile_keys + 2 * cfg.units());
     (bytes <= client.properties().hardware.max_shared_memory_size).then_some(cfg)
 }
 
@@ -449,6 +446,39 @@ pub struct GradArgs<R: Runtime> {
     pub lse: TensorArg<R>,
     /// `[B, H_kv, T, n]` Int for [`KeySet::Selected`]; any Int tensor otherwise (unread).
     pub selected: TensorArg<R>,
+}
+
+/// `delta = rowsum(dO * O)`: `d_o`, `o: [B, T, H, d_v]` contiguous in `F` ->
+/// `delta: [B, T, H]` (or `[B, T, H, 1]`) f32.
+pub fn launch_delta<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    d_o: TensorArg<R>,
+    o: TensorArg<R>,
+    delta: TensorArg<R>,
+) {
+    let vector = [4, 2, 1]
+        .into_iter()
+        .find(|width| shape.d_v % width == 0)
+        .unwrap_or(1);
+    let rows = shape.batch * shape.seq * shape.heads;
+    let cube_dim = CubeDim::new_1d(256);
+    let count = calculate_cube_count_elemwise(client, rows, cube_dim);
+    // SAFETY: one unit per row of `[B, T, H]`, guarded by the row count; each reads its own
+    // `d_v` contiguous elements of `d_o` and `o`.
+    unsafe {
+        delta_kernel::launch_unchecked::<F, R>(
+            client,
+            count,
+            cube_dim,
+            address_type(shape, shape.seq),
+            vector,
+            d_o,
+            o,
+            delta,
+            shape.d_v,
+        );
+    }
 }
 
 /// Backward, query side: `dq: [B, T, H, d_k]` of the branch whose attention pattern is

@@ -1,22 +1,16 @@
-//! The tensor-core tile of the backward kernels (`dO V^T`, `dS K`, `P^T dO`, `dS^T Q` and
-//! the recomputed `Q K^T` on 16x16x16 `cmma` tiles), and what every tensor-core kernel
-//! shares: the comptime [`MmaTileConfig`], the cube's row layout and the vector loaders of
-//! query, key and value rows. The forward kernels compute on register fragments instead
-//! ([`crate::register_tile`]). Runtimes without tensor cores (lavapipe) run the portable
-//! tile ([`crate::tile`]).
+//! What the tensor-core kernels share: the comptime [`MmaTileConfig`], the cube's row
+//! layout and the vector loaders that stage query, key and value rows in shared memory. The
+//! matrix products themselves run on register fragments ([`crate::register_tile`]).
+//! Runtimes without tensor cores (lavapipe) run the portable tile ([`crate::tile`]).
 //!
 //! A cube holds `rows = 16 * planes` query rows: the `G` query heads of `positions`
 //! consecutive query positions of one KV head (row `r` is head `r % G` of position
 //! `t0 + r / G`; rows from `positions * G` on, and rows past the sequence, are padding).
-//! Plane `p` owns rows `16 p .. 16 p + 16`: their query fragments and accumulators stay in
-//! the plane's registers for the whole key walk, and its lane `2 r + h` works on half of
-//! row `r`. Keys and values stream through shared memory `tile_keys` rows at a time, as
-//! vectors in the input precision; scores pass through an f32 scratch, and probabilities
-//! go back to shared memory in the input precision for the next product. The key-side
-//! backward kernel uses the same tile with the roles swapped: key rows on the planes, query
-//! rows streaming.
+//! Plane `p` owns rows `16 p .. 16 p + 16`. Keys and values stream through shared memory
+//! `tile_keys` rows at a time, as vectors in the input precision, each row padded by
+//! [`ROW_PAD`] elements. The key-side backward kernel uses the same layout with the roles
+//! swapped: key rows on the planes, query rows streaming.
 
-use cubecl::cmma::{self, Matrix, MatrixIdent, MatrixLayout};
 use cubecl::prelude::*;
 
 use crate::keys::{key_range, KeySet};
@@ -68,16 +62,11 @@ impl MmaTileConfig {
         self.d_v + ROW_PAD
     }
 
-    /// Row stride, in elements, of the probabilities in shared memory.
-    pub fn probs_stride(&self) -> usize {
-        self.tile_keys + ROW_PAD
-    }
-
-    /// Row stride of the f32 scratch, which holds a row of scores or a 32-column chunk of output
-    /// columns: four words of padding, so the lanes reading a column of rows hit different
-    /// banks.
+    /// Row stride of an f32 row of one tile's probabilities (the compression branch's
+    /// scoring pass): four words of padding, so the lanes reading a column of rows hit
+    /// different banks.
     pub fn scratch_stride(&self) -> usize {
-        self.tile_keys.max(CHUNK) + 4
+        self.tile_keys + 4
     }
 
     /// Where the values start in the input buffer (elements): after the keys.
@@ -92,54 +81,10 @@ impl MmaTileConfig {
             .max(self.values_at() + self.tile_keys * self.value_stride())
     }
 
-    /// Bytes of the input buffer alone (all the register-fragment forward tile of
-    /// [`crate::register_tile`] needs) for inputs of `elem_bytes` bytes.
+    /// Bytes of the input buffer for inputs of `elem_bytes` bytes.
     pub fn input_bytes(&self, elem_bytes: usize) -> usize {
         elem_bytes * self.input_elems()
     }
-
-    /// Bytes of shared memory of the whole tile for inputs of `elem_bytes` bytes.
-    pub fn shared_bytes(&self, elem_bytes: usize) -> usize {
-        self.input_bytes(elem_bytes)
-            + elem_bytes * self.rows() * self.probs_stride()
-            + 4 * self.rows() * self.scratch_stride()
-    }
-}
-
-/// Output columns that pass through the scratch at a time: two fragments.
-const CHUNK: usize = 2 * MMA;
-
-/// The tile's shared memory. Query, key and value rows are stored in vectors of `N`
-/// (whole rows, so every fragment starts on a vector).
-#[derive(CubeType)]
-pub struct MmaTile<F: Float, N: Size> {
-    /// The cube's query rows `[rows, d_k]` until they are in fragments, then a key tile
-    /// `[tile_keys, d_k]` followed by its values `[tile_keys, d_v]` (from
-    /// [`MmaTileConfig::values_at`]).
-    pub inputs: SharedMemory<Vector<F, N>>,
-    /// Softmax probabilities `[rows, tile_keys]`.
-    pub probs: SharedMemory<F>,
-    /// Scores or `P V` in f32, `[rows, scratch_stride]`.
-    pub scratch: SharedMemory<f32>,
-}
-
-/// Allocates the tile's shared memory.
-#[cube]
-pub fn mma_tile_new<F: Float, N: Size>(#[comptime] cfg: MmaTileConfig) -> MmaTile<F, N> {
-    let width = N::value();
-    MmaTile::<F, N> {
-        inputs: SharedMemory::<Vector<F, N>>::new(comptime!(cfg.input_elems() / width)),
-        probs: SharedMemory::<F>::new(comptime!(cfg.rows() * cfg.probs_stride())),
-        scratch: SharedMemory::<f32>::new(comptime!(cfg.rows() * cfg.scratch_stride())),
-    }
-}
-
-/// This lane's query row in the cube and which half of the row's columns it owns.
-#[cube]
-pub fn lane_row() -> (usize, usize) {
-    let plane = UNIT_POS as usize / PLANE;
-    let lane = UNIT_POS as usize % PLANE;
-    (plane * MMA + lane / 2, lane % 2)
 }
 
 /// The first row of this unit's plane.
@@ -254,228 +199,6 @@ pub fn stage_group_rows<F: Float, N: Size>(
         idx += cfg.units();
     }
     sync_cube();
-}
-
-/// This plane's 16 rows of `dim` values in `buffer` (from element `at`, `stride` apart) as
-/// tensor-core `A` fragments, one per 16 values.
-#[cube]
-pub fn plane_fragments<F: Float, N: Size>(
-    buffer: &SharedMemory<Vector<F, N>>,
-    at: usize,
-    #[comptime] stride: usize,
-    #[comptime] dim: usize,
-) -> Sequence<Matrix<F>> {
-    let mut fragments = Sequence::new();
-    #[unroll]
-    for k in 0..comptime!(dim / MMA) {
-        fragments.push(load_fragment::<F, N>(
-            buffer,
-            at + k * MMA,
-            stride,
-            MatrixIdent::A,
-            MatrixLayout::RowMajor,
-        ));
-    }
-    fragments
-}
-
-/// `count` zeroed tensor-core accumulators.
-#[cube]
-pub fn zero_accumulators(#[comptime] count: usize) -> Sequence<Matrix<f32>> {
-    let mut acc = Sequence::new();
-    #[unroll]
-    for _ in 0..count {
-        acc.push(Matrix::<f32>::from_value(
-            MatrixIdent::Accumulator,
-            MMA,
-            MMA,
-            MMA,
-            MatrixLayout::Undefined,
-            0.0,
-        ));
-    }
-    acc
-}
-
-/// Elements a 16x16 fragment spans in a row-major buffer `stride` apart.
-fn fragment_span(stride: usize) -> usize {
-    (MMA - 1) * stride + MMA
-}
-
-/// The 16x16 `A` or `B` fragment of the rows in `buffer` (vectors of `N`) whose first
-/// element is `at` (a multiple of `N`), rows `stride` elements apart.
-#[cube]
-fn load_fragment<F: Float, N: Size>(
-    buffer: &SharedMemory<Vector<F, N>>,
-    at: usize,
-    #[comptime] stride: usize,
-    #[comptime] ident: MatrixIdent,
-    #[comptime] layout: MatrixLayout,
-) -> Matrix<F> {
-    let width = N::value();
-    let fragment = unsafe { Matrix::<F>::uninitialized(ident, MMA, MMA, MMA, layout) };
-    let start = at / width;
-    cmma::load(
-        &fragment,
-        &buffer.slice(start, start + comptime!(fragment_span(stride) / width)),
-        stride as u32,
-    );
-    fragment
-}
-
-/// `C = A B^T` for this plane, `[16, tile_keys]`: `A` its row fragments (`k_tiles` of
-/// them), `B` the tile's rows in `inputs` from element `at`, `stride` apart; `C` in f32 to
-/// the plane's rows of `dst` (`scratch_stride` apart). Scores are `Q K^T`; the backward
-/// pass also takes `dO V^T`.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub fn plane_row_products<F: Float, N: Size>(
-    inputs: &SharedMemory<Vector<F, N>>,
-    fragments: &Sequence<Matrix<F>>,
-    #[comptime] at: usize,
-    #[comptime] stride: usize,
-    #[comptime] k_tiles: usize,
-    dst: &mut SharedMemory<f32>,
-    #[comptime] cfg: MmaTileConfig,
-) {
-    let first = plane_first_row();
-    #[unroll]
-    for n in 0..comptime!(cfg.tile_keys / MMA) {
-        let acc = Matrix::<f32>::from_value(
-            MatrixIdent::Accumulator,
-            MMA,
-            MMA,
-            MMA,
-            MatrixLayout::Undefined,
-            0.0,
-        );
-        #[unroll]
-        for k in 0..k_tiles {
-            // Rows stored one after another are B^T in column-major order.
-            let rows = load_fragment::<F, N>(
-                inputs,
-                comptime!(at + n * MMA * stride + k * MMA),
-                stride,
-                MatrixIdent::B,
-                MatrixLayout::ColMajor,
-            );
-            cmma::execute::<F, F, f32, f32>(fragments.index(k), &rows, &acc, &acc);
-        }
-        let out = first * cfg.scratch_stride() + n * MMA;
-        cmma::store(
-            &mut dst.slice_mut(out, out + comptime!(fragment_span(cfg.scratch_stride()))),
-            &acc,
-            cfg.scratch_stride() as u32,
-            MatrixLayout::RowMajor,
-        );
-    }
-}
-
-/// Stores fragments `2 chunk` and `2 chunk + 1` of `acc` (of `dim / 16`; those that
-/// exist) to this plane's rows of the scratch, columns `0..32`; the plane must be
-/// synchronized before its lanes read them. Lane `(row, half)` then owns columns
-/// `16 half .. 16 half + 16` of the chunk, if they exist ([`owns_columns()`]).
-#[cube]
-fn store_chunk<F: Float, N: Size>(
-    tile: &mut MmaTile<F, N>,
-    acc: &Sequence<Matrix<f32>>,
-    #[comptime] chunk: usize,
-    #[comptime] dim: usize,
-    #[comptime] cfg: MmaTileConfig,
-) {
-    let first = plane_first_row() * cfg.scratch_stride();
-    #[unroll]
-    for j in 0..2usize {
-        if comptime!(2 * chunk + j < dim / MMA) {
-            let at = first + j * MMA;
-            cmma::store(
-                &mut tile
-                    .scratch
-                    .slice_mut(at, at + comptime!(fragment_span(cfg.scratch_stride()))),
-                acc.index(comptime!(2 * chunk + j)),
-                cfg.scratch_stride() as u32,
-                MatrixLayout::RowMajor,
-            );
-        }
-    }
-}
-
-/// Whether this lane's 16 columns of chunk `chunk` of a `dim`-wide row exist.
-#[cube]
-fn owns_columns(half: usize, #[comptime] chunk: usize, #[comptime] dim: usize) -> bool {
-    2 * chunk + half < dim / MMA
-}
-
-/// Writes this plane's rows `acc * factor` to `x` (`dim` values per row), chunk by chunk
-/// through the scratch: each lane its row's `factor`, at `x[out + col * x.stride(3)]`, if
-/// its row is `real`. Every lane of the plane must call it.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub fn store_rows<F: Float, N: Size, E: Float>(
-    tile: &mut MmaTile<F, N>,
-    acc: &Sequence<Matrix<f32>>,
-    factor: f32,
-    x: &mut Tensor<E>,
-    out: usize,
-    real: bool,
-    #[comptime] dim: usize,
-    #[comptime] cfg: MmaTileConfig,
-) {
-    let (row, half) = lane_row();
-    let own = row * cfg.scratch_stride() + half * MMA;
-    #[unroll]
-    for chunk in 0..comptime!(dim.div_ceil(CHUNK)) {
-        store_chunk::<F, N>(tile, acc, chunk, dim, cfg);
-        sync_plane();
-        if real && owns_columns(half, chunk, dim) {
-            #[unroll]
-            for i in 0..MMA {
-                let col = chunk * CHUNK + half * MMA + i;
-                x[out + col * x.stride(3)] = E::cast_from(tile.scratch[own + i] * factor);
-            }
-        }
-        sync_plane();
-    }
-}
-
-/// `acc += P B` on the tensor cores: this plane's rows of the tile's `probs` (`[16,
-/// tile_keys]`, input precision) times the tile's rows `[tile_keys, 16 n]` in `inputs` from
-/// element `at`, `stride` apart. `P V` in the forward pass, `dS K` for `dQ`.
-#[cube]
-pub fn accumulate_products<F: Float, N: Size>(
-    probs: &SharedMemory<F>,
-    inputs: &SharedMemory<Vector<F, N>>,
-    #[comptime] at: usize,
-    #[comptime] stride: usize,
-    acc: &mut Sequence<Matrix<f32>>,
-    #[comptime] n_tiles: usize,
-    #[comptime] cfg: MmaTileConfig,
-) {
-    let first = plane_first_row() * cfg.probs_stride();
-    #[unroll]
-    for k in 0..comptime!(cfg.tile_keys / MMA) {
-        let p_at = first + k * MMA;
-        let lhs = Matrix::<F>::from_slice(
-            MatrixIdent::A,
-            MMA,
-            MMA,
-            MMA,
-            MatrixLayout::RowMajor,
-            &probs.slice(p_at, p_at + comptime!(fragment_span(cfg.probs_stride()))),
-            cfg.probs_stride() as u32,
-        );
-        #[unroll]
-        for n in 0..n_tiles {
-            let rhs = load_fragment::<F, N>(
-                inputs,
-                comptime!(at + k * MMA * stride + n * MMA),
-                stride,
-                MatrixIdent::B,
-                MatrixLayout::RowMajor,
-            );
-            cmma::execute::<F, F, f32, f32>(&lhs, &rhs, acc.index(n), acc.index(n));
-        }
-    }
 }
 
 /// Whether column `col` of a tile starting at key row `first` with `valid` loaded rows is a
