@@ -329,12 +329,14 @@ fn pick_blocks<I: Int>(
     }
 }
 
-/// [`compressed_attention_kernel()`] on tensor cores: one cube per `(b, KV head,
-/// cfg.positions consecutive query positions)`. The attention pass walks the compressed
-/// keys the last position sees, each row masked to its own; the scoring pass recomputes
-/// the scores on the tensor cores, sums each position's probabilities over its group and
-/// adds them to the position's block scores (`positions * max_blocks` words of shared
-/// memory); top-n then runs once per position.
+/// [`compressed_attention_kernel()`] on tensor cores (register fragments, see
+/// [`crate::register_tile`]): one cube per `(b, KV head, cfg.positions consecutive query
+/// positions)`. The attention pass walks the compressed keys the last position sees, each
+/// row masked to its own; the scoring pass recomputes the scores on the tensor cores, turns
+/// them into probabilities in registers, sums each position's over its group (through an
+/// f32 tile in shared memory) and adds them to the position's block scores
+/// (`positions * max_blocks` words of shared memory); top-n then runs once per position,
+/// one plane per position.
 #[cube(launch_unchecked, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
