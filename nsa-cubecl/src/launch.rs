@@ -55,7 +55,7 @@ impl AttentionShape {
 const MAX_UNITS: usize = 128;
 
 /// The tile for `shape` on this device: `G * parts` units (`parts` the largest power of two
-/// keeping the cube within [`MAX_UNITS`] and `d_v`), and the largest power-of-two number
+/// keeping the cube within `MAX_UNITS` (128) and `d_v`), and the largest power-of-two number
 /// of key rows, at most 32 and dividing `divides` when given, for which the kernel's
 /// shared memory (`words(&tile)` f32 words) fits the device.
 pub fn tile_config<R: Runtime>(

@@ -133,7 +133,7 @@ pub fn plane_row_fragments<F: Float, N: Size>(
 }
 
 /// Copies the cube's rows of `x: [B, T, H, dim]` (queries or output gradients) into
-/// `inputs` and returns this plane's as [`plane_row_fragments`]. Every unit must call it (it
+/// `inputs` and returns this plane's as [`plane_row_fragments()`]. Every unit must call it (it
 /// synchronizes the cube); `inputs` is free again when it returns.
 #[cube]
 pub fn register_load_rows<F: Float, N: Size>(

@@ -4,7 +4,7 @@
 //! each split over `parts` units along `d_v` (`units = G * parts`). Keys and values stream
 //! through shared memory in tiles of `tile_keys` rows; every unit keeps, in f32 registers,
 //! the running max, the running sum and its share of the output row ("state", see
-//! [`state_new`]). A tile's valid keys are always a prefix of it (`valid` rows).
+//! [`state_new()`]). A tile's valid keys are always a prefix of it (`valid` rows).
 
 use cubecl::prelude::*;
 
@@ -302,7 +302,7 @@ pub fn attend_tile<F: Float>(
 }
 
 /// Attends the key rows `start..end` (a range every unit of the cube agrees on), tile by
-/// tile, through [`attend_tile`].
+/// tile, through [`attend_tile()`].
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn attend_range<F: Float>(
@@ -379,7 +379,7 @@ pub fn cube_position(batch: usize, kv_heads: usize, seq: usize) -> (usize, usize
     cube_positions(batch, kv_heads, seq, 1usize)
 }
 
-/// [`cube_position`] for cubes of `positions` consecutive query positions: the first one.
+/// [`cube_position()`] for cubes of `positions` consecutive query positions: the first one.
 /// The latest positions come first: in the causal branches they attend the most keys, so
 /// the longest cubes start first instead of trailing at the end of the grid.
 #[cube]
