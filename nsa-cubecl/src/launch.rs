@@ -544,18 +544,38 @@ pub fn launch_grad_query<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
     );
 }
 
-/// Units of the key-side backward cube.
+/// Units of the key-side backward cube, at least.
 const KEY_GRAD_UNITS: usize = 128;
+
+/// Outputs each unit of the portable key-side cube accumulates per key-row dimension, at
+/// most ([`KeyTileConfig::width`]): wider tiles get more units instead. Mesa lavapipe sums
+/// this kernel's per-unit arrays of 16 wrongly (the compression and selection branches of
+/// a `d_v = 128` case, 2026-11-26) and those of 8 correctly.
+const KEY_GRAD_WIDTH: usize = 8;
+
+/// Units of the key-side backward cube for `tile_keys` key rows: [`KEY_GRAD_UNITS`], doubled
+/// while a unit would hold more than [`KEY_GRAD_WIDTH`] outputs of the wider head dim and
+/// the device allows the larger cube.
+fn key_grad_units(tile_keys: usize, shape: &AttentionShape, max_units: usize) -> usize {
+    let outputs = tile_keys * shape.d_k.max(shape.d_v);
+    let mut units = KEY_GRAD_UNITS;
+    while outputs > KEY_GRAD_WIDTH * units && 2 * units <= max_units {
+        units *= 2;
+    }
+    units
+}
 
 /// The key-side backward cube for `shape`: the most key rows (at most 32, dividing `l'`
 /// for the selection branch) and query rows per step (at most 32) whose shared memory
-/// fits the device.
+/// fits the device, with the units of [`key_grad_units`].
 pub fn key_tile_config<R: Runtime>(
     client: &ComputeClient<R>,
     shape: &AttentionShape,
     keys: KeySet,
 ) -> KeyTileConfig {
-    let shared_bytes = client.properties().hardware.max_shared_memory_size;
+    let hardware = &client.properties().hardware;
+    let shared_bytes = hardware.max_shared_memory_size;
+    let max_units = hardware.max_units_per_cube as usize;
     let mut tile_keys = 32;
     while keys.is_selected() && !keys.select_block().is_multiple_of(tile_keys) {
         tile_keys /= 2;
@@ -568,7 +588,7 @@ pub fn key_tile_config<R: Runtime>(
             d_v: shape.d_v,
             tile_keys,
             rows,
-            units: KEY_GRAD_UNITS,
+            units: key_grad_units(tile_keys, shape, max_units),
         };
         if cfg.shared_words() * 4 <= shared_bytes || (tile_keys == 1 && rows == 1) {
             return cfg;
