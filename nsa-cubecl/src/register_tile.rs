@@ -1,15 +1,16 @@
-//! The forward attention tile on register fragments: `mma.sync` m16n8k16 through CubeCL's
-//! manual MMA, for the tensor-core path of the three forward kernels.
+//! The attention tile on register fragments: `mma.sync` m16n8k16 through CubeCL's manual
+//! MMA, for the tensor-core path of every kernel (the three forward kernels, `dQ`, and
+//! `dK`/`dV` with the roles of queries and keys swapped).
 //!
-//! The cube is laid out as in [`crate::mma`] (plane `p` owns query rows `16 p .. 16 p + 16`,
-//! key and value tiles stream through shared memory), but nothing of a row's attention
-//! leaves the registers: lane `l` of a plane holds, of every 16 x 8 accumulator, rows
-//! `g = l / 4` and `g + 8` at columns `2 (l % 4)` and `2 (l % 4) + 1` (the PTX fragment
-//! layout). Scores, the online softmax and the output accumulators stay there; the
-//! probabilities of two neighbouring 8-key score tiles are exactly the `A` fragment of the
-//! `P V` product over those 16 keys, so they go in without a round trip through shared
-//! memory. Keys and values are read from shared memory with `ldmatrix` (transposed for the
-//! values); the 8-element row padding of [`MmaTileConfig`] keeps those reads free of bank
+//! The cube is laid out as in [`crate::mma`] (plane `p` owns rows `16 p .. 16 p + 16`, the
+//! other side's rows stream through shared memory), but nothing of a row's attention leaves
+//! the registers: lane `l` of a plane holds, of every 16 x 8 accumulator, rows `g = l / 4`
+//! and `g + 8` at columns `2 (l % 4)` and `2 (l % 4) + 1` (the PTX fragment layout). Scores,
+//! the online softmax and the output accumulators stay there; the probabilities (or score
+//! gradients) of two neighbouring 8-column score tiles are exactly the `A` fragment of the
+//! next product over those 16 rows, so they go in without a round trip through shared
+//! memory. Rows are read from shared memory with `ldmatrix` (transposed where the product
+//! needs it); the 8-element row padding of [`MmaTileConfig`] keeps those reads free of bank
 //! conflicts.
 
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
