@@ -567,7 +567,7 @@ fn key_grad_units(tile_keys: usize, shape: &AttentionShape, max_units: usize) ->
 
 /// The key-side backward cube for `shape`: the most key rows (at most 32, dividing `l'`
 /// for the selection branch) and query rows per step (at most 32) whose shared memory
-/// fits the device, with the units of [`key_grad_units`].
+/// fits the device, with the units `key_grad_units` gives.
 pub fn key_tile_config<R: Runtime>(
     client: &ComputeClient<R>,
     shape: &AttentionShape,
