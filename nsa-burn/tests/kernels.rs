@@ -7,7 +7,8 @@
 //! - wgpu: always built. Without an adapter the test is skipped with a message, unless
 //!   `NSA_REQUIRE_GPU_ADAPTER` is set (CI sets it, with Mesa lavapipe installed), in which
 //!   case it fails.
-//! - CUDA: built with `--features test-cuda` (run on the GPU machine), in f32, f16 and bf16.
+//! - CUDA: built with `--features test-cuda` (run on the GPU machine), in f32, f16 and bf16,
+//!   and a sequence long enough for 64-bit offsets.
 //!
 //! The kernels run on Burn's default backend types (`Wgpu`, `Cuda`: fusion on); the
 //! reference runs on Flex in f32 on the same values (rounded to the kernel's dtype first).
@@ -21,6 +22,8 @@ use common::relative_error;
 use nsa_burn::reference::{
     compressed_attention, selected_attention, window_attention, EMPTY_ROW_LSE,
 };
+#[cfg(feature = "test-cuda")]
+use nsa_burn::BranchSaved;
 use nsa_burn::{nsa_attention, BranchKv, NsaAttentionConfig, NsaBackend, NsaInput};
 
 /// One parity case: head layout, sizes and block settings.
@@ -107,6 +110,20 @@ fn cases() -> Vec<Case> {
         d_k: 16,
         d_v: 16,
         seq: 70,
+        ..base
+    });
+    // The widest head dims, d_k != d_v both ways (G = 4 and G = 16).
+    cases.push(Case {
+        seq: 150,
+        d_k: 192,
+        d_v: 256,
+        ..base
+    });
+    cases.push(Case {
+        seq: 150,
+        heads: 16,
+        d_k: 256,
+        d_v: 192,
         ..base
     });
     // Long enough (T > 2048) that the tensor-core key-side backward splits the queries of
@@ -579,4 +596,157 @@ fn cuda_kernel_gradients_match_the_reference() {
     for dtype in cuda_dtypes() {
         check_all_gradients::<Autodiff<B>>(&device, dtype);
     }
+}
+
+/// The long-sequence inputs `q, k, v, k_cmp, v_cmp, dO`, each `[B, ., ., d]`.
+#[cfg(feature = "test-cuda")]
+type LongInputs<B> = [Tensor<B, 4>; 6];
+
+/// One branch (0 compressed, 1 selected, 2 window) forward and backward on the kernels:
+/// its output, log-sum-exp, input gradients and (compressed branch) selected blocks, named.
+#[cfg(feature = "test-cuda")]
+fn branch_results<B: NsaBackend>(
+    inputs: &LongInputs<B>,
+    branch: usize,
+    config: &NsaAttentionConfig,
+) -> Vec<(&'static str, Tensor<B, 4>)> {
+    let [q, k, v, k_cmp, v_cmp, d_o] = inputs;
+    let backward = B::nsa_backward().expect("this backend has backward kernels");
+    let float = |x: &Tensor<B, 4>| x.clone().into_primitive().tensor();
+    let compressed = || B::nsa_compressed(float(q), float(k_cmp), float(v_cmp), config);
+    let (keys, values) = if branch == 0 { (k_cmp, v_cmp) } else { (k, v) };
+    let mut results = Vec::new();
+    let (output, lse, grads) = match branch {
+        0 => {
+            let (output, lse, selected) = compressed();
+            let selected = Tensor::<B, 4, Int>::from_primitive(selected).float();
+            results.push(("selected blocks", selected));
+            let saved = BranchSaved {
+                q: float(q),
+                k: float(keys),
+                v: float(values),
+                output: output.clone(),
+                lse: lse.clone(),
+            };
+            (
+                output,
+                lse,
+                (backward.compressed)(saved, float(d_o), config),
+            )
+        }
+        1 => {
+            let (_, _, selected) = compressed();
+            let (output, lse) =
+                B::nsa_selected(float(q), float(k), float(v), selected.clone(), config);
+            let saved = BranchSaved {
+                q: float(q),
+                k: float(keys),
+                v: float(values),
+                output: output.clone(),
+                lse: lse.clone(),
+            };
+            (
+                output,
+                lse,
+                (backward.selected)(saved, selected, float(d_o), config),
+            )
+        }
+        _ => {
+            let (output, lse) = B::nsa_window(float(q), float(k), float(v), config);
+            let saved = BranchSaved {
+                q: float(q),
+                k: float(keys),
+                v: float(values),
+                output: output.clone(),
+                lse: lse.clone(),
+            };
+            (output, lse, (backward.window)(saved, float(d_o), config))
+        }
+    };
+    let tensor = |x| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(x));
+    let lse = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(lse)).unsqueeze_dim(3);
+    results.extend([
+        ("output", tensor(output)),
+        ("lse", lse),
+        ("dq", tensor(grads.q)),
+        ("dk", tensor(grads.k)),
+        ("dv", tensor(grads.v)),
+    ]);
+    results
+}
+
+/// Where `a` and `b` (`[1, X, Y, Z]`) differ: how many elements, and the first and last
+/// index along dims 1 and 2 holding one (empty when they agree bitwise).
+#[cfg(feature = "test-cuda")]
+fn mismatch(
+    a: Tensor<burn::backend::Cuda, 4>,
+    b: Tensor<burn::backend::Cuda, 4>,
+) -> Option<String> {
+    let differ = a.not_equal(b);
+    if differ.clone().any().into_scalar() == 0 {
+        return None;
+    }
+    let differ = differ.int();
+    let count = ints(differ.clone().sum().into_data())[0];
+    let span = |counts: Vec<i64>| {
+        let first = counts.iter().position(|&c| c != 0);
+        let last = counts.iter().rposition(|&c| c != 0);
+        format!("{first:?}..={last:?} of {}", counts.len())
+    };
+    let along_1 = ints(differ.clone().sum_dim(3).sum_dim(2).into_data());
+    let along_2 = ints(differ.sum_dim(3).sum_dim(1).into_data());
+    Some(format!(
+        "{count} elements differ, dim 1 {}, dim 2 {}",
+        span(along_1),
+        span(along_2)
+    ))
+}
+
+/// 64-bit offsets. With `B = 2`, `T = 140000`, `H = 128`, `d = 128` the queries hold
+/// 4.6e9 elements, past 32-bit offsets, while one batch element (2.3e9) is not: the
+/// kernels run on 64-bit offsets for the pair and on 32-bit ones for the second element
+/// alone (a view of the pair's buffers: Burn's `cat` rejects tensors past 2^32 elements).
+/// The kernels are deterministic, so the second element's outputs, log-sum-exp, selected
+/// blocks and gradients must agree bitwise between the two calls. bf16, paper block sizes,
+/// every branch forward and backward, one branch at a time (about 55 GB of GPU memory).
+/// Its first run found the 64-bit kernels failing to compile (CUDA's ambiguous integer
+/// `min`, see `nsa_cubecl::keys::index_min`).
+#[cfg(feature = "test-cuda")]
+#[test]
+fn cuda_long_sequences_use_64_bit_offsets() {
+    type B = burn::backend::Cuda;
+    let device = Default::default();
+    assert!(common::device_answers::<B>(&device), "no CUDA device");
+    let (seq, heads, kv_heads, dim) = (140_000, 128, 8, 128);
+    let config = NsaAttentionConfig::new();
+    let blocks = config.num_compressed_blocks(seq);
+    let shapes = [
+        [2, seq, heads, dim],
+        [2, seq, kv_heads, dim],
+        [2, seq, kv_heads, dim],
+        [2, blocks, kv_heads, dim],
+        [2, blocks, kv_heads, dim],
+        [2, seq, heads, dim],
+    ];
+    let random = |shape: [usize; 4]| {
+        Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device).cast(DType::BF16)
+    };
+    let pair: LongInputs<B> = shapes.map(random);
+    let single: LongInputs<B> = pair.clone().map(|x| x.narrow(0, 1, 1));
+    let mut failures = Vec::new();
+    for (branch, name) in ["compressed", "selected", "window"].into_iter().enumerate() {
+        let single = branch_results(&single, branch, &config);
+        let pair = branch_results(&pair, branch, &config);
+        for ((what, pair), (_, single)) in pair.into_iter().zip(single) {
+            if let Some(how) = mismatch(pair.narrow(0, 1, 1), single) {
+                failures.push(format!("{name} {what}: {how}"));
+            }
+        }
+        println!("{name}: T = {seq}, B = 2 (64-bit offsets) against B = 1 (32-bit) done");
+    }
+    assert!(
+        failures.is_empty(),
+        "batch element 1 differs between 64- and 32-bit offsets:\n{}",
+        failures.join("\n")
+    );
 }

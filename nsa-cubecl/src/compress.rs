@@ -3,11 +3,12 @@
 
 use cubecl::prelude::*;
 
-use crate::keys::{key_range, KeySet};
-use crate::mma::{load_vector_rows, plane_first_row, row_key_range, MmaTileConfig, MMA, PLANE};
+use crate::keys::{index_max, index_min, key_range, KeySet};
+use crate::mma::{load_vector_rows, MmaTileConfig, MMA, PLANE};
 use crate::register_tile::{
-    lane_key_in_range, lane_ranges, lane_rows, plane_score_tiles, register_attend_range,
-    register_load_rows, register_row_lse, register_state_finish, register_state_new,
+    fast_exp, lane_key_in_range, lane_key_ranges, lane_rows, plane_has_rows, plane_score_tiles,
+    plane_tile_unmasked, register_attend_range, register_load_rows, register_state_finish,
+    register_state_new, AccPair, LaneRanges,
 };
 use crate::tile::{
     attend_range, cube_position, cube_positions, group_rows, head_rows, load_rows, state_finish,
@@ -118,7 +119,7 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
         sync_cube();
         let mut row = 0usize;
         while row < visible {
-            let valid = min(visible - row, cfg.tile_keys);
+            let valid = index_min(visible - row, cfg.tile_keys);
             // Keys of this tile into shared memory (values are not needed here).
             load_rows::<F, f32>(
                 k_cmp,
@@ -205,7 +206,7 @@ fn tile_blocks(
 ) -> (usize, usize) {
     let first = row * sel.compress_stride / sel.select_block;
     let last_start = (row + valid - 1) * sel.compress_stride;
-    let last = min(
+    let last = index_min(
         (last_start + sel.compress_block - 1) / sel.select_block,
         candidates - 1,
     );
@@ -228,12 +229,12 @@ fn tile_block_score(
     let block_start = j * sel.select_block;
     let mut lo = row;
     if block_start >= sel.compress_block {
-        lo = max(
+        lo = index_max(
             lo,
             (block_start - sel.compress_block) / sel.compress_stride + 1,
         );
     }
-    let hi = min(
+    let hi = index_min(
         row + valid,
         (block_start + sel.select_block - 1) / sel.compress_stride + 1,
     );
@@ -337,7 +338,7 @@ fn pick_blocks<I: Int>(
 /// f32 tile in shared memory) and adds them to the position's block scores
 /// (`positions * max_blocks` words of shared memory); top-n then runs once per position,
 /// one plane per position.
-#[cube(launch_unchecked, address_type = "dynamic")]
+#[cube(launch_unchecked, address_type = "dynamic", fast_math = fast_exp())]
 #[allow(clippy::too_many_arguments)]
 pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
     q: &Tensor<Vector<F, N>>,
@@ -366,12 +367,8 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
         let queries = register_load_rows::<F, N>(q, b, t0, head, &mut inputs, cfg.d_k, cfg);
         let k_at = head_rows::<Vector<F, N>>(k_cmp, b, head);
         let v_at = head_rows::<Vector<F, N>>(v_cmp, b, head);
-        let (low, high) = lane_rows();
-        let ranges = lane_ranges(
-            row_key_range(low, t0, seq, n_keys, keys, cfg),
-            row_key_range(high, t0, seq, n_keys, keys, cfg),
-        );
-        let positions = min(t0 + cfg.positions, seq) - t0;
+        let ranges = lane_key_ranges(t0, seq, n_keys, keys, cfg);
+        let positions = index_min(t0 + cfg.positions, seq) - t0;
         let (_, visible) = key_range(t0 + positions - 1, n_keys, keys);
 
         // Attention over the compressed keys.
@@ -390,12 +387,7 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
             &mut state,
             cfg,
         );
-        register_state_finish::<F>(&state, o, lse, b, t0, head, cfg);
-        let mut row_lse = Array::<f32>::new(2usize);
-        #[unroll]
-        for half in 0..2usize {
-            row_lse[half] = register_row_lse(&state, half);
-        }
+        let row_lse = register_state_finish::<F>(&state, o, lse, b, t0, head, cfg);
 
         // Selection-block scores of every position: its candidates are the blocks j with
         // j * l' <= t.
@@ -418,7 +410,7 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
         let first_owned = unit / workers * owned;
         let mut first = 0usize;
         while first < visible {
-            let valid = min(visible - first, cfg.tile_keys);
+            let valid = index_min(visible - first, cfg.tile_keys);
             load_vector_rows::<F, N>(
                 k_cmp,
                 k_at,
@@ -431,24 +423,17 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
                 units,
             );
             sync_cube();
-            // Scores -> probabilities with the rows' log-sum-exp (uniform over the plane).
-            if plane_first_row() < comptime!(cfg.positions * cfg.group) {
+            // Scores -> probabilities with the rows' log-sum-exp.
+            if plane_has_rows(cfg) {
                 let scores = plane_score_tiles::<F, N>(&inputs, &queries, cfg);
-                #[unroll]
-                for half in 0..2usize {
-                    let row = low + half * 8;
-                    #[unroll]
-                    for tile in 0..comptime!(cfg.tile_keys / 8) {
-                        #[unroll]
-                        for e in 0..2usize {
-                            let mut p = 0.0f32;
-                            if lane_key_in_range(&ranges, first, valid, tile, half, e) {
-                                p = (scores[2 * tile + half][e] * scale - row_lse[half]).exp();
-                            }
-                            let col = tile * 8 + unit % 4 * 2 + e;
-                            probs[row * cfg.scratch_stride() + col] = p;
-                        }
-                    }
+                if plane_tile_unmasked(&ranges, first, valid, cfg) {
+                    store_probabilities(
+                        &scores, &row_lse, first, valid, &ranges, scale, &mut probs, cfg, false,
+                    );
+                } else {
+                    store_probabilities(
+                        &scores, &row_lse, first, valid, &ranges, scale, &mut probs, cfg, true,
+                    );
                 }
             }
             team_sync(local);
@@ -506,6 +491,45 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
                 sel,
             );
             position += cfg.planes;
+        }
+    }
+}
+
+/// Stores this lane's entries of a tile's probabilities `exp(S scale - lse)` (rows `g` and
+/// `g + 8` of its plane; zero outside each row's range when `masked`) into `probs`
+/// (`[rows, scratch_stride]` f32).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_probabilities(
+    scores: &Array<AccPair>,
+    row_lse: &Array<f32>,
+    first: usize,
+    valid: usize,
+    ranges: &LaneRanges,
+    scale: f32,
+    probs: &mut SharedMemory<f32>,
+    #[comptime] cfg: MmaTileConfig,
+    #[comptime] masked: bool,
+) {
+    let (low, _) = lane_rows();
+    #[unroll]
+    for half in 0..2usize {
+        let row = low + half * 8;
+        #[unroll]
+        for tile in 0..comptime!(cfg.tile_keys / 8) {
+            #[unroll]
+            for e in 0..2usize {
+                let mut p = 0.0f32;
+                let mut inside = true;
+                if comptime!(masked) {
+                    inside = lane_key_in_range(ranges, first, valid, tile, half, e);
+                }
+                if inside {
+                    p = (scores[2 * tile + half][e] * scale - row_lse[half]).exp();
+                }
+                let col = tile * 8 + UNIT_POS as usize % 4 * 2 + e;
+                probs[row * cfg.scratch_stride() + col] = p;
+            }
         }
     }
 }

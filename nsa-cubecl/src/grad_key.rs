@@ -10,11 +10,11 @@
 
 use cubecl::prelude::*;
 
-use crate::keys::{first_query, query_end, query_sees, KeySet};
+use crate::keys::{first_query, index_max, index_min, query_end, query_sees, KeySet};
 use crate::mma::{load_key_value_rows, plane_first_row, MmaTileConfig, PLANE};
 use crate::register_tile::{
-    accumulate_tile_rows, fragment_slot, lane_rows, plane_row_fragments, plane_row_products,
-    store_lane_pairs, zero_pairs, AccPair, Pair,
+    accumulate_tile_rows, fast_exp, fragment_slot, lane_rows, plane_row_fragments,
+    plane_row_products, store_lane_pairs, zero_pairs, AccPair, Pair,
 };
 use crate::tile::{cube_tiles_at, head_rows, load_rows};
 
@@ -351,7 +351,7 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
     let first_key = tile_index * cfg.tile_keys;
     if active {
         let seq = q.shape(1);
-        let n_keys = min(cfg.tile_keys, n_keys_total - first_key);
+        let n_keys = index_min(cfg.tile_keys, n_keys_total - first_key);
         load_rows::<F, f32>(
             k,
             head_rows::<F>(k, b, kv_head),
@@ -537,7 +537,7 @@ fn load_step_vectors<F: Float, N: Size>(
 /// sums to `partial: [splits * B, split_keys, H_kv, d_k + d_v]` f32, which
 /// [`sum_key_splits_kernel()`] adds up in a fixed order. The other key rows run in copy 0
 /// over all their queries and write `dk` and `dv` directly.
-#[cube(launch_unchecked, address_type = "dynamic")]
+#[cube(launch_unchecked, address_type = "dynamic", fast_math = fast_exp())]
 #[allow(clippy::too_many_arguments)]
 pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
     q: &Tensor<Vector<F, N>>,
@@ -586,7 +586,7 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
     let active = inside && split < splits && (is_split || split == 0);
     if active {
         let seq = q.shape(1);
-        let n_keys = min(key_rows, n_keys_total - first_key);
+        let n_keys = index_min(key_rows, n_keys_total - first_key);
         let values_at = comptime!(key_rows * cfg.key_stride());
         load_key_value_rows::<F, N>(
             k,
@@ -607,8 +607,8 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
         let mut begin = first_query(first_key, keys);
         let mut end = query_end(first_key + n_keys - 1, seq, keys);
         if is_split {
-            begin = max(begin, split * split_positions);
-            end = min(end, (split + 1) * split_positions);
+            begin = index_max(begin, split * split_positions);
+            end = index_min(end, (split + 1) * split_positions);
         }
         let mut chunk = begin;
         while chunk < end {

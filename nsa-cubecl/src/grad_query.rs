@@ -7,13 +7,12 @@
 
 use cubecl::prelude::*;
 
-use crate::keys::{key_range, KeySet};
-use crate::mma::{
-    load_key_value_rows, plane_first_row, row_key_range, row_position, MmaTileConfig,
-};
+use crate::keys::{index_min, key_range, KeySet};
+use crate::mma::{load_key_value_rows, row_position, MmaTileConfig};
 use crate::register_tile::{
-    accumulate_tile_rows, lane_ranges, lane_rows, plane_row_products, plane_score_tiles,
-    register_load_rows, score_gradients, store_lane_rows, zero_pairs, AccPair, LaneRanges, Pair,
+    accumulate_tile_rows, fast_exp, lane_key_ranges, lane_rows, plane_has_rows, plane_row_products,
+    plane_score_tiles, plane_tile_unmasked, register_load_rows, score_gradients, store_lane_rows,
+    zero_pairs, AccPair, LaneRanges, Pair,
 };
 use crate::tile::{
     cube_position, cube_positions, group_rows, head_rows, load_key_values, selected_tile,
@@ -175,7 +174,7 @@ pub fn grad_query_kernel<F: Float, I: Int>(
             let (start, end) = key_range(t, k.shape(1), keys);
             let mut row = start;
             while row < end {
-                let valid = min(end - row, cfg.tile_keys);
+                let valid = index_min(end - row, cfg.tile_keys);
                 grad_query_tile::<F>(
                     q, q_at, d_o, d_o_at, k, k_at, v, v_at, row, valid, scale, stats, &mut acc,
                     &mut tile, cfg,
@@ -231,8 +230,7 @@ fn grad_query_mma_tile<F: Float, N: Size>(
         cfg,
     );
     sync_cube();
-    // A plane whose rows are all padding only helps load (uniform over the plane).
-    if plane_first_row() < comptime!(cfg.positions * cfg.group) {
+    if plane_has_rows(cfg) {
         let scores = plane_score_tiles::<F, N>(inputs, queries, cfg);
         let grads = plane_row_products::<F, N>(
             inputs,
@@ -242,9 +240,36 @@ fn grad_query_mma_tile<F: Float, N: Size>(
             cfg.d_v,
             cfg,
         );
-        let score_grads = score_gradients::<F>(
-            &scores, &grads, first, valid, ranges, scale, row_lse, row_delta, cfg,
-        );
+        let mut score_grads = Array::<Pair<F>>::new(comptime!(cfg.tile_keys / 8 * 2));
+        if plane_tile_unmasked(ranges, first, valid, cfg) {
+            score_gradients::<F>(
+                &scores,
+                &grads,
+                first,
+                valid,
+                ranges,
+                scale,
+                row_lse,
+                row_delta,
+                &mut score_grads,
+                cfg,
+                false,
+            );
+        } else {
+            score_gradients::<F>(
+                &scores,
+                &grads,
+                first,
+                valid,
+                ranges,
+                scale,
+                row_lse,
+                row_delta,
+                &mut score_grads,
+                cfg,
+                true,
+            );
+        }
         accumulate_tile_rows::<F, N>(
             inputs,
             &score_grads,
@@ -262,7 +287,7 @@ fn grad_query_mma_tile<F: Float, N: Size>(
 /// [`crate::register_tile`]): one cube per `(b, KV head, cfg.positions query positions)`
 /// (one position for the selection branch), its rows' `Q` and `dO` held as fragments and
 /// `dQ` in accumulators, walking the same key tiles as the forward kernel.
-#[cube(launch_unchecked, address_type = "dynamic")]
+#[cube(launch_unchecked, address_type = "dynamic", fast_math = fast_exp())]
 #[allow(clippy::too_many_arguments)]
 pub fn grad_query_mma_kernel<F: Float, I: Int, N: Size>(
     q: &Tensor<Vector<F, N>>,
@@ -286,11 +311,8 @@ pub fn grad_query_mma_kernel<F: Float, I: Int, N: Size>(
         let out_grads = register_load_rows::<F, N>(d_o, b, t0, kv_head, &mut inputs, cfg.d_v, cfg);
         let k_at = head_rows::<Vector<F, N>>(k, b, kv_head);
         let v_at = head_rows::<Vector<F, N>>(v, b, kv_head);
-        let (low, high) = lane_rows();
-        let ranges = lane_ranges(
-            row_key_range(low, t0, seq, k.shape(1), keys, cfg),
-            row_key_range(high, t0, seq, k.shape(1), keys, cfg),
-        );
+        let (low, _) = lane_rows();
+        let ranges = lane_key_ranges(t0, seq, k.shape(1), keys, cfg);
         let mut row_lse = Array::<f32>::new(2usize);
         let mut row_delta = Array::<f32>::new(2usize);
         #[unroll]
@@ -340,12 +362,12 @@ pub fn grad_query_mma_kernel<F: Float, I: Int, N: Size>(
                 }
             }
         } else {
-            let last_position = min(t0 + cfg.positions, seq) - 1;
+            let last_position = index_min(t0 + cfg.positions, seq) - 1;
             let (first_key, _) = key_range(t0, k.shape(1), keys);
             let (_, last_key) = key_range(last_position, k.shape(1), keys);
             let mut first = first_key;
             while first < last_key {
-                let valid = min(last_key - first, cfg.tile_keys);
+                let valid = index_min(last_key - first, cfg.tile_keys);
                 grad_query_mma_tile::<F, N>(
                     k,
                     k_at,

@@ -55,6 +55,20 @@ pub fn first_query(key: usize, #[comptime] keys: KeySet) -> usize {
     key * scale + offset
 }
 
+/// The smaller of two indices. Index arithmetic uses these rather than `min`/`max`: with
+/// 64-bit offsets `usize` is a 64-bit integer in the kernel, for which CUDA's `min`/`max`
+/// overloads are ambiguous (the kernel fails to compile).
+#[cube]
+pub fn index_min(a: usize, b: usize) -> usize {
+    select(a < b, a, b)
+}
+
+/// The larger of two indices (see [`index_min()`]).
+#[cube]
+pub fn index_max(a: usize, b: usize) -> usize {
+    select(a > b, a, b)
+}
+
 /// Whether query `t` sees key row `key`, block selection aside (the selection branch checks
 /// the selected indices separately).
 #[cube]
@@ -75,7 +89,7 @@ pub fn query_end(last_key: usize, seq: usize, #[comptime] keys: KeySet) -> usize
     let reach = comptime!(keys.reach());
     let mut end = seq;
     if comptime!(reach != usize::MAX) {
-        end = min(seq, first_query(last_key, keys) + reach);
+        end = index_min(seq, first_query(last_key, keys) + reach);
     }
     end
 }
@@ -91,7 +105,7 @@ pub fn key_range(t: usize, n_keys: usize, #[comptime] keys: KeySet) -> (usize, u
     let mut end = 0usize;
     // Keys whose first query is at or before t: key * scale + offset <= t.
     if t >= offset {
-        end = min((t - offset) / scale + 1, n_keys);
+        end = index_min((t - offset) / scale + 1, n_keys);
     }
     if comptime!(reach != usize::MAX) {
         // Keys still in reach: t < key * scale + offset + reach.

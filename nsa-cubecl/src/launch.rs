@@ -118,9 +118,10 @@ pub fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
     let hardware = &client.properties().hardware;
     let group = shape.group();
     let min_planes = group.div_ceil(MMA);
-    // A one-position cube gets a second plane to share the loads when the group fills one.
+    // A one-position cube loads its own tiles: on the H100 a second plane sharing the loads
+    // was slower (BENCHMARKS.md), since it halves the cubes an SM holds.
     let mut planes = if one_position {
-        min_planes.max(2)
+        min_planes
     } else {
         min_planes.max(MMA_ROWS / MMA)
     };

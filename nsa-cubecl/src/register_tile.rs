@@ -14,11 +14,13 @@
 //! conflicts.
 
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
+use cubecl::features::EnumSet;
 use cubecl::prelude::*;
 
+use crate::keys::{index_min, KeySet};
 use crate::mma::{
-    key_in_range, load_key_value_rows, plane_first_row, row_position, stage_group_rows,
-    MmaTileConfig, MMA, PLANE, ROW_PAD,
+    key_in_range, load_key_value_rows, plane_first_row, row_key_range, row_position,
+    stage_group_rows, MmaTileConfig, MMA, PLANE, ROW_PAD,
 };
 use crate::tile::{Rows, NEG_BIG};
 
@@ -29,6 +31,20 @@ pub type AccPair = Vector<f32, Const<2>>;
 
 /// Columns of one `mma` output tile (m16 n8 k16).
 const N8: usize = 8;
+
+/// How far (in natural-log units) a row's maximum may grow before the online softmax
+/// rescales the row: until then the row's probabilities are taken against its older,
+/// smaller maximum and reach at most `e^8`, which f32 sums and f16/bf16 fragments hold
+/// without loss. Most tiles then skip the rescale of the output accumulators.
+const RESCALE_SLACK: f32 = 8.0;
+
+/// Floating-point modes of the tensor-core kernels: `exp` and `ln` compile to the
+/// hardware approximations (`__expf`, `__logf`, a few ulp in f32, far below the f16/bf16
+/// inputs' precision). The kernels never take `exp` of a masked score, so no NaN or
+/// infinity reaches them.
+pub fn fast_exp() -> EnumSet<FastMath> {
+    FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
+}
 
 /// The m16n8k16 `mma` on `F` with f32 accumulation.
 #[cube]
@@ -209,11 +225,19 @@ pub struct LaneRanges {
     pub end_high: usize,
 }
 
-/// [`LaneRanges`] from the `(start, end)` key ranges of the lane's rows `g` and `g + 8`.
+/// The key ranges of this lane's two rows (`g` and `g + 8` of its plane) in a cube whose
+/// first position is `t0` (`n_keys` key rows exist; padding rows get empty ranges).
 #[cube]
-pub fn lane_ranges(low: (usize, usize), high: (usize, usize)) -> LaneRanges {
-    let (start_low, end_low) = low;
-    let (start_high, end_high) = high;
+pub fn lane_key_ranges(
+    t0: usize,
+    seq: usize,
+    n_keys: usize,
+    #[comptime] keys: KeySet,
+    #[comptime] cfg: MmaTileConfig,
+) -> LaneRanges {
+    let (low, high) = lane_rows();
+    let (start_low, end_low) = row_key_range(low, t0, seq, n_keys, keys, cfg);
+    let (start_high, end_high) = row_key_range(high, t0, seq, n_keys, keys, cfg);
     LaneRanges {
         start_low,
         end_low,
@@ -253,6 +277,47 @@ pub fn lane_key_in_range(
     let (start, end) = range_of(ranges, half);
     let col = tile * N8 + lane() % 4 * 2 + e;
     key_in_range(col, first, valid, start, end)
+}
+
+/// [`lane_key_in_range()`] where the tile needs masks (`masked`), `true` otherwise.
+#[cube]
+fn entry_in_range(
+    ranges: &LaneRanges,
+    first: usize,
+    valid: usize,
+    #[comptime] tile: usize,
+    #[comptime] half: usize,
+    #[comptime] e: usize,
+    #[comptime] masked: bool,
+) -> bool {
+    let mut inside = true;
+    if comptime!(masked) {
+        inside = lane_key_in_range(ranges, first, valid, tile, half, e);
+    }
+    inside
+}
+
+/// Whether no entry of the tile (key rows `first..first + tile_keys`, `valid` loaded) needs
+/// its mask: every row is loaded and inside both rows' ranges of every lane of the plane
+/// (uniform over the plane). Most tiles are: only those at a range's edges are not.
+#[cube]
+pub fn plane_tile_unmasked(
+    ranges: &LaneRanges,
+    first: usize,
+    valid: usize,
+    #[comptime] cfg: MmaTileConfig,
+) -> bool {
+    let last = first + cfg.tile_keys;
+    let low = first >= ranges.start_low && last <= ranges.end_low;
+    let high = first >= ranges.start_high && last <= ranges.end_high;
+    plane_all(valid == cfg.tile_keys && low && high)
+}
+
+/// Whether this plane holds query rows (a plane of padding rows only helps load; uniform
+/// over the plane).
+#[cube]
+pub fn plane_has_rows(#[comptime] cfg: MmaTileConfig) -> bool {
+    plane_first_row() < comptime!(cfg.positions * cfg.group)
 }
 
 /// A plane's running attention state for this lane's two rows: the row maxima, this lane's
@@ -297,9 +362,11 @@ fn row_reduce(x: f32, #[comptime] is_max: bool) -> f32 {
     value
 }
 
-/// Online-softmax step of this lane's two rows over the score tiles: new maxima, the output
-/// and sums rescaled, and the probabilities (masked to each row's range) returned as the
-/// `A` fragments of `P V`: `tile_keys / 16` steps of four registers, flat.
+/// Online-softmax step of this lane's two rows over the score tiles: the rows' maxima,
+/// sums and outputs updated, and the probabilities (masked to each row's range when
+/// `masked`) written to `probs` as the `A` fragments of `P V` (`tile_keys / 16` steps of
+/// four registers, flat). A row is rescaled to a new maximum only when some row of the
+/// plane grew by more than [`RESCALE_SLACK`].
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn softmax_tiles<F: Float>(
@@ -309,44 +376,64 @@ fn softmax_tiles<F: Float>(
     valid: usize,
     ranges: &LaneRanges,
     scale: f32,
+    probs: &mut Array<Pair<F>>,
     #[comptime] cfg: MmaTileConfig,
-) -> Array<Pair<F>> {
+    #[comptime] masked: bool,
+) {
     let tiles = comptime!(cfg.tile_keys / N8);
-    let mut probs = Array::<Pair<F>>::new(comptime!(tiles * 2));
+    let mut tile_max = Array::<f32>::new(2usize);
+    let mut grows = false;
     #[unroll]
     for half in 0..2usize {
-        let mut tile_max = f32::new(NEG_BIG);
+        // The maximum of the unscaled scores (`scale > 0`), scaled once.
+        let mut raw_max = f32::new(NEG_BIG);
         #[unroll]
         for tile in 0..tiles {
             #[unroll]
             for e in 0..2usize {
-                if lane_key_in_range(ranges, first, valid, tile, half, e) {
-                    tile_max = max(tile_max, scores[2 * tile + half][e] * scale);
+                if entry_in_range(ranges, first, valid, tile, half, e, masked) {
+                    raw_max = max(raw_max, scores[2 * tile + half][e]);
                 }
             }
         }
-        tile_max = row_reduce(tile_max, true);
-        let old_max = state.max[half];
-        let new_max = max(old_max, tile_max);
-        let mut correction = 1.0f32;
-        // A row that attended nothing yet has nothing to rescale.
-        if old_max > NEG_BIG {
-            correction = (old_max - new_max).exp();
+        raw_max = row_reduce(raw_max, true);
+        let mut scaled = f32::new(NEG_BIG);
+        if raw_max > NEG_BIG {
+            scaled = raw_max * scale;
         }
-        state.max[half] = new_max;
-        let mut sum = state.sum[half] * correction;
+        tile_max[half] = scaled;
+        grows = grows || scaled > state.max[half] + RESCALE_SLACK;
+    }
+    if plane_any(grows) {
         #[unroll]
-        for tile in 0..comptime!(cfg.d_v / N8) {
-            state.out[2 * tile + half] = state.out[2 * tile + half] * AccPair::new(correction);
+        for half in 0..2usize {
+            let old_max = state.max[half];
+            let new_max = max(old_max, tile_max[half]);
+            let mut correction = 1.0f32;
+            // A row that attended nothing yet has nothing to rescale.
+            if old_max > NEG_BIG {
+                correction = (old_max - new_max).exp();
+            }
+            state.max[half] = new_max;
+            state.sum[half] *= correction;
+            #[unroll]
+            for tile in 0..comptime!(cfg.d_v / N8) {
+                state.out[2 * tile + half] = state.out[2 * tile + half] * AccPair::new(correction);
+            }
         }
+    }
+    #[unroll]
+    for half in 0..2usize {
+        let row_max = state.max[half];
+        let mut sum = state.sum[half];
         #[unroll]
         for tile in 0..tiles {
             let mut pair = Pair::<F>::empty();
             #[unroll]
             for e in 0..2usize {
                 let mut p = 0.0f32;
-                if lane_key_in_range(ranges, first, valid, tile, half, e) {
-                    p = (scores[2 * tile + half][e] * scale - new_max).exp();
+                if entry_in_range(ranges, first, valid, tile, half, e, masked) {
+                    p = (scores[2 * tile + half][e] * scale - row_max).exp();
                 }
                 sum += p;
                 pair[e] = F::cast_from(p);
@@ -355,12 +442,11 @@ fn softmax_tiles<F: Float>(
         }
         state.sum[half] = sum;
     }
-    probs
 }
 
 /// `dS = P (dP - delta)` with `P = exp(S scale - lse)` for this lane's two rows (each
-/// masked to its range; the tile starts at key row `first`, `valid` rows loaded), as the
-/// `A` fragments of `dS K`.
+/// masked to its range when `masked`; the tile starts at key row `first`, `valid` rows
+/// loaded), written to `frags` as the `A` fragments of `dS K`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn score_gradients<F: Float>(
@@ -372,10 +458,11 @@ pub fn score_gradients<F: Float>(
     scale: f32,
     row_lse: &Array<f32>,
     row_delta: &Array<f32>,
+    frags: &mut Array<Pair<F>>,
     #[comptime] cfg: MmaTileConfig,
-) -> Array<Pair<F>> {
+    #[comptime] masked: bool,
+) {
     let tiles = comptime!(cfg.tile_keys / N8);
-    let mut frags = Array::<Pair<F>>::new(comptime!(tiles * 2));
     #[unroll]
     for half in 0..2usize {
         #[unroll]
@@ -384,7 +471,7 @@ pub fn score_gradients<F: Float>(
             #[unroll]
             for e in 0..2usize {
                 let mut ds = 0.0f32;
-                if lane_key_in_range(ranges, first, valid, tile, half, e) {
+                if entry_in_range(ranges, first, valid, tile, half, e, masked) {
                     let p = (scores[2 * tile + half][e] * scale - row_lse[half]).exp();
                     ds = p * (grads[2 * tile + half][e] - row_delta[half]);
                 }
@@ -393,7 +480,6 @@ pub fn score_gradients<F: Float>(
             frags[comptime!(fragment_slot(tile, half))] = pair;
         }
     }
-    frags
 }
 
 /// `acc += W R`: the `A` fragments `weights` (this plane's rows against the tile's
@@ -459,10 +545,18 @@ pub fn register_attend_tile<F: Float, N: Size>(
         cfg,
     );
     sync_cube();
-    // A plane whose rows are all padding only helps load (uniform over the plane).
-    if plane_first_row() < comptime!(cfg.positions * cfg.group) {
+    if plane_has_rows(cfg) {
         let scores = plane_score_tiles::<F, N>(inputs, queries, cfg);
-        let probs = softmax_tiles::<F>(&scores, state, first, valid, ranges, scale, cfg);
+        let mut probs = Array::<Pair<F>>::new(comptime!(cfg.tile_keys / N8 * 2));
+        if plane_tile_unmasked(ranges, first, valid, cfg) {
+            softmax_tiles::<F>(
+                &scores, state, first, valid, ranges, scale, &mut probs, cfg, false,
+            );
+        } else {
+            softmax_tiles::<F>(
+                &scores, state, first, valid, ranges, scale, &mut probs, cfg, true,
+            );
+        }
         accumulate_tile_rows::<F, N>(
             inputs,
             &probs,
@@ -495,24 +589,12 @@ pub fn register_attend_range<F: Float, N: Size>(
 ) {
     let mut row = first;
     while row < last {
-        let valid = min(last - row, cfg.tile_keys);
+        let valid = index_min(last - row, cfg.tile_keys);
         register_attend_tile::<F, N>(
             k, k_at, v, v_at, row, valid, ranges, scale, queries, inputs, state, cfg,
         );
         row += cfg.tile_keys;
     }
-}
-
-/// The log-sum-exp of this lane's row `half` ([`NEG_BIG`] for a row that attended
-/// nothing). Every lane of the plane must call it (it reduces the sum over the row's lanes).
-#[cube]
-pub fn register_row_lse(state: &RegisterState, #[comptime] half: usize) -> f32 {
-    let sum = row_reduce(state.sum[half], false);
-    let mut lse = f32::new(NEG_BIG);
-    if sum > 0.0 {
-        lse = state.max[half] + sum.ln();
-    }
-    lse
 }
 
 /// Writes this lane's two rows of `acc` (`dim / 8` accumulator tiles), row `half` times
@@ -579,8 +661,9 @@ pub fn store_lane_rows<F: Float>(
 }
 
 /// Writes this lane's two output rows to `o: [B, T, H, d_v]` (`out / sum`, 0 for an empty
-/// row) and, from the row's first lane, their log-sum-exp to `lse: [B, H, T]`. Every lane
-/// must call it.
+/// row) and, from the row's first lane, their log-sum-exp to `lse: [B, H, T]`; returns the
+/// two rows' log-sum-exp ([`NEG_BIG`] for a row that attended nothing). Every lane must
+/// call it (it reduces the row sums over the row's lanes).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn register_state_finish<F: Float>(
@@ -591,24 +674,27 @@ pub fn register_state_finish<F: Float>(
     t0: usize,
     kv_head: usize,
     #[comptime] cfg: MmaTileConfig,
-) {
+) -> Array<f32> {
     let (low, _) = lane_rows();
     let mut inverse = Array::<f32>::new(2usize);
+    let mut row_lse = Array::<f32>::new(2usize);
     #[unroll]
     for half in 0..2usize {
         let sum = row_reduce(state.sum[half], false);
         let row = low + half * N8;
         let (position, real) = row_position(row, t0, o.shape(1), cfg);
-        let mut row_lse = f32::new(NEG_BIG);
+        row_lse[half] = NEG_BIG;
         inverse[half] = 0.0;
         if sum > 0.0 {
             inverse[half] = 1.0 / sum;
-            row_lse = state.max[half] + sum.ln();
+            row_lse[half] = state.max[half] + sum.ln();
         }
         if real && lane() % 4 == 0 {
             let head = kv_head * cfg.group + row % cfg.group;
-            lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)] = row_lse;
+            lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)] =
+                row_lse[half];
         }
     }
     store_lane_rows::<F>(&state.out, &inverse, o, b, t0, kv_head, cfg.d_v, cfg);
+    row_lse
 }

@@ -4,9 +4,9 @@
 use cubecl::prelude::*;
 
 use crate::keys::KeySet;
-use crate::mma::{row_key_range, MmaTileConfig};
+use crate::mma::MmaTileConfig;
 use crate::register_tile::{
-    lane_ranges, lane_rows, register_attend_tile, register_load_rows, register_state_finish,
+    fast_exp, lane_key_ranges, register_attend_tile, register_load_rows, register_state_finish,
     register_state_new,
 };
 use crate::tile::{
@@ -73,7 +73,7 @@ pub fn selected_attention_kernel<F: Float, I: Int>(
 /// [`selected_attention_kernel()`] on tensor cores: one cube per `(b, KV head, t)`
 /// (`cfg.positions == 1`), its `16 * planes` rows the group's heads (padded); each selected
 /// block is attended in `ceil(l' / tile_keys)` tiles.
-#[cube(launch_unchecked, address_type = "dynamic")]
+#[cube(launch_unchecked, address_type = "dynamic", fast_math = fast_exp())]
 #[allow(clippy::too_many_arguments)]
 pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
     q: &Tensor<Vector<F, N>>,
@@ -98,11 +98,7 @@ pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
         let k_at = head_rows::<Vector<F, N>>(k, b, head);
         let v_at = head_rows::<Vector<F, N>>(v, b, head);
         let slots = b * selected.stride(0) + head * selected.stride(1) + t * selected.stride(2);
-        let (low, high) = lane_rows();
-        let ranges = lane_ranges(
-            row_key_range(low, t, seq, k.shape(1), keys, cfg),
-            row_key_range(high, t, seq, k.shape(1), keys, cfg),
-        );
+        let ranges = lane_key_ranges(t, seq, k.shape(1), keys, cfg);
         let mut state = register_state_new(cfg);
         for slot in 0..selected.shape(3) {
             let block = i32::cast_from(selected[slots + slot * selected.stride(3)]);

@@ -8,6 +8,8 @@
 
 use cubecl::prelude::*;
 
+use crate::keys::index_min;
+
 /// Stands for minus infinity: WGSL cannot spell `-inf`, so scores of masked keys and the
 /// max of an empty row use this finite sentinel (only ever in f32).
 pub const NEG_BIG: f32 = -1.0e30;
@@ -165,7 +167,10 @@ pub fn selected_tile(
     if index >= 0 {
         first = usize::cast_from(index) * block + part * tile_keys;
         if first <= t {
-            valid = min(t + 1 - first, min(tile_keys, block - part * tile_keys));
+            valid = index_min(
+                t + 1 - first,
+                index_min(tile_keys, block - part * tile_keys),
+            );
         }
     }
     (first, valid)
@@ -323,7 +328,7 @@ pub fn attend_range<F: Float>(
 ) {
     let mut row = start;
     while row < end {
-        let valid = min(end - row, cfg.tile_keys);
+        let valid = index_min(end - row, cfg.tile_keys);
         attend_tile::<F>(
             q, q_at, k, k_at, v, v_at, row, valid, scale, state, keys, values, scores, cfg,
         );

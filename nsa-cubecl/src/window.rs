@@ -2,10 +2,10 @@
 
 use cubecl::prelude::*;
 
-use crate::keys::{key_range, KeySet};
-use crate::mma::{row_key_range, MmaTileConfig};
+use crate::keys::{index_min, key_range, KeySet};
+use crate::mma::MmaTileConfig;
 use crate::register_tile::{
-    lane_ranges, lane_rows, register_attend_range, register_load_rows, register_state_finish,
+    fast_exp, lane_key_ranges, register_attend_range, register_load_rows, register_state_finish,
     register_state_new,
 };
 use crate::tile::{
@@ -59,7 +59,7 @@ pub fn window_attention_kernel<F: Float>(
 /// [`window_attention_kernel()`] on tensor cores: one cube per `(b, KV head, cfg.positions
 /// consecutive query positions)`; it walks the union of its rows' windows and masks each
 /// row to its own.
-#[cube(launch_unchecked, address_type = "dynamic")]
+#[cube(launch_unchecked, address_type = "dynamic", fast_math = fast_exp())]
 pub fn window_attention_mma_kernel<F: Float, N: Size>(
     q: &Tensor<Vector<F, N>>,
     k: &Tensor<Vector<F, N>>,
@@ -79,12 +79,8 @@ pub fn window_attention_mma_kernel<F: Float, N: Size>(
         let queries = register_load_rows::<F, N>(q, b, t0, head, &mut inputs, cfg.d_k, cfg);
         let k_at = head_rows::<Vector<F, N>>(k, b, head);
         let v_at = head_rows::<Vector<F, N>>(v, b, head);
-        let (low, high) = lane_rows();
-        let ranges = lane_ranges(
-            row_key_range(low, t0, seq, k.shape(1), keys, cfg),
-            row_key_range(high, t0, seq, k.shape(1), keys, cfg),
-        );
-        let last_position = min(t0 + cfg.positions, seq) - 1;
+        let ranges = lane_key_ranges(t0, seq, k.shape(1), keys, cfg);
+        let last_position = index_min(t0 + cfg.positions, seq) - 1;
         let (first, _) = key_range(t0, k.shape(1), keys);
         let (_, last) = key_range(last_position, k.shape(1), keys);
         let mut state = register_state_new(cfg);
