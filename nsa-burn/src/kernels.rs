@@ -8,8 +8,8 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use nsa_cubecl::{
     key_grad_split, launch_compressed, launch_delta, launch_grad_key_value, launch_grad_query,
-    launch_selected, launch_sum_key_splits, launch_window, AttentionShape, GradArgs, KeySet,
-    SelectionConfig,
+    launch_selected, launch_selection_bitmap, launch_sum_key_splits, launch_window,
+    selection_bitmap_shape, AttentionShape, GradArgs, KeySet, SelectionConfig,
 };
 
 use crate::{BranchGrads, BranchSaved, NsaAttentionConfig, NsaBackend, NsaBackward};
@@ -151,14 +151,33 @@ where
         delta.clone().into_tensor_arg(),
     ));
     let key_rows = dims(&k)[1];
-    let selected = match selected {
-        Some(selected) => into_contiguous(selected),
-        None => empty_device_contiguous_dtype(
+    let placeholder = || {
+        empty_device_contiguous_dtype(
             q.client.clone(),
             q.device.clone(),
             Shape::new([1, 1, 1, 1]),
             I::dtype(),
-        ),
+        )
+    };
+    let (selected, bitmap) = match selected {
+        Some(selected) => {
+            let selected = into_contiguous(selected);
+            // [B, H_kv, n_blocks, ceil(T / 32)]: the selection inverted, for the key side.
+            let bitmap = empty_device_contiguous_dtype(
+                q.client.clone(),
+                q.device.clone(),
+                Shape::new(selection_bitmap_shape(&shape, config.select_block)),
+                selected.dtype,
+            );
+            with_int_type!(selected.dtype, In => launch_selection_bitmap::<R, In>(
+                &q.client,
+                &shape,
+                selected.clone().into_tensor_arg(),
+                bitmap.clone().into_tensor_arg(),
+            ));
+            (selected, bitmap)
+        }
+        None => (placeholder(), placeholder()),
     };
     let args = || GradArgs {
         q: q.clone().into_tensor_arg(),
@@ -168,6 +187,7 @@ where
         delta: delta.clone().into_tensor_arg(),
         lse: saved.lse.clone().into_tensor_arg(),
         selected: selected.clone().into_tensor_arg(),
+        bitmap: bitmap.clone().into_tensor_arg(),
     };
     let (dq, dk, dv) = (empty_like(&q), empty_like(&k), empty_like(&v));
     let client = q.client.clone();

@@ -2,14 +2,16 @@
 //!
 //! One cube owns a tile of `tile_keys` key rows of one `(batch, KV head)` and walks the
 //! queries that see them, in chunks of `units` positions: each unit checks one position
-//! (for the selection branch: whether its group selected the tile's block, which inverts
-//! the selection on the device without atomics), a prefix sum compacts the positions that
+//! (for the selection branch: whether its group selected the tile's block, one bit of the
+//! selection bitmap of [`crate::bitmap`], the selection inverted on the device without
+//! atomics), a prefix sum compacts the positions that
 //! do into a list, and the list's `(position, head)` rows go through in steps of `rows` rows:
 //! `P = exp(S - lse)`, `dS = P * (dP - delta)`, `dV += P^T dO`, `dK += scale * dS^T Q`.
 //! Every output is a fixed-order sum (deterministic).
 
 use cubecl::prelude::*;
 
+use crate::bitmap::bitmap_selects;
 use crate::keys::{first_query, index_max, index_min, query_end, query_sees, KeySet};
 use crate::mma::{load_key_value_rows, plane_first_row, MmaTileConfig, PLANE};
 use crate::register_tile::{
@@ -72,25 +74,10 @@ struct KeyTile {
     positions: SharedMemory<u32>,
 }
 
-/// Whether position `t`'s group selected selection block `block` (`slots` is the offset of
-/// `selected[b, kv_head, 0, 0]`).
-#[cube]
-fn selects<I: Int>(selected: &Tensor<I>, slots: usize, t: usize, block: usize) -> bool {
-    let mut found = false;
-    let base = slots + t * selected.stride(2);
-    for slot in 0..selected.shape(3) {
-        let index = i32::cast_from(selected[base + slot * selected.stride(3)]);
-        if index >= 0 && usize::cast_from(index) == block {
-            found = true;
-        }
-    }
-    found
-}
-
 /// The positions `chunk .. min(chunk + units, end)` that see the key tile starting at
 /// `first_key` of `(b, kv_head)`, in order, into `positions`; returns how many. Each unit
 /// checks one position (for the selection branch: whether its group selected the tile's
-/// block); an inclusive prefix sum of the flags gives each taken position its rank: per
+/// block, in `bitmap`); an inclusive prefix sum of the flags gives each taken position its rank: per
 /// plane with plane ops plus the earlier planes' totals when `plane_ops` (32-lane planes),
 /// Hillis-Steele over the cube otherwise. Every unit must call it (it synchronizes the
 /// cube).
@@ -99,7 +86,7 @@ fn selects<I: Int>(selected: &Tensor<I>, slots: usize, t: usize, block: usize) -
 fn compact_positions<I: Int>(
     chunk: usize,
     end: usize,
-    selected: &Tensor<I>,
+    bitmap: &Tensor<I>,
     b: usize,
     kv_head: usize,
     first_key: usize,
@@ -111,15 +98,15 @@ fn compact_positions<I: Int>(
 ) -> usize {
     let unit = UNIT_POS as usize;
     let block = first_key / comptime!(keys.select_block());
-    let slots = b * selected.stride(0) + kv_head * selected.stride(1);
+    let column = b * bitmap.stride(0) + kv_head * bitmap.stride(1);
     let t = chunk + unit;
     let mut take = 0u32;
     if t < end {
         take = 1;
         // Nested: `&&` does not short-circuit in kernels, and the other branches pass a
-        // placeholder `selected`.
+        // placeholder `bitmap`.
         if comptime!(keys.is_selected()) {
-            if !selects::<I>(selected, slots, t, block) {
+            if !bitmap_selects::<I>(bitmap, column, t, block) {
                 take = 0;
             }
         }
@@ -310,7 +297,8 @@ fn store<F: Float>(
 
 /// `q: [B, T, H, d_k]`, `k: [B, L, H_kv, d_k]`, `v: [B, L, H_kv, d_v]` (the branch's keys),
 /// `d_o: [B, T, H, d_v]`, `delta: [B, T, H]` f32, `lse: [B, H, T]` f32,
-/// `selected: [B, H_kv, T, n]` (read by [`KeySet::Selected`] only) ->
+/// `bitmap: [B, H_kv, n_blocks, ceil(T / 32)]` (the selection bitmap of
+/// [`crate::bitmap::selection_bitmap_kernel()`], read by [`KeySet::Selected`] only) ->
 /// `dk: [B, L, H_kv, d_k]`, `dv: [B, L, H_kv, d_v]`. One cube per
 /// `(b, KV head, tile of key rows)`; for the selection branch `tile_keys` divides `l'`.
 #[cube(launch, address_type = "dynamic")]
@@ -322,7 +310,7 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
     d_o: &Tensor<F>,
     delta: &Tensor<f32>,
     lse: &Tensor<f32>,
-    selected: &Tensor<I>,
+    bitmap: &Tensor<I>,
     dk: &mut Tensor<F>,
     dv: &mut Tensor<F>,
     scale: f32,
@@ -383,7 +371,7 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
             let count = compact_positions::<I>(
                 chunk,
                 end,
-                selected,
+                bitmap,
                 b,
                 kv_head,
                 first_key,
@@ -546,7 +534,7 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
     d_o: &Tensor<Vector<F, N>>,
     delta: &Tensor<f32>,
     lse: &Tensor<f32>,
-    selected: &Tensor<I>,
+    bitmap: &Tensor<I>,
     dk: &mut Tensor<F>,
     dv: &mut Tensor<F>,
     partial: &mut Tensor<f32>,
@@ -615,7 +603,7 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
             let count = compact_positions::<I>(
                 chunk,
                 end,
-                selected,
+                bitmap,
                 b,
                 kv_head,
                 first_key,
@@ -697,18 +685,41 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
                         cfg.d_v,
                         cfg,
                     );
-                    let (probs, score_grads) = transposed_gradients::<F>(
-                        &scores,
-                        &grads,
-                        first_key,
-                        n_keys,
-                        &row_position,
-                        &row_lse,
-                        &row_delta,
-                        scale,
-                        cfg,
-                        keys,
-                    );
+                    let mut probs = Array::<Pair<F>>::new(comptime!(cfg.tile_keys / 8 * 2));
+                    let mut score_grads = Array::<Pair<F>>::new(comptime!(cfg.tile_keys / 8 * 2));
+                    if plane_step_unmasked(first_key, n_keys, &row_position, cfg, keys) {
+                        transposed_gradients::<F>(
+                            &scores,
+                            &grads,
+                            first_key,
+                            n_keys,
+                            &row_position,
+                            &row_lse,
+                            &row_delta,
+                            scale,
+                            &mut probs,
+                            &mut score_grads,
+                            cfg,
+                            keys,
+                            false,
+                        );
+                    } else {
+                        transposed_gradients::<F>(
+                            &scores,
+                            &grads,
+                            first_key,
+                            n_keys,
+                            &row_position,
+                            &row_lse,
+                            &row_delta,
+                            scale,
+                            &mut probs,
+                            &mut score_grads,
+                            cfg,
+                            keys,
+                            true,
+                        );
+                    }
                     // dV += P^T dO, dK += dS^T Q.
                     accumulate_tile_rows::<F, N>(
                         &inputs,
@@ -790,8 +801,9 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
 /// `P^T` and `dS^T = P^T (dP^T - delta)` of this lane's two key rows (`first_key + g`,
 /// `+ g + 8` of its plane; rows from `n_keys` on are padding) against the step's query rows
 /// (column `c` is the query row with position `row_position[c] - 1`, 0 for none, and
-/// statistics `row_lse[c]`, `row_delta[c]`), masked to the pairs the branch attends, as
-/// the `A` fragments of `P^T dO` and `dS^T Q`.
+/// statistics `row_lse[c]`, `row_delta[c]`), masked to the pairs the branch attends when
+/// `masked`, written to `probs` and `score_grads` as the `A` fragments of `P^T dO` and
+/// `dS^T Q`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn transposed_gradients<F: Float>(
@@ -803,13 +815,14 @@ fn transposed_gradients<F: Float>(
     row_lse: &SharedMemory<f32>,
     row_delta: &SharedMemory<f32>,
     scale: f32,
+    probs: &mut Array<Pair<F>>,
+    score_grads: &mut Array<Pair<F>>,
     #[comptime] cfg: MmaTileConfig,
     #[comptime] keys: KeySet,
-) -> (Array<Pair<F>>, Array<Pair<F>>) {
+    #[comptime] masked: bool,
+) {
     let (low, _) = lane_rows();
     let tiles = comptime!(cfg.tile_keys / 8);
-    let mut probs = Array::<Pair<F>>::new(comptime!(tiles * 2));
-    let mut score_grads = Array::<Pair<F>>::new(comptime!(tiles * 2));
     #[unroll]
     for half in 0..2usize {
         let row = low + half * 8;
@@ -821,15 +834,20 @@ fn transposed_gradients<F: Float>(
             #[unroll]
             for e in 0..2usize {
                 let col = tile * 8 + UNIT_POS as usize % 4 * 2 + e;
-                let position = row_position[col] as usize;
                 let mut p = 0.0f32;
                 let mut ds = 0.0f32;
-                // Nested: `&&` does not short-circuit.
-                if position > 0 && row < n_keys {
-                    if query_sees(position - 1, key, keys) {
-                        p = (scores[2 * tile + half][e] * scale - row_lse[col]).exp();
-                        ds = p * (grads[2 * tile + half][e] - row_delta[col]);
+                let mut inside = true;
+                if comptime!(masked) {
+                    let position = row_position[col] as usize;
+                    // Nested: `&&` does not short-circuit.
+                    inside = false;
+                    if position > 0 && row < n_keys {
+                        inside = query_sees(position - 1, key, keys);
                     }
+                }
+                if inside {
+                    p = (scores[2 * tile + half][e] * scale - row_lse[col]).exp();
+                    ds = p * (grads[2 * tile + half][e] - row_delta[col]);
                 }
                 p_pair[e] = F::cast_from(p);
                 ds_pair[e] = F::cast_from(ds);
@@ -838,7 +856,31 @@ fn transposed_gradients<F: Float>(
             score_grads[comptime!(fragment_slot(tile, half))] = ds_pair;
         }
     }
-    (probs, score_grads)
+}
+
+/// Whether every pair of this plane's key rows and the step's query rows is attended, so
+/// [`transposed_gradients()`] needs no masks: all `tile_keys` rows are real and the
+/// earliest query sees the plane's last key and the latest query its first (the patterns
+/// of [`KeySet`] are bands in `(position, key)`). Uniform over the plane.
+#[cube]
+fn plane_step_unmasked(
+    first_key: usize,
+    n_keys: usize,
+    row_position: &SharedMemory<u32>,
+    #[comptime] cfg: MmaTileConfig,
+    #[comptime] keys: KeySet,
+) -> bool {
+    let earliest = row_position[0] as usize;
+    let latest = row_position[comptime!(cfg.tile_keys - 1)] as usize;
+    let key_low = first_key + plane_first_row();
+    let key_high = key_low + 15;
+    let mut unmasked = false;
+    // Nested: `&&` does not short-circuit (and `earliest - 1` needs `earliest > 0`).
+    if earliest > 0 && latest > 0 && key_high < first_key + n_keys {
+        unmasked =
+            query_sees(earliest - 1, key_high, keys) && query_sees(latest - 1, key_low, keys);
+    }
+    unmasked
 }
 
 /// Adds up the split copies of [`grad_key_value_mma_kernel()`]:

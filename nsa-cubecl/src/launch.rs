@@ -5,6 +5,7 @@ use cubecl::features::MmaConfig;
 use cubecl::prelude::*;
 use cubecl::{calculate_cube_count_elemwise, CubeElement};
 
+use crate::bitmap::{selection_bitmap_kernel, WORD_BITS};
 use crate::compress::{
     compressed_attention_kernel, compressed_attention_mma_kernel, SelectionConfig,
 };
@@ -446,7 +447,45 @@ pub struct GradArgs<R: Runtime> {
     /// The forward row log-sum-exp, `[B, H, T]` f32.
     pub lse: TensorArg<R>,
     /// `[B, H_kv, T, n]` Int for [`KeySet::Selected`]; any Int tensor otherwise (unread).
+    /// Read by the query side.
     pub selected: TensorArg<R>,
+    /// The selection bitmap `[B, H_kv, n_blocks, ceil(T / 32)]` Int of
+    /// [`launch_selection_bitmap`] for [`KeySet::Selected`]; any Int tensor otherwise
+    /// (unread). Read by the key side.
+    pub bitmap: TensorArg<R>,
+}
+
+/// Shape of the selection bitmap of `shape` with selection blocks of `select_block` rows:
+/// `[B, H_kv, ceil(T / l'), ceil(T / 32)]`.
+pub fn selection_bitmap_shape(shape: &AttentionShape, select_block: usize) -> [usize; 4] {
+    [
+        shape.batch,
+        shape.kv_heads,
+        shape.seq.div_ceil(select_block),
+        shape.seq.div_ceil(WORD_BITS),
+    ]
+}
+
+/// The selection inverted ([`crate::bitmap::selection_bitmap_kernel()`]):
+/// `selected: [B, H_kv, T, n]` -> `bitmap` of [`selection_bitmap_shape`], both contiguous
+/// Int tensors of the same type.
+pub fn launch_selection_bitmap<R: Runtime, I: Int + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    selected: TensorArg<R>,
+    bitmap: TensorArg<R>,
+) {
+    let units = shape.batch * shape.kv_heads * shape.seq.div_ceil(WORD_BITS);
+    let cube_dim = CubeDim::new_1d(256);
+    let count = calculate_cube_count_elemwise(client, units, cube_dim);
+    selection_bitmap_kernel::launch::<I, R>(
+        client,
+        count,
+        cube_dim,
+        address_type(shape, shape.seq),
+        selected,
+        bitmap,
+    );
 }
 
 /// `delta = rowsum(dO * O)`: `d_o`, `o: [B, T, H, d_v]` contiguous in `F` ->
@@ -711,7 +750,7 @@ pub fn launch_grad_key_value<R: Runtime, F: Float + CubeElement, I: Int + CubeEl
                 args.d_o,
                 args.delta,
                 args.lse,
-                args.selected,
+                args.bitmap,
                 dk,
                 dv,
                 partial,
@@ -740,7 +779,7 @@ pub fn launch_grad_key_value<R: Runtime, F: Float + CubeElement, I: Int + CubeEl
         args.d_o,
         args.delta,
         args.lse,
-        args.selected,
+        args.bitmap,
         dk,
         dv,
         scale,

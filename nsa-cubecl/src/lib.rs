@@ -15,8 +15,9 @@
 //!
 //! Both walk the same keys in the same order and share the attention patterns of [`keys`],
 //! the selection scoring and top-n of [`compress`], and the on-device selection inversion of
-//! [`grad_key`].
+//! [`bitmap`] and [`grad_key`].
 
+pub mod bitmap;
 pub mod compress;
 pub mod delta;
 pub mod grad_key;
@@ -33,8 +34,9 @@ pub use compress::SelectionConfig;
 pub use keys::KeySet;
 pub use launch::{
     key_grad_split, launch_compressed, launch_delta, launch_grad_key_value, launch_grad_query,
-    launch_selected, launch_sum_key_splits, launch_window, mma_tile_config, tile_config,
-    AttentionShape, GradArgs, KeyGradSplit, PORTABLE_KERNELS_VAR,
+    launch_selected, launch_selection_bitmap, launch_sum_key_splits, launch_window,
+    mma_tile_config, selection_bitmap_shape, tile_config, AttentionShape, GradArgs, KeyGradSplit,
+    PORTABLE_KERNELS_VAR,
 };
 pub use mma::MmaTileConfig;
 pub use tile::TileConfig;
