@@ -637,52 +637,33 @@ fn branch_results<B: NsaBackend>(
     let float = |x: &Tensor<B, 4>| x.clone().into_primitive().tensor();
     let compressed = || B::nsa_compressed(float(q), float(k_cmp), float(v_cmp), config);
     let (keys, values) = if branch == 0 { (k_cmp, v_cmp) } else { (k, v) };
+    let saved = |output: &B::FloatTensorPrimitive, lse: &B::FloatTensorPrimitive| BranchSaved {
+        q: float(q),
+        k: float(keys),
+        v: float(values),
+        output: output.clone(),
+        lse: lse.clone(),
+    };
     let mut results = Vec::new();
     let (output, lse, grads) = match branch {
         0 => {
             let (output, lse, selected) = compressed();
             let selected = Tensor::<B, 4, Int>::from_primitive(selected).float();
             results.push(("selected blocks", selected));
-            let saved = BranchSaved {
-                q: float(q),
-                k: float(keys),
-                v: float(values),
-                output: output.clone(),
-                lse: lse.clone(),
-            };
-            (
-                output,
-                lse,
-                (backward.compressed)(saved, float(d_o), config),
-            )
+            let grads = (backward.compressed)(saved(&output, &lse), float(d_o), config);
+            (output, lse, grads)
         }
         1 => {
             let (_, _, selected) = compressed();
             let (output, lse) =
                 B::nsa_selected(float(q), float(k), float(v), selected.clone(), config);
-            let saved = BranchSaved {
-                q: float(q),
-                k: float(keys),
-                v: float(values),
-                output: output.clone(),
-                lse: lse.clone(),
-            };
-            (
-                output,
-                lse,
-                (backward.selected)(saved, selected, float(d_o), config),
-            )
+            let grads = (backward.selected)(saved(&output, &lse), selected, float(d_o), config);
+            (output, lse, grads)
         }
         _ => {
             let (output, lse) = B::nsa_window(float(q), float(k), float(v), config);
-            let saved = BranchSaved {
-                q: float(q),
-                k: float(keys),
-                v: float(values),
-                output: output.clone(),
-                lse: lse.clone(),
-            };
-            (output, lse, (backward.window)(saved, float(d_o), config))
+            let grads = (backward.window)(saved(&output, &lse), float(d_o), config);
+            (output, lse, grads)
         }
     };
     let tensor = |x| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(x));
