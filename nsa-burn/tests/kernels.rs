@@ -504,11 +504,6 @@ fn check_gradients<B: AutodiffBackend + NsaBackend>(
     errors.iter().map(|&(_, error)| error).fold(0.0, f64::max)
 }
 
-/// [`check_gradients`] over every (selected) case.
-fn check_all_gradients<B: AutodiffBackend + NsaBackend>(device: &B::Device, dtype: DType) {
-    check_gradient_cases::<B>(selected_cases(), device, dtype);
-}
-
 /// [`check_gradients`] over `cases`.
 fn check_gradient_cases<B: AutodiffBackend + NsaBackend>(
     cases: Vec<Case>,
@@ -616,7 +611,7 @@ fn cuda_kernel_gradients_match_the_reference() {
     let device = Default::default();
     assert!(common::device_answers::<B>(&device), "no CUDA device");
     for dtype in cuda_dtypes() {
-        check_all_gradients::<Autodiff<B>>(&device, dtype);
+        check_gradient_cases::<Autodiff<B>>(selected_cases(), &device, dtype);
     }
 }
 
