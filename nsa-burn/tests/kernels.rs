@@ -557,10 +557,10 @@ fn wgpu_kernels_match_the_reference() {
 ///
 /// Left out: `d_k = 256, d_v = 192` with G = 16. On lavapipe its compressed and selected
 /// key-side gradients come out wrong (relative error near 0.9; the window branch's, its
-/// `dQ` and every forward output are right), with 512 units per key-side cube as with 256.
-/// The same portable kernels pass it on CUDA in f32, so it is not understood yet whether
-/// this is another lavapipe fault or a kernel race CUDA's scheduling hides. The CUDA
-/// gradient test runs it.
+/// `dQ` and every forward output are right). The same portable kernels pass it on CUDA in
+/// f32, also with lavapipe's key-side configuration (8 key rows, 8 query rows per step, 256
+/// units) forced, so lavapipe is the suspect; not yet understood. The CUDA gradient test
+/// runs it.
 #[test]
 fn wgpu_kernel_gradients_match_the_reference() {
     if let Some(device) = common::wgpu_device() {
