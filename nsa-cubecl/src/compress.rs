@@ -6,7 +6,7 @@ use cubecl::prelude::*;
 use crate::keys::{index_max, index_min, key_range, KeySet};
 use crate::mma::{load_vector_rows, MmaTileConfig, MMA, PLANE};
 use crate::register_tile::{
-    fast_exp, lane_key_in_range, lane_key_ranges, lane_rows, plane_has_rows, plane_score_tiles,
+    entry_in_range, fast_exp, lane_key_ranges, lane_rows, plane_has_rows, plane_score_tiles,
     plane_tile_unmasked, register_attend_range, register_load_rows, register_state_finish,
     register_state_new, AccPair, LaneRanges,
 };
@@ -520,11 +520,7 @@ fn store_probabilities(
             #[unroll]
             for e in 0..2usize {
                 let mut p = 0.0f32;
-                let mut inside = true;
-                if comptime!(masked) {
-                    inside = lane_key_in_range(ranges, first, valid, tile, half, e);
-                }
-                if inside {
+                if entry_in_range(ranges, first, valid, tile, half, e, masked) {
                     p = (scores[2 * tile + half][e] * scale - row_lse[half]).exp();
                 }
                 let col = tile * 8 + UNIT_POS as usize % 4 * 2 + e;

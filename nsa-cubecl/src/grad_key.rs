@@ -13,7 +13,7 @@ use cubecl::prelude::*;
 
 use crate::bitmap::bitmap_selects;
 use crate::keys::{first_query, index_max, index_min, query_end, query_sees, KeySet};
-use crate::mma::{load_key_value_rows, plane_first_row, MmaTileConfig, PLANE};
+use crate::mma::{load_key_value_rows, plane_first_row, MmaTileConfig, MMA, PLANE};
 use crate::register_tile::{
     accumulate_tile_rows, fast_exp, fragment_slot, lane_rows, plane_row_fragments,
     plane_row_products, store_lane_pairs, zero_pairs, AccPair, Pair,
@@ -873,7 +873,7 @@ fn plane_step_unmasked(
     let earliest = row_position[0] as usize;
     let latest = row_position[comptime!(cfg.tile_keys - 1)] as usize;
     let key_low = first_key + plane_first_row();
-    let key_high = key_low + 15;
+    let key_high = key_low + MMA - 1;
     let mut unmasked = false;
     // Nested: `&&` does not short-circuit (and `earliest - 1` needs `earliest > 0`).
     if earliest > 0 && latest > 0 && key_high < first_key + n_keys {

@@ -263,25 +263,11 @@ fn range_of(ranges: &LaneRanges, #[comptime] half: usize) -> (usize, usize) {
     }
 }
 
-/// Whether entry `e` of score tile `tile`, row `half`, is a key of that row's range (tile
-/// starting at key row `first`, `valid` rows loaded).
+/// Whether entry `e` of score tile `tile`, row `half`, needs no masking: `true` when the
+/// tile needs no masks (`masked` off), else whether the entry is a key of that row's range
+/// (tile starting at key row `first`, `valid` rows loaded).
 #[cube]
-pub fn lane_key_in_range(
-    ranges: &LaneRanges,
-    first: usize,
-    valid: usize,
-    #[comptime] tile: usize,
-    #[comptime] half: usize,
-    #[comptime] e: usize,
-) -> bool {
-    let (start, end) = range_of(ranges, half);
-    let col = tile * N8 + lane() % 4 * 2 + e;
-    key_in_range(col, first, valid, start, end)
-}
-
-/// [`lane_key_in_range()`] where the tile needs masks (`masked`), `true` otherwise.
-#[cube]
-fn entry_in_range(
+pub fn entry_in_range(
     ranges: &LaneRanges,
     first: usize,
     valid: usize,
@@ -292,7 +278,9 @@ fn entry_in_range(
 ) -> bool {
     let mut inside = true;
     if comptime!(masked) {
-        inside = lane_key_in_range(ranges, first, valid, tile, half, e);
+        let (start, end) = range_of(ranges, half);
+        let col = tile * N8 + lane() % 4 * 2 + e;
+        inside = key_in_range(col, first, valid, start, end);
     }
     inside
 }
