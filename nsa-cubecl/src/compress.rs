@@ -4,7 +4,7 @@
 use cubecl::prelude::*;
 
 use crate::keys::{index_max, index_min, key_range, KeySet};
-use crate::mma::{load_vector_rows, MmaTileConfig, MMA, PLANE};
+use crate::mma::{load_vector_rows, rows_barrier, wait_rows, MmaTileConfig, MMA, PLANE};
 use crate::register_tile::{
     entry_in_range, fast_exp, lane_key_ranges, lane_rows, plane_has_rows, plane_score_tiles,
     plane_tile_unmasked, register_attend_range, register_load_rows, register_state_finish,
@@ -358,6 +358,7 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
     let mut probs = SharedMemory::<f32>::new(comptime!(cfg.rows() * cfg.scratch_stride()));
     let mut group_probs = SharedMemory::<f32>::new(comptime!(cfg.positions * cfg.tile_keys));
     let mut block_scores = SharedMemory::<f32>::new(comptime!(cfg.positions * sel.max_blocks));
+    let barrier = rows_barrier();
     let seq = q.shape(1);
     let n_keys = k_cmp.shape(1);
     let (b, head, t0, active) = cube_positions(q.shape(0), k_cmp.shape(2), seq, cfg.positions);
@@ -384,6 +385,7 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
             scale,
             &queries,
             &mut inputs,
+            &barrier,
             &mut state,
             cfg,
         );
@@ -422,7 +424,7 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
                 cfg.d_k,
                 units,
             );
-            sync_cube();
+            wait_rows(&barrier);
             // Scores -> probabilities with the rows' log-sum-exp.
             if plane_has_rows(cfg) {
                 let scores = plane_score_tiles::<F, N>(&inputs, &queries, cfg);

@@ -9,11 +9,14 @@
 //! `P = exp(S - lse)`, `dS = P * (dP - delta)`, `dV += P^T dO`, `dK += scale * dS^T Q`.
 //! Every output is a fixed-order sum (deterministic).
 
+use cubecl::prelude::barrier::copy_async_checked;
 use cubecl::prelude::*;
 
 use crate::bitmap::bitmap_selects;
 use crate::keys::{first_query, index_max, index_min, query_end, query_sees, KeySet};
-use crate::mma::{load_key_value_rows, plane_first_row, MmaTileConfig, MMA, PLANE};
+use crate::mma::{
+    load_key_value_rows, plane_first_row, rows_barrier, wait_rows, MmaTileConfig, MMA, PLANE,
+};
 use crate::register_tile::{
     accumulate_tile_rows, fast_exp, fragment_slot, lane_rows, plane_row_fragments,
     plane_row_products, store_lane_pairs, zero_pairs, AccPair, Pair,
@@ -476,7 +479,8 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
 /// Copies the step's query-side rows `first_row .. first_row + step_rows` of the position
 /// list (row `r` is position `positions[r / G]`, head `r % G`; zeros past `rows`) of
 /// `src: [B, T, H, dim]` (vectors of `N`) into `dst` from element `dst_at`, rows
-/// `dim + pad` elements apart.
+/// `dim + pad` elements apart, with asynchronous copies like [`load_vector_rows`] (wait
+/// with [`wait_rows`]).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn load_step_vectors<F: Float, N: Size>(
@@ -494,19 +498,28 @@ fn load_step_vectors<F: Float, N: Size>(
 ) {
     let width = src.vector_size();
     let per_row = comptime!(dim / width);
-    let mut idx = UNIT_POS as usize;
-    while idx < comptime!(cfg.tile_keys * per_row) {
-        let r = idx / per_row;
-        let row = first_row + r;
-        let mut value = Vector::<F, N>::from_int(0);
-        if row < rows {
-            let t = positions[row / cfg.group] as usize;
-            let h = kv_head * cfg.group + row % cfg.group;
-            let at = b * src.stride(0) + t * src.stride(1) + h * src.stride(2);
-            value = src[at / width + idx % per_row];
+    let count = comptime!(cfg.tile_keys * per_row);
+    let copy_elems = comptime!(width as u32);
+    #[unroll]
+    for step in 0..comptime!(count.div_ceil(cfg.units())) {
+        let idx = UNIT_POS as usize + step * cfg.units();
+        if idx < count {
+            let r = idx / per_row;
+            let row = first_row + r;
+            let inside = row < rows;
+            // Rows past `rows` copy nothing (zero fill) from the first listed row.
+            let listed = select(inside, row, 0usize);
+            let t = positions[listed / cfg.group] as usize;
+            let h = kv_head * cfg.group + listed % cfg.group;
+            let from =
+                (b * src.stride(0) + t * src.stride(1) + h * src.stride(2)) / width + idx % per_row;
+            let to = comptime!(dst_at / width) + r * comptime!(stride / width) + idx % per_row;
+            copy_async_checked(
+                &src.slice(from, from + select(inside, 1usize, 0usize)),
+                &mut dst.slice_mut(to, to + 1),
+                copy_elems,
+            );
         }
-        dst[comptime!(dst_at / width) + r * comptime!(stride / width) + idx % per_row] = value;
-        idx += cfg.units();
     }
 }
 
@@ -558,6 +571,7 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
     let mut row_position = SharedMemory::<u32>::new(steps);
     let mut takes = SharedMemory::<u32>::new(comptime!(cfg.units()));
     let mut positions = SharedMemory::<u32>::new(comptime!(cfg.units()));
+    let barrier = rows_barrier();
 
     let n_keys_total = k.shape(1);
     let batch = q.shape(0);
@@ -584,6 +598,7 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
             first_key,
             n_keys,
             &mut own_rows,
+            &barrier,
             key_rows,
             values_at,
             cfg,
@@ -657,7 +672,7 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
                     cfg.group,
                     cfg.units(),
                 );
-                sync_cube();
+                wait_rows(&barrier);
                 // Uniform over the plane.
                 if plane_keys {
                     // S^T = K Q^T and dP^T = V dO^T: key rows against the step's query rows.

@@ -5,10 +5,11 @@
 //! `(b, KV head, t)` walks the same keys as the forward kernel of the branch, in the same
 //! tiles, so the gradient of every query row is a fixed-order sum (deterministic).
 
+use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
 use crate::keys::{index_min, key_range, KeySet};
-use crate::mma::{load_key_value_rows, row_position, MmaTileConfig};
+use crate::mma::{load_key_value_rows, row_position, rows_barrier, MmaTileConfig};
 use crate::register_tile::{
     accumulate_tile_rows, fast_exp, lane_key_ranges, lane_rows, plane_has_rows, plane_row_products,
     plane_score_tiles, plane_tile_unmasked, register_load_rows, score_gradients, store_lane_rows,
@@ -214,6 +215,7 @@ fn grad_query_mma_tile<F: Float, N: Size>(
     queries: &Array<Pair<F>>,
     out_grads: &Array<Pair<F>>,
     inputs: &mut SharedMemory<Vector<F, N>>,
+    barrier: &Shared<Barrier>,
     acc: &mut Array<AccPair>,
     #[comptime] cfg: MmaTileConfig,
 ) {
@@ -225,11 +227,11 @@ fn grad_query_mma_tile<F: Float, N: Size>(
         first,
         valid,
         inputs,
+        barrier,
         cfg.tile_keys,
         cfg.values_at(),
         cfg,
     );
-    sync_cube();
     if plane_has_rows(cfg) {
         let scores = plane_score_tiles::<F, N>(inputs, queries, cfg);
         let grads = plane_row_products::<F, N>(
@@ -304,6 +306,7 @@ pub fn grad_query_mma_kernel<F: Float, I: Int, N: Size>(
 ) {
     let width = N::value();
     let mut inputs = SharedMemory::<Vector<F, N>>::new(comptime!(cfg.input_elems() / width));
+    let barrier = rows_barrier();
     let seq = q.shape(1);
     let (b, kv_head, t0, active) = cube_positions(q.shape(0), k.shape(2), seq, cfg.positions);
     if active {
@@ -355,6 +358,7 @@ pub fn grad_query_mma_kernel<F: Float, I: Int, N: Size>(
                             &queries,
                             &out_grads,
                             &mut inputs,
+                            &barrier,
                             &mut acc,
                             cfg,
                         );
@@ -382,6 +386,7 @@ pub fn grad_query_mma_kernel<F: Float, I: Int, N: Size>(
                     &queries,
                     &out_grads,
                     &mut inputs,
+                    &barrier,
                     &mut acc,
                     cfg,
                 );

@@ -99,18 +99,26 @@ const MMA_VECTOR: usize = 8;
 /// Key rows per tile of the tensor-core kernels.
 const MMA_TILE_KEYS: usize = 32;
 
-/// Query rows a tensor-core cube of the window and compression branches aims at.
-const MMA_ROWS: usize = 64;
+/// Query rows a forward tensor-core cube of the window and compression branches aims at.
+/// Three planes, not four: these kernels take about 170 registers per unit, so an H100 SM
+/// holds two 4-plane cubes but three 3-plane ones; the compressed forward at 64k ran 49 ms
+/// with four planes and 39 ms with three (BENCHMARKS.md).
+const FORWARD_ROWS: usize = 48;
+
+/// Query rows a `dQ` tensor-core cube of the window and compression branches aims at: four
+/// planes measured faster than three there (BENCHMARKS.md).
+const GRAD_QUERY_ROWS: usize = 64;
 
 /// The tensor-core tile for `shape`, or `None` to use the portable kernels: the device must
 /// have m16n8k16 `mma` on `F` with f32 accumulation and 32-lane planes, the head dims
 /// must be multiples of 16, and the kernel's shared memory, `bytes(&tile)`, must fit the
-/// device. With `one_position` a cube holds one query position (the selection branch);
-/// otherwise as many positions as fill 64 rows, fewer if memory is short.
+/// device. With `cube_rows` `None` a cube holds one query position (the selection branch);
+/// with `Some(rows)` as many positions as fill `rows` rows (at least one plane per position),
+/// fewer if memory is short.
 pub fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     shape: &AttentionShape,
-    one_position: bool,
+    cube_rows: Option<usize>,
     bytes: impl Fn(&MmaTileConfig) -> usize,
 ) -> Option<MmaTileConfig> {
     if !tensor_cores_fit::<R, F>(client, shape) {
@@ -121,11 +129,8 @@ pub fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
     let min_planes = group.div_ceil(MMA);
     // A one-position cube loads its own tiles: on the H100 a second plane sharing the loads
     // was slower (BENCHMARKS.md), since it halves the cubes an SM holds.
-    let mut planes = if one_position {
-        min_planes
-    } else {
-        min_planes.max(MMA_ROWS / MMA)
-    };
+    let one_position = cube_rows.is_none();
+    let mut planes = cube_rows.map_or(min_planes, |rows| min_planes.max(rows / MMA));
     loop {
         let cfg = MmaTileConfig {
             group,
@@ -150,8 +155,8 @@ pub fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
 }
 
 /// Whether the tensor-core kernels can run `shape` in `F` on this device: manual m16n8k16
-/// `mma` on `F` with f32 accumulation, 32-lane planes, head dims that are multiples of 16, and
-/// [`PORTABLE_KERNELS_VAR`] unset.
+/// `mma` on `F` with f32 accumulation, asynchronous global-to-shared copies, 32-lane planes,
+/// head dims that are multiples of 16, and [`PORTABLE_KERNELS_VAR`] unset.
 fn tensor_cores_fit<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     shape: &AttentionShape,
@@ -169,7 +174,8 @@ fn tensor_cores_fit<R: Runtime, F: Float + CubeElement>(
         n: n as u32,
         k: MMA as u32,
     };
-    let tensor_cores = properties.features.matmul.mma.contains(&config(MMA / 2));
+    let tensor_cores =
+        properties.features.matmul.mma.contains(&config(MMA / 2)) && properties.features.copy_async;
     let hardware = &properties.hardware;
     let planes_fit =
         hardware.plane_size_min == PLANE as u32 && hardware.plane_size_max == PLANE as u32;
@@ -254,7 +260,9 @@ pub fn launch_window<R: Runtime, F: Float + CubeElement>(
     window: usize,
 ) {
     let elem = core::mem::size_of::<F>();
-    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, false, |c| c.input_bytes(elem)) {
+    if let Some(cfg) =
+        mma_tile_config::<R, F>(client, shape, Some(FORWARD_ROWS), |c| c.input_bytes(elem))
+    {
         let (count, dim) = mma_grid(client, shape, &cfg);
         // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
         // past `valid` and padding rows are never read), as the parity tests check.
@@ -311,7 +319,7 @@ pub fn launch_selected<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>
     select_block: usize,
 ) {
     let elem = core::mem::size_of::<F>();
-    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, true, |c| c.input_bytes(elem)) {
+    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, None, |c| c.input_bytes(elem)) {
         let (count, dim) = mma_grid(client, shape, &cfg);
         // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
         // past `valid` and padding rows are never read), as the parity tests check.
@@ -387,7 +395,7 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
             + 4 * (tile.rows() * tile.scratch_stride()
                 + tile.positions * (tile.tile_keys + max_blocks))
     };
-    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, false, bytes) {
+    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, Some(FORWARD_ROWS), bytes) {
         let (count, dim) = mma_grid(client, shape, &cfg);
         // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
         // past `valid` and padding rows are never read), as the parity tests check.
@@ -535,7 +543,8 @@ pub fn launch_grad_query<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
 ) {
     let elem = core::mem::size_of::<F>();
     let bytes = |tile: &MmaTileConfig| tile.input_bytes(elem);
-    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, keys.is_selected(), bytes) {
+    let cube_rows = (!keys.is_selected()).then_some(GRAD_QUERY_ROWS);
+    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, cube_rows, bytes) {
         let (count, dim) = mma_grid(client, shape, &cfg);
         // SAFETY: as for the forward tensor-core kernels.
         unsafe {

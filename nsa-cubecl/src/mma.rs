@@ -11,6 +11,7 @@
 //! [`ROW_PAD`] elements. The key-side backward kernel uses the same layout with the roles
 //! swapped: key rows on the planes, query rows streaming.
 
+use cubecl::prelude::barrier::{copy_async_checked, Barrier};
 use cubecl::prelude::*;
 
 use crate::keys::{key_range, KeySet};
@@ -126,10 +127,12 @@ pub fn row_key_range(
     (start, end)
 }
 
-/// Copies `valid` rows from `first_row` of `src` (one KV head of a `[B, L, H_kv, dim]`
+/// Starts copying `valid` rows from `first_row` of `src` (one KV head of a `[B, L, H_kv, dim]`
 /// tensor read in vectors of `N` along its contiguous last dim) into the `rows` rows of
-/// `dst` from element `dst_at`, `dim + ROW_PAD` elements apart; zeros past `valid`. Each unit issues all its loads before its stores, so
-/// their latencies overlap.
+/// `dst` from element `dst_at`, `dim + ROW_PAD` elements apart; zeros past `valid`. The
+/// copies are asynchronous (`cp.async`): they go from global to shared memory without
+/// passing through registers, and the copy itself writes the zeros. Every unit must then
+/// call [`wait_rows`] before any unit reads `dst`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn load_vector_rows<F: Float, N: Size>(
@@ -146,26 +149,36 @@ pub fn load_vector_rows<F: Float, N: Size>(
     let width = src.vector_size();
     let per_row = comptime!(dim / width);
     let count = comptime!(rows * per_row);
-    let steps = comptime!(count.div_ceil(units));
-    let mut loaded = Array::<Vector<F, N>>::new(steps);
+    let copy_elems = comptime!(width as u32);
     #[unroll]
-    for step in 0..steps {
-        let idx = UNIT_POS as usize + step * units;
-        let row = idx / per_row;
-        let mut value = Vector::<F, N>::from_int(0);
-        if row < valid {
-            value = src[(at.base + (first_row + row) * at.row_stride) / width + idx % per_row];
-        }
-        loaded[step] = value;
-    }
-    #[unroll]
-    for step in 0..steps {
+    for step in 0..comptime!(count.div_ceil(units)) {
         let idx = UNIT_POS as usize + step * units;
         if idx < count {
-            dst[comptime!(dst_at / width) + idx + (idx / per_row) * comptime!(ROW_PAD / width)] =
-                loaded[step];
+            let row = idx / per_row;
+            let from = (at.base + (first_row + row) * at.row_stride) / width + idx % per_row;
+            let to = comptime!(dst_at / width) + idx + row * comptime!(ROW_PAD / width);
+            // Rows past `valid` copy nothing: the copy zero-fills them without reading `from`.
+            copy_async_checked(
+                &src.slice(from, from + select(row < valid, 1usize, 0usize)),
+                &mut dst.slice_mut(to, to + 1),
+                copy_elems,
+            );
         }
     }
+}
+
+/// Waits until the cube's copies of [`load_vector_rows`] since the last wait have landed in
+/// shared memory (and synchronizes the cube).
+#[cube]
+pub fn wait_rows(barrier: &Shared<Barrier>) {
+    barrier.commit_copy_async();
+    barrier.arrive_and_wait();
+}
+
+/// The cube's barrier for [`wait_rows`]: every unit must create it, before any load.
+#[cube]
+pub fn rows_barrier() -> Shared<Barrier> {
+    Barrier::shared(CUBE_DIM, UNIT_POS == 0)
 }
 
 /// Copies the cube's rows of `x: [B, T, H, dim]` (queries or output gradients, vectors of
@@ -211,7 +224,8 @@ pub fn key_in_range(col: usize, first: usize, valid: usize, start: usize, end: u
 
 /// Loads `valid` key rows and value rows from `first` into `rows` rows of `dst`: keys from
 /// element 0 ([`MmaTileConfig::key_stride`] apart), values from element `values_at`
-/// ([`MmaTileConfig::value_stride`] apart); zeros past `valid`.
+/// ([`MmaTileConfig::value_stride`] apart); zeros past `valid`. Every unit must call it: it
+/// waits for the copies at `barrier` (which synchronizes the cube).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn load_key_value_rows<F: Float, N: Size>(
@@ -222,6 +236,7 @@ pub fn load_key_value_rows<F: Float, N: Size>(
     first: usize,
     valid: usize,
     dst: &mut SharedMemory<Vector<F, N>>,
+    barrier: &Shared<Barrier>,
     #[comptime] rows: usize,
     #[comptime] values_at: usize,
     #[comptime] cfg: MmaTileConfig,
@@ -248,4 +263,5 @@ pub fn load_key_value_rows<F: Float, N: Size>(
         cfg.d_v,
         cfg.units(),
     );
+    wait_rows(barrier);
 }

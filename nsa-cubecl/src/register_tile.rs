@@ -15,6 +15,7 @@
 
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::features::EnumSet;
+use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
 use crate::keys::{index_min, KeySet};
@@ -517,6 +518,7 @@ pub fn register_attend_tile<F: Float, N: Size>(
     scale: f32,
     queries: &Array<Pair<F>>,
     inputs: &mut SharedMemory<Vector<F, N>>,
+    barrier: &Shared<Barrier>,
     state: &mut RegisterState,
     #[comptime] cfg: MmaTileConfig,
 ) {
@@ -528,11 +530,11 @@ pub fn register_attend_tile<F: Float, N: Size>(
         first,
         valid,
         inputs,
+        barrier,
         cfg.tile_keys,
         cfg.values_at(),
         cfg,
     );
-    sync_cube();
     if plane_has_rows(cfg) {
         let scores = plane_score_tiles::<F, N>(inputs, queries, cfg);
         let mut probs = Array::<Pair<F>>::new(comptime!(cfg.tile_keys / N8 * 2));
@@ -572,6 +574,7 @@ pub fn register_attend_range<F: Float, N: Size>(
     scale: f32,
     queries: &Array<Pair<F>>,
     inputs: &mut SharedMemory<Vector<F, N>>,
+    barrier: &Shared<Barrier>,
     state: &mut RegisterState,
     #[comptime] cfg: MmaTileConfig,
 ) {
@@ -579,7 +582,7 @@ pub fn register_attend_range<F: Float, N: Size>(
     while row < last {
         let valid = index_min(last - row, cfg.tile_keys);
         register_attend_tile::<F, N>(
-            k, k_at, v, v_at, row, valid, ranges, scale, queries, inputs, state, cfg,
+            k, k_at, v, v_at, row, valid, ranges, scale, queries, inputs, barrier, state, cfg,
         );
         row += cfg.tile_keys;
     }

@@ -4,7 +4,7 @@
 use cubecl::prelude::*;
 
 use crate::keys::KeySet;
-use crate::mma::MmaTileConfig;
+use crate::mma::{rows_barrier, MmaTileConfig};
 use crate::register_tile::{
     fast_exp, lane_key_ranges, register_attend_tile, register_load_rows, register_state_finish,
     register_state_new,
@@ -91,6 +91,7 @@ pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
     });
     let width = N::value();
     let mut inputs = SharedMemory::<Vector<F, N>>::new(comptime!(cfg.input_elems() / width));
+    let barrier = rows_barrier();
     let seq = q.shape(1);
     let (b, head, t, active) = cube_positions(q.shape(0), k.shape(2), seq, 1usize);
     if active {
@@ -118,6 +119,7 @@ pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
                         scale,
                         &queries,
                         &mut inputs,
+                        &barrier,
                         &mut state,
                         cfg,
                     );

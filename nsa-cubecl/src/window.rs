@@ -3,7 +3,7 @@
 use cubecl::prelude::*;
 
 use crate::keys::{index_min, key_range, KeySet};
-use crate::mma::MmaTileConfig;
+use crate::mma::{rows_barrier, MmaTileConfig};
 use crate::register_tile::{
     fast_exp, lane_key_ranges, register_attend_range, register_load_rows, register_state_finish,
     register_state_new,
@@ -73,6 +73,7 @@ pub fn window_attention_mma_kernel<F: Float, N: Size>(
     let keys = comptime!(KeySet::Window { size: window });
     let width = N::value();
     let mut inputs = SharedMemory::<Vector<F, N>>::new(comptime!(cfg.input_elems() / width));
+    let barrier = rows_barrier();
     let seq = q.shape(1);
     let (b, head, t0, active) = cube_positions(q.shape(0), k.shape(2), seq, cfg.positions);
     if active {
@@ -95,6 +96,7 @@ pub fn window_attention_mma_kernel<F: Float, N: Size>(
             scale,
             &queries,
             &mut inputs,
+            &barrier,
             &mut state,
             cfg,
         );
