@@ -9,13 +9,13 @@
 //! `P = exp(S - lse)`, `dS = P * (dP - delta)`, `dV += P^T dO`, `dK += scale * dS^T Q`.
 //! Every output is a fixed-order sum (deterministic).
 
-use cubecl::prelude::barrier::copy_async_checked;
 use cubecl::prelude::*;
 
 use crate::bitmap::bitmap_selects;
 use crate::keys::{first_query, index_max, index_min, query_end, query_sees, KeySet};
 use crate::mma::{
-    load_key_value_rows, plane_first_row, rows_barrier, wait_rows, MmaTileConfig, MMA, PLANE,
+    copy_vector, load_key_value_rows, plane_first_row, rows_barrier, wait_rows, MmaTileConfig, MMA,
+    PLANE,
 };
 use crate::register_tile::{
     accumulate_tile_rows, fast_exp, fragment_slot, lane_rows, plane_row_fragments,
@@ -499,7 +499,6 @@ fn load_step_vectors<F: Float, N: Size>(
     let width = src.vector_size();
     let per_row = comptime!(dim / width);
     let count = comptime!(cfg.tile_keys * per_row);
-    let copy_elems = comptime!(width as u32);
     #[unroll]
     for step in 0..comptime!(count.div_ceil(cfg.units())) {
         let idx = UNIT_POS as usize + step * cfg.units();
@@ -514,11 +513,7 @@ fn load_step_vectors<F: Float, N: Size>(
             let from =
                 (b * src.stride(0) + t * src.stride(1) + h * src.stride(2)) / width + idx % per_row;
             let to = comptime!(dst_at / width) + r * comptime!(stride / width) + idx % per_row;
-            copy_async_checked(
-                &src.slice(from, from + select(inside, 1usize, 0usize)),
-                &mut dst.slice_mut(to, to + 1),
-                copy_elems,
-            );
+            copy_vector::<F, N>(src, from, inside, dst, to);
         }
     }
 }

@@ -149,7 +149,6 @@ pub fn load_vector_rows<F: Float, N: Size>(
     let width = src.vector_size();
     let per_row = comptime!(dim / width);
     let count = comptime!(rows * per_row);
-    let copy_elems = comptime!(width as u32);
     #[unroll]
     for step in 0..comptime!(count.div_ceil(units)) {
         let idx = UNIT_POS as usize + step * units;
@@ -157,14 +156,27 @@ pub fn load_vector_rows<F: Float, N: Size>(
             let row = idx / per_row;
             let from = (at.base + (first_row + row) * at.row_stride) / width + idx % per_row;
             let to = comptime!(dst_at / width) + idx + row * comptime!(ROW_PAD / width);
-            // Rows past `valid` copy nothing: the copy zero-fills them without reading `from`.
-            copy_async_checked(
-                &src.slice(from, from + select(row < valid, 1usize, 0usize)),
-                &mut dst.slice_mut(to, to + 1),
-                copy_elems,
-            );
+            copy_vector::<F, N>(src, from, row < valid, dst, to);
         }
     }
+}
+
+/// Starts the asynchronous copy of vector `from` of `src` to vector `to` of `dst`, or, when
+/// not `inside`, of zeros (the copy zero-fills without reading `from`).
+#[cube]
+pub fn copy_vector<F: Float, N: Size>(
+    src: &Tensor<Vector<F, N>>,
+    from: usize,
+    inside: bool,
+    dst: &mut SharedMemory<Vector<F, N>>,
+    to: usize,
+) {
+    let copy_elems = comptime!(src.vector_size() as u32);
+    copy_async_checked(
+        &src.slice(from, from + select(inside, 1usize, 0usize)),
+        &mut dst.slice_mut(to, to + 1),
+        copy_elems,
+    );
 }
 
 /// Waits until the cube's copies of [`load_vector_rows`] since the last wait have landed in
