@@ -479,8 +479,8 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
 /// Copies the step's query-side rows `first_row .. first_row + step_rows` of the position
 /// list (row `r` is position `positions[r / G]`, head `r % G`; zeros past `rows`) of
 /// `src: [B, T, H, dim]` (vectors of `N`) into `dst` from element `dst_at`, rows
-/// `dim + pad` elements apart, with asynchronous copies like [`load_vector_rows`] (wait
-/// with [`wait_rows`]).
+/// `dim + pad` elements apart, with asynchronous copies like [`load_vector_rows()`] (wait
+/// with [`wait_rows()`]).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn load_step_vectors<F: Float, N: Size>(

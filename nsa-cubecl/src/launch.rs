@@ -100,9 +100,10 @@ const MMA_VECTOR: usize = 8;
 const MMA_TILE_KEYS: usize = 32;
 
 /// Query rows a forward tensor-core cube of the window and compression branches aims at.
-/// Three planes, not four: these kernels take about 170 registers per unit, so an H100 SM
-/// holds two 4-plane cubes but three 3-plane ones; the compressed forward at 64k ran 49 ms
-/// with four planes and 39 ms with three (BENCHMARKS.md).
+/// Three planes, not four: these kernels take 168-171 registers per unit, and an H100
+/// scheduler holds three warps only at 168 or fewer (two above). With four planes the
+/// compressed forward took 170 (8 warps per SM, 49 ms at 64k), with three 168 (12 warps,
+/// 39 ms; BENCHMARKS.md).
 const FORWARD_ROWS: usize = 48;
 
 /// Query rows a `dQ` tensor-core cube of the window and compression branches aims at: four

@@ -1,5 +1,6 @@
 //! What the tensor-core kernels share: the comptime [`MmaTileConfig`], the cube's row
-//! layout and the vector loaders that stage query, key and value rows in shared memory. The
+//! layout and the vector loaders that stage query, key and value rows in shared memory
+//! (key and value tiles by asynchronous copies, [`load_vector_rows()`]). The
 //! matrix products themselves run on register fragments ([`crate::register_tile`]).
 //! Runtimes without tensor cores (lavapipe) run the portable tile ([`crate::tile`]).
 //!
@@ -132,7 +133,7 @@ pub fn row_key_range(
 /// `dst` from element `dst_at`, `dim + ROW_PAD` elements apart; zeros past `valid`. The
 /// copies are asynchronous (`cp.async`): they go from global to shared memory without
 /// passing through registers, and the copy itself writes the zeros. Every unit must then
-/// call [`wait_rows`] before any unit reads `dst`.
+/// call [`wait_rows()`] before any unit reads `dst`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn load_vector_rows<F: Float, N: Size>(
@@ -179,7 +180,7 @@ pub fn copy_vector<F: Float, N: Size>(
     );
 }
 
-/// Waits until the cube's copies of [`load_vector_rows`] since the last wait have landed in
+/// Waits until the cube's copies of [`load_vector_rows()`] since the last wait have landed in
 /// shared memory (and synchronizes the cube).
 #[cube]
 pub fn wait_rows(barrier: &Shared<Barrier>) {
@@ -187,7 +188,7 @@ pub fn wait_rows(barrier: &Shared<Barrier>) {
     barrier.arrive_and_wait();
 }
 
-/// The cube's barrier for [`wait_rows`]: every unit must create it, before any load.
+/// The cube's barrier for [`wait_rows()`]: every unit must create it, before any load.
 #[cube]
 pub fn rows_barrier() -> Shared<Barrier> {
     Barrier::shared(CUBE_DIM, UNIT_POS == 0)
