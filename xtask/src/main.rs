@@ -1,13 +1,34 @@
 //! Project tasks, run as `cargo xtask <task>`.
 //!
-//! No task exists yet: `cargo xtask bench` (the benchmark matrix over backends, dtypes,
-//! sequence lengths and phases) arrives with the CubeCL kernels it measures.
+//! - `bench`: the benchmark matrix over backends, dtypes, sequence lengths and phases,
+//!   written as JSON, CSV and SVG plots (see [`bench::BenchArgs`]).
+
+mod bench;
+mod report;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Runs `nsa-bench` over a matrix of backends, dtypes, sequence lengths and phases and
+    /// writes `bench.json`, `bench.csv` and one SVG plot per (backend, dtype, phase).
+    Bench(bench::BenchArgs),
+}
 
 fn main() {
-    let task = std::env::args().nth(1);
-    eprintln!(
-        "cargo xtask: no task `{}` yet; `bench` arrives with the CubeCL kernels",
-        task.as_deref().unwrap_or("")
-    );
-    std::process::exit(2);
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Bench(args) => bench::run(&args),
+    };
+    if let Err(message) = result {
+        eprintln!("cargo xtask: {message}");
+        std::process::exit(1);
+    }
 }
