@@ -261,6 +261,7 @@ fn accumulate<F: Float>(
             let key = idx / dim;
             let c = idx % dim;
             let mut sum = 0.0f32;
+            #[unroll]
             for r in 0..cfg.rows {
                 sum += weights[r * cfg.tile_keys + key] * rows[r * (dim + 1) + c];
             }
@@ -439,12 +440,18 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
                         let mut ds = 0.0f32;
                         if position > 0 && key < n_keys {
                             if query_sees(position - 1, first_key + key, keys) {
+                                // Unrolled (here and in `accumulate`): Mesa's llvmpipe
+                                // (lavapipe) ends every loop of an invocation once all of
+                                // them together have run 65,535 iterations, and a key tile
+                                // seen by thousands of query rows got past that.
                                 let mut score = 0.0f32;
+                                #[unroll]
                                 for c in 0..cfg.d_k {
                                     score += tile.queries[r * key_stride + c]
                                         * tile.keys[key * key_stride + c];
                                 }
                                 let mut dp = 0.0f32;
+                                #[unroll]
                                 for c in 0..cfg.d_v {
                                     dp += tile.grads[r * value_stride + c]
                                         * tile.values[key * value_stride + c];
