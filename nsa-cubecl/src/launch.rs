@@ -226,6 +226,15 @@ fn mma_grid<R: Runtime>(
     (count, cube_dim)
 }
 
+/// Cubes of 256 units for a kernel with one unit per element of `units` elements.
+fn elementwise_grid<R: Runtime>(client: &ComputeClient<R>, units: usize) -> (CubeCount, CubeDim) {
+    let cube_dim = CubeDim::new_1d(256);
+    (
+        calculate_cube_count_elemwise(client, units, cube_dim),
+        cube_dim,
+    )
+}
+
 /// One cube per `(batch, KV head, t)`.
 fn grid<R: Runtime>(
     client: &ComputeClient<R>,
@@ -485,8 +494,7 @@ pub fn launch_selection_bitmap<R: Runtime, I: Int + CubeElement>(
     bitmap: TensorArg<R>,
 ) {
     let units = shape.batch * shape.kv_heads * shape.seq.div_ceil(WORD_BITS);
-    let cube_dim = CubeDim::new_1d(256);
-    let count = calculate_cube_count_elemwise(client, units, cube_dim);
+    let (count, cube_dim) = elementwise_grid(client, units);
     selection_bitmap_kernel::launch::<I, R>(
         client,
         count,
@@ -511,8 +519,7 @@ pub fn launch_delta<R: Runtime, F: Float + CubeElement>(
         .find(|width| shape.d_v % width == 0)
         .unwrap_or(1);
     let rows = shape.batch * shape.seq * shape.heads;
-    let cube_dim = CubeDim::new_1d(256);
-    let count = calculate_cube_count_elemwise(client, rows, cube_dim);
+    let (count, cube_dim) = elementwise_grid(client, rows);
     // SAFETY: one unit per row of `[B, T, H]`, guarded by the row count; each reads its own
     // `d_v` contiguous elements of `d_o` and `o`.
     unsafe {
@@ -816,8 +823,7 @@ pub fn launch_sum_key_splits<R: Runtime, F: Float + CubeElement>(
         return;
     }
     let outputs = shape.batch * split.keys * shape.kv_heads * (shape.d_k + shape.d_v);
-    let cube_dim = CubeDim::new_1d(256);
-    let count = calculate_cube_count_elemwise(client, outputs, cube_dim);
+    let (count, cube_dim) = elementwise_grid(client, outputs);
     sum_key_splits_kernel::launch::<F, R>(
         client,
         count,
