@@ -7,7 +7,7 @@ use core::fmt;
 
 use burn::tensor::TensorPrimitive;
 
-use crate::{NsaAttentionConfig, NsaBackend, NsaConfigError};
+use crate::{GatedSum, NsaAttentionConfig, NsaBackend, NsaConfigError};
 
 /// Keys and values of one branch.
 #[derive(Debug, Clone)]
@@ -267,14 +267,19 @@ pub fn try_nsa_attention<B: NsaBackend>(
         config,
     );
     let (o_win, _) = B::nsa_window(float(q), float(window.k), float(window.v), config);
-    let tensor = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
-    let gate = |branch: usize| gates.clone().narrow(3, branch, 1);
-    let output = tensor(o_slc) * gate(1) + tensor(o_win) * gate(2);
+    let gates = gates.into_primitive().tensor();
     // Without compression blocks the compressed branch is exactly zero.
-    let output = match o_cmp {
-        Some(o_cmp) => tensor(o_cmp) * gate(0) + output,
-        None => output,
-    };
+    let o_cmp = o_cmp.unwrap_or_else(|| {
+        let o_slc = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(o_slc.clone()));
+        o_slc.zeros_like().into_primitive().tensor()
+    });
+    let output = B::nsa_gated_sum(GatedSum {
+        compressed: o_cmp,
+        selected: o_slc,
+        window: o_win,
+        gates,
+    });
+    let output = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(output));
     Ok(NsaOutput {
         output,
         selected_blocks,

@@ -2,8 +2,9 @@
 //! each branch is one recorded operation: its forward pass runs `B`'s forward method (the
 //! kernels) and keeps the inputs, the output and the row log-sum-exp, and its backward pass
 //! calls `B`'s backward kernel. Otherwise the reference runs on `Autodiff<B>` and autodiff
-//! differentiates its Burn ops. Selected block indices are never differentiated. Gates,
-//! projections and the compressor stay ordinary Burn ops either way.
+//! differentiates its Burn ops. The gated sum of the branch outputs (Eq. 5) is recorded the
+//! same way. Selected block indices are never differentiated. The gates' projection,
+//! the other projections and the compressor stay ordinary Burn ops either way.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -14,8 +15,8 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 
 use crate::backend::{
-    reference_compressed, reference_selected, reference_window, BranchBackwardFn, BranchGrads,
-    BranchSaved, SelectedBackwardFn,
+    reference_compressed, reference_gated_sum, reference_selected, reference_window,
+    BranchBackwardFn, BranchGrads, BranchSaved, GatedSum, GatedSumBackwardFn, SelectedBackwardFn,
 };
 use crate::{NsaAttentionConfig, NsaBackend};
 
@@ -53,6 +54,40 @@ impl<B: NsaBackend> Backward<B, 3> for BranchBackward {
         };
         let [node_q, node_k, node_v] = ops.parents;
         for (node, grad) in [(node_q, q), (node_k, k), (node_v, v)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+/// The backward step of the recorded gated sum (parents: the three branch outputs and the
+/// gates).
+#[derive(Debug)]
+struct GatedSumBackward;
+
+impl<B: NsaBackend> Backward<B, 4> for GatedSumBackward {
+    type State = (GatedSum<B>, GatedSumBackwardFn<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 4>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (parts, backward) = ops.state;
+        let GatedSum {
+            compressed,
+            selected,
+            window,
+            gates,
+        } = backward(parts, grad);
+        for (node, grad) in ops
+            .parents
+            .into_iter()
+            .zip([compressed, selected, window, gates])
+        {
             if let Some(node) = node {
                 grads.register::<B>(node.id, grad);
             }
@@ -174,5 +209,35 @@ impl<B: NsaBackend, C: CheckpointStrategy> NsaBackend for Autodiff<B, C> {
             |saved| BranchState::Branch(saved, *config, kernels.window),
         );
         (output, lse)
+    }
+
+    fn nsa_gated_sum(parts: GatedSum<Self>) -> FloatTensor<Self> {
+        let Some(kernels) = B::nsa_backward() else {
+            return reference_gated_sum::<Self>(parts);
+        };
+        let GatedSum {
+            compressed,
+            selected,
+            window,
+            gates,
+        } = parts;
+        let nodes = [&compressed, &selected, &window, &gates].map(|t| t.node.clone());
+        let inner = GatedSum {
+            compressed: compressed.primitive,
+            selected: selected.primitive,
+            window: window.primitive,
+            gates: gates.primitive,
+        };
+        match GatedSumBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = B::nsa_gated_sum(inner.clone());
+                prep.finish((inner, kernels.gated_sum), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::nsa_gated_sum(inner)),
+        }
     }
 }

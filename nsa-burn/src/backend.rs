@@ -92,6 +92,29 @@ pub(crate) fn reference_window<B: Backend>(
     attended(window_attention(float::<B>(q), float(k), float(v), config))
 }
 
+/// The gated sum (Eq. 5) in Burn ops (the trait's default).
+pub(crate) fn reference_gated_sum<B: Backend>(parts: GatedSum<B>) -> FloatTensor<B> {
+    let gates = float::<B>(parts.gates);
+    let gate = |branch: usize| gates.clone().narrow(3, branch, 1);
+    let output = float::<B>(parts.compressed) * gate(0)
+        + float::<B>(parts.selected) * gate(1)
+        + float::<B>(parts.window) * gate(2);
+    primitive(output)
+}
+
+/// The operands of the gated sum (Eq. 5), or their gradients (shaped like them).
+#[derive(Debug, Clone)]
+pub struct GatedSum<B: Backend> {
+    /// Compressed branch output `[B, T, H, d_v]`.
+    pub compressed: FloatTensor<B>,
+    /// Selection branch output `[B, T, H, d_v]`.
+    pub selected: FloatTensor<B>,
+    /// Window branch output `[B, T, H, d_v]`.
+    pub window: FloatTensor<B>,
+    /// Gates `[B, T, H, 3]` (compressed, selected, window).
+    pub gates: FloatTensor<B>,
+}
+
 /// The backward passes of the three branches on a backend that has them as kernels.
 /// Each takes what the branch's forward pass saved and the gradient `[B, T, H, d_v]` of its
 /// output; the selection branch also takes the selected blocks `[B, H_kv, T, n]`.
@@ -102,7 +125,13 @@ pub struct NsaBackward<B: Backend> {
     pub selected: SelectedBackwardFn<B>,
     /// Gradients of `q`, `k` and `v` of the window branch.
     pub window: BranchBackwardFn<B>,
+    /// Gradients of the gated sum's operands.
+    pub gated_sum: GatedSumBackwardFn<B>,
 }
+
+/// The gated sum's backward pass: its operands and the gradient `[B, T, H, d_v]` of its
+/// output -> the operands' gradients.
+pub type GatedSumBackwardFn<B> = fn(GatedSum<B>, FloatTensor<B>) -> GatedSum<B>;
 
 /// A branch's backward pass: saved tensors, output gradient, config -> input gradients.
 pub type BranchBackwardFn<B> =
@@ -156,6 +185,13 @@ pub trait NsaBackend: Backend {
         config: &NsaAttentionConfig,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         reference_window::<Self>(q, k, v, config)
+    }
+
+    /// The gated sum of the branch outputs (Eq. 5):
+    /// `g_cmp * o_cmp + g_slc * o_slc + g_win * o_win` -> `[B, T, H, d_v]` (see [`GatedSum`]
+    /// for the shapes).
+    fn nsa_gated_sum(parts: GatedSum<Self>) -> FloatTensor<Self> {
+        reference_gated_sum::<Self>(parts)
     }
 
     /// The backward kernels, if this backend has them. With them, `Autodiff<Self>` records

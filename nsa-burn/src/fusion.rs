@@ -1,6 +1,6 @@
 //! [`NsaBackend`] on `Fusion<B>` (the default `Cuda`, `Wgpu` and `Rocm` types): each branch's
-//! forward and backward pass is registered as a custom operation that runs `B`'s kernels
-//! when the stream executes.
+//! forward and backward pass, and the gated sum's, is registered as a custom operation that
+//! runs `B`'s kernels when the stream executes.
 
 use core::marker::PhantomData;
 
@@ -10,20 +10,22 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
-use crate::{BranchGrads, BranchSaved, NsaAttentionConfig, NsaBackend, NsaBackward};
+use crate::{BranchGrads, BranchSaved, GatedSum, NsaAttentionConfig, NsaBackend, NsaBackward};
 
 type Handles<B> =
     HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
 
-/// Which branch, and which pass of it, a [`BranchOp`] runs.
+/// Which operation, and which pass of it, a [`NsaOp`] runs.
 #[derive(Debug, Clone, Copy)]
 enum Step {
     Compressed,
     Selected,
     Window,
+    GatedSum,
     CompressedBackward,
     SelectedBackward,
     WindowBackward,
+    GatedSumBackward,
 }
 
 impl Step {
@@ -32,22 +34,24 @@ impl Step {
             Step::Compressed => "nsa_compressed",
             Step::Selected => "nsa_selected",
             Step::Window => "nsa_window",
+            Step::GatedSum => "nsa_gated_sum",
             Step::CompressedBackward => "nsa_compressed_backward",
             Step::SelectedBackward => "nsa_selected_backward",
             Step::WindowBackward => "nsa_window_backward",
+            Step::GatedSumBackward => "nsa_gated_sum_backward",
         }
     }
 }
 
 #[derive(Debug)]
-struct BranchOp<B> {
+struct NsaOp<B> {
     desc: CustomOpIr,
     step: Step,
     config: NsaAttentionConfig,
     _backend: PhantomData<B>,
 }
 
-impl<B: FusionBackend + NsaBackend> BranchOp<B> {
+impl<B: FusionBackend + NsaBackend> NsaOp<B> {
     fn float(&self, handles: &mut Handles<B>, input: usize) -> FloatTensor<B> {
         handles.get_float_tensor::<B>(&self.desc.inputs[input])
     }
@@ -63,6 +67,16 @@ impl<B: FusionBackend + NsaBackend> BranchOp<B> {
         }
     }
 
+    /// Gated-sum inputs are the three branch outputs and the gates (then the gradient).
+    fn gated_sum(&self, handles: &mut Handles<B>) -> GatedSum<B> {
+        GatedSum {
+            compressed: self.float(handles, 0),
+            selected: self.float(handles, 1),
+            window: self.float(handles, 2),
+            gates: self.float(handles, 3),
+        }
+    }
+
     fn register_floats(
         &self,
         handles: &mut Handles<B>,
@@ -74,7 +88,7 @@ impl<B: FusionBackend + NsaBackend> BranchOp<B> {
     }
 }
 
-impl<B: FusionBackend + NsaBackend> Operation<B::FusionRuntime> for BranchOp<B> {
+impl<B: FusionBackend + NsaBackend> Operation<B::FusionRuntime> for NsaOp<B> {
     fn execute(&self, handles: &mut Handles<B>) {
         let config = &self.config;
         match self.step {
@@ -107,6 +121,23 @@ impl<B: FusionBackend + NsaBackend> Operation<B::FusionRuntime> for BranchOp<B> 
                     config,
                 );
                 self.register_floats(handles, [o, lse]);
+            }
+            Step::GatedSum => {
+                let output = B::nsa_gated_sum(self.gated_sum(handles));
+                self.register_floats(handles, [output]);
+            }
+            Step::GatedSumBackward => {
+                let parts = self.gated_sum(handles);
+                let grad = self.float(handles, 4);
+                let kernels =
+                    B::nsa_backward().expect("registered only when B has backward kernels");
+                let GatedSum {
+                    compressed,
+                    selected,
+                    window,
+                    gates,
+                } = (kernels.gated_sum)(parts, grad);
+                self.register_floats(handles, [compressed, selected, window, gates]);
             }
             Step::CompressedBackward | Step::SelectedBackward | Step::WindowBackward => {
                 let saved = self.saved(handles);
@@ -161,7 +192,7 @@ fn register<B: FusionBackend + NsaBackend>(
     let streams = OperationStreams::with_inputs(inputs.iter());
     let inputs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
     let desc = CustomOpIr::new(step.name(), &inputs, outputs);
-    let op = BranchOp::<B> {
+    let op = NsaOp::<B> {
         desc: desc.clone(),
         step,
         config: *config,
@@ -233,9 +264,48 @@ impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
         (o, lse)
     }
 
+    fn nsa_gated_sum(parts: GatedSum<Self>) -> FloatTensor<Self> {
+        let output = like(&parts.selected);
+        // The gated sum reads no configuration; its op carries the default.
+        let config = NsaAttentionConfig::new();
+        let [output] = register::<B>(
+            Step::GatedSum,
+            vec![parts.compressed, parts.selected, parts.window, parts.gates],
+            &[output],
+            &config,
+        )
+        .outputs();
+        output
+    }
+
     fn nsa_backward() -> Option<NsaBackward<Self>> {
         B::nsa_backward()?;
         Some(NsaBackward {
+            gated_sum: |parts, grad| {
+                let outputs = [
+                    like(&parts.compressed),
+                    like(&parts.selected),
+                    like(&parts.window),
+                    like(&parts.gates),
+                ];
+                let inputs = vec![
+                    parts.compressed,
+                    parts.selected,
+                    parts.window,
+                    parts.gates,
+                    grad,
+                ];
+                // As in `nsa_gated_sum`: no configuration is read.
+                let config = NsaAttentionConfig::new();
+                let [compressed, selected, window, gates] =
+                    register::<B>(Step::GatedSumBackward, inputs, &outputs, &config).outputs();
+                GatedSum {
+                    compressed,
+                    selected,
+                    window,
+                    gates,
+                }
+            },
             compressed: |saved, grad, config| {
                 register_backward::<B>(Step::CompressedBackward, saved, grad, None, config)
             },

@@ -2,17 +2,18 @@
 //! forward and backward.
 
 use burn::tensor::{bf16, f16, DType, Shape};
-use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::kernel::{cast, into_contiguous};
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use nsa_cubecl::{
-    key_grad_split, launch_compressed, launch_delta, launch_grad_key_value, launch_grad_query,
-    launch_selected, launch_selection_bitmap, launch_sum_key_splits, launch_window,
-    selection_bitmap_shape, AttentionShape, GradArgs, KeySet, SelectionConfig,
+    key_grad_split, launch_compressed, launch_delta, launch_gated_sum, launch_gated_sum_backward,
+    launch_grad_key_value, launch_grad_query, launch_selected, launch_selection_bitmap,
+    launch_sum_key_splits, launch_window, selection_bitmap_shape, AttentionShape, GradArgs, KeySet,
+    SelectionConfig,
 };
 
-use crate::{BranchGrads, BranchSaved, NsaAttentionConfig, NsaBackend, NsaBackward};
+use crate::{BranchGrads, BranchSaved, GatedSum, NsaAttentionConfig, NsaBackend, NsaBackward};
 
 /// Calls `$launch::<R, F, ..>` with `F` the Rust type of the float dtype `$dtype`
 /// (and `I` that of the int dtype, for the kernels that take one).
@@ -246,6 +247,61 @@ where
     }
 }
 
+/// The gated sum's operands, contiguous, the gates in the outputs' dtype, and the call
+/// sizes from them (`d_k` unused).
+fn gated_sum_operands<R: CubeRuntime>(
+    parts: GatedSum<CubeBackend<R, impl FloatElement, impl IntElement, impl BoolElement>>,
+) -> ([CubeTensor<R>; 3], CubeTensor<R>, AttentionShape) {
+    let outputs = [parts.compressed, parts.selected, parts.window].map(into_contiguous);
+    let [batch, seq, heads, d_v] = dims(&outputs[0]);
+    let shape = AttentionShape {
+        batch,
+        seq,
+        heads,
+        kv_heads: heads,
+        d_k: d_v,
+        d_v,
+    };
+    let gates = cast(into_contiguous(parts.gates), outputs[0].dtype);
+    (outputs, gates, shape)
+}
+
+/// Backward of the gated sum: one kernel for the gradients of the branch outputs and the
+/// gates.
+fn gated_sum_backward<R, F, I, BT>(
+    parts: GatedSum<CubeBackend<R, F, I, BT>>,
+    grad: CubeTensor<R>,
+) -> GatedSum<CubeBackend<R, F, I, BT>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let gates_dtype = parts.gates.dtype;
+    let (outputs, gates, shape) = gated_sum_operands(parts);
+    let grad = into_contiguous(grad);
+    let grads = outputs.each_ref().map(empty_like);
+    let d_gates = empty_like(&gates);
+    let args = |tensors: &[CubeTensor<R>; 3]| tensors.clone().map(|t| t.into_tensor_arg());
+    with_float_type!(grad.dtype, Fl => launch_gated_sum_backward::<R, Fl>(
+        &grad.client,
+        &shape,
+        grad.clone().into_tensor_arg(),
+        args(&outputs),
+        gates.into_tensor_arg(),
+        args(&grads),
+        d_gates.clone().into_tensor_arg(),
+    ));
+    let [compressed, selected, window] = grads;
+    GatedSum {
+        compressed,
+        selected,
+        window,
+        gates: cast(d_gates, gates_dtype),
+    }
+}
+
 impl<R, F, I, BT> NsaBackend for CubeBackend<R, F, I, BT>
 where
     R: CubeRuntime,
@@ -352,8 +408,23 @@ where
         (o, lse)
     }
 
+    fn nsa_gated_sum(parts: GatedSum<Self>) -> CubeTensor<R> {
+        let (outputs, gates, shape) = gated_sum_operands(parts);
+        let output = empty_like(&outputs[0]);
+        let client = output.client.clone();
+        with_float_type!(output.dtype, Fl => launch_gated_sum::<R, Fl>(
+            &client,
+            &shape,
+            outputs.map(|t| t.into_tensor_arg()),
+            gates.into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+        ));
+        output
+    }
+
     fn nsa_backward() -> Option<NsaBackward<Self>> {
         Some(NsaBackward {
+            gated_sum: gated_sum_backward,
             compressed: |saved, grad, config| {
                 let keys = KeySet::Compressed {
                     block: config.compress_block,

@@ -9,7 +9,8 @@ use crate::bitmap::{selection_bitmap_kernel, WORD_BITS};
 use crate::compress::{
     compressed_attention_kernel, compressed_attention_mma_kernel, SelectionConfig,
 };
-use crate::delta::delta_kernel;
+use crate::delta::{delta_kernel, RowLayout};
+use crate::gated_sum::{gated_sum_backward_kernel, gated_sum_kernel};
 use crate::grad_key::{
     grad_key_value_kernel, grad_key_value_mma_kernel, sum_key_splits_kernel, KeyTileConfig,
 };
@@ -505,8 +506,30 @@ pub fn launch_selection_bitmap<R: Runtime, I: Int + CubeElement>(
     );
 }
 
+/// Elements per vector of the row kernels (delta, gated sum): the widest of 4, 2, 1
+/// dividing `d_v`.
+fn row_vector(d_v: usize) -> usize {
+    [4, 2, 1]
+        .into_iter()
+        .find(|width| d_v % width == 0)
+        .unwrap_or(1)
+}
+
+/// The row layout of `[B, T, H, d_v]` for the row kernels, its vector width, and its grid.
+fn row_grid<R: Runtime>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+) -> (RowLayout, usize, CubeCount, CubeDim) {
+    let vector = row_vector(shape.d_v);
+    let layout = RowLayout::new(shape.d_v / vector);
+    let rows = shape.batch * shape.seq * shape.heads;
+    let cube_dim = CubeDim::new_1d(layout.units() as u32);
+    let count = calculate_cube_count_elemwise(client, rows * layout.units_per_row, cube_dim);
+    (layout, vector, count, cube_dim)
+}
+
 /// `delta = rowsum(dO * O)`: `d_o`, `o: [B, T, H, d_v]` contiguous in `F` ->
-/// `delta: [B, T, H]` (or `[B, T, H, 1]`) f32.
+/// `delta: [B, T, H]` f32, contiguous.
 pub fn launch_delta<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     shape: &AttentionShape,
@@ -514,14 +537,9 @@ pub fn launch_delta<R: Runtime, F: Float + CubeElement>(
     o: TensorArg<R>,
     delta: TensorArg<R>,
 ) {
-    let vector = [4, 2, 1]
-        .into_iter()
-        .find(|width| shape.d_v % width == 0)
-        .unwrap_or(1);
-    let rows = shape.batch * shape.seq * shape.heads;
-    let (count, cube_dim) = elementwise_grid(client, rows);
-    // SAFETY: one unit per row of `[B, T, H]`, guarded by the row count; each reads its own
-    // `d_v` contiguous elements of `d_o` and `o`.
+    let (layout, vector, count, cube_dim) = row_grid(client, shape);
+    // SAFETY: `layout.units_per_row` units per row of `[B, T, H]`, guarded by the row count;
+    // each reads vectors of its own row of `d_o` and `o`.
     unsafe {
         delta_kernel::launch_unchecked::<F, R>(
             client,
@@ -532,7 +550,74 @@ pub fn launch_delta<R: Runtime, F: Float + CubeElement>(
             d_o,
             o,
             delta,
-            shape.d_v,
+            layout,
+        );
+    }
+}
+
+/// The gated sum (Eq. 5): `o_cmp`, `o_slc`, `o_win: [B, T, H, d_v]` and
+/// `gates: [B, T, H, 3]`, contiguous in `F` -> `o: [B, T, H, d_v]`.
+pub fn launch_gated_sum<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    [o_cmp, o_slc, o_win]: [TensorArg<R>; 3],
+    gates: TensorArg<R>,
+    o: TensorArg<R>,
+) {
+    let vector = row_vector(shape.d_v);
+    let vectors = shape.d_v / vector;
+    let (count, cube_dim) =
+        elementwise_grid(client, shape.batch * shape.seq * shape.heads * vectors);
+    // SAFETY: one unit per vector of `o`, guarded by its length; the inputs have its shape
+    // and `gates` three elements per row.
+    unsafe {
+        gated_sum_kernel::launch_unchecked::<F, R>(
+            client,
+            count,
+            cube_dim,
+            address_type(shape, shape.seq),
+            vector,
+            o_cmp,
+            o_slc,
+            o_win,
+            gates,
+            o,
+            vectors,
+        );
+    }
+}
+
+/// Backward of [`launch_gated_sum`]: `d_o: [B, T, H, d_v]`, the three branch outputs and
+/// the gates -> the branch outputs' gradients `[B, T, H, d_v]` and the gates' `[B, T, H, 3]`,
+/// all contiguous in `F`.
+pub fn launch_gated_sum_backward<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    d_o: TensorArg<R>,
+    [o_cmp, o_slc, o_win]: [TensorArg<R>; 3],
+    gates: TensorArg<R>,
+    [d_cmp, d_slc, d_win]: [TensorArg<R>; 3],
+    d_gates: TensorArg<R>,
+) {
+    let (layout, vector, count, cube_dim) = row_grid(client, shape);
+    // SAFETY: as for `launch_delta`; every tensor has the shape of `d_o` or of `gates`.
+    unsafe {
+        gated_sum_backward_kernel::launch_unchecked::<F, R>(
+            client,
+            count,
+            cube_dim,
+            address_type(shape, shape.seq),
+            vector,
+            d_o,
+            o_cmp,
+            o_slc,
+            o_win,
+            gates,
+            d_cmp,
+            d_slc,
+            d_win,
+            d_gates,
+            layout,
         );
     }
 }

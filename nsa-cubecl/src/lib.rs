@@ -20,6 +20,7 @@
 pub mod bitmap;
 pub mod compress;
 pub mod delta;
+pub mod gated_sum;
 pub mod grad_key;
 pub mod grad_query;
 pub mod keys;
@@ -33,10 +34,10 @@ pub mod window;
 pub use compress::SelectionConfig;
 pub use keys::KeySet;
 pub use launch::{
-    key_grad_split, launch_compressed, launch_delta, launch_grad_key_value, launch_grad_query,
-    launch_selected, launch_selection_bitmap, launch_sum_key_splits, launch_window,
-    mma_tile_config, selection_bitmap_shape, tile_config, AttentionShape, GradArgs, KeyGradSplit,
-    PORTABLE_KERNELS_VAR,
+    key_grad_split, launch_compressed, launch_delta, launch_gated_sum, launch_gated_sum_backward,
+    launch_grad_key_value, launch_grad_query, launch_selected, launch_selection_bitmap,
+    launch_sum_key_splits, launch_window, mma_tile_config, selection_bitmap_shape, tile_config,
+    AttentionShape, GradArgs, KeyGradSplit, PORTABLE_KERNELS_VAR,
 };
 pub use mma::MmaTileConfig;
 pub use tile::TileConfig;
