@@ -1,8 +1,9 @@
-//! The backend extension trait: one forward method per NSA branch, and the backward kernels
-//! when a backend has them. The default methods run the reference ([`crate::reference`]);
-//! Burn's CubeCL backends (`Cuda`, `Wgpu`, `Rocm`, with or without fusion) override them
-//! with the kernels of `nsa-cubecl`, and `Autodiff<B>` records each branch as one operation
-//! whose backward pass calls `B`'s backward kernels (see `autodiff.rs`).
+//! The backend extension trait: one forward method per NSA branch and one for their gated
+//! sum, and the backward kernels when a backend has them. The default methods run the
+//! reference ([`crate::reference`]); Burn's CubeCL backends (`Cuda`, `Wgpu`, `Rocm`, with or
+//! without fusion) override them with the kernels of `nsa-cubecl`, and `Autodiff<B>`
+//! records each branch (and the gated sum) as one operation whose backward pass calls `B`'s
+//! backward kernels (see `autodiff.rs`).
 
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
