@@ -24,7 +24,7 @@ use nsa_burn::reference::{
 };
 #[cfg(feature = "test-cuda")]
 use nsa_burn::BranchSaved;
-use nsa_burn::{nsa_attention, BranchKv, NsaAttentionConfig, NsaBackend, NsaInput};
+use nsa_burn::{nsa_attention, BranchKv, GatedSum, NsaAttentionConfig, NsaBackend, NsaInput};
 
 /// One parity case: head layout, sizes and block settings.
 #[derive(Debug, Clone, Copy)]
@@ -563,6 +563,77 @@ fn wgpu_kernel_gradients_match_the_reference() {
     }
 }
 
+/// The gated sum (Eq. 5) on `B` in `dtype`: its output and the gradients of its four
+/// operands `[o_cmp, o_slc, o_win, gates]` for the loss `sum(output * weights)`, as f32.
+fn gated_sum_results<B: AutodiffBackend + NsaBackend>(
+    operands: &[TensorData; 4],
+    weights: &TensorData,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<TensorData> {
+    let leaves = operands
+        .each_ref()
+        .map(|data| tensor::<B>(data, dtype, device).require_grad());
+    let float = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
+    let [compressed, selected, window, gates] = leaves.each_ref().map(float);
+    let output = B::nsa_gated_sum(GatedSum {
+        compressed,
+        selected,
+        window,
+        gates,
+    });
+    let output = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(output));
+    let grads = (output.clone() * tensor::<B>(weights, dtype, device))
+        .sum()
+        .backward();
+    let mut results = vec![output.cast(DType::F32).into_data()];
+    for leaf in &leaves {
+        let grad = leaf.grad(&grads).expect("every operand gets a gradient");
+        results.push(grad.cast(DType::F32).into_data());
+    }
+    results
+}
+
+/// The gated sum's kernels against the reference's Burn ops, forward and backward, at value
+/// head dims that take each vector width of the row kernels (1, 2, 4) and several units'
+/// rows per cube.
+fn check_gated_sum<B: AutodiffBackend + NsaBackend>(device: &B::Device, dtype: DType) {
+    let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+    let names = ["output", "d o_cmp", "d o_slc", "d o_win", "d gates"];
+    for d_v in [5, 6, 12, 128] {
+        let shape = [2, 7, 3, d_v];
+        let operands = [
+            random(shape, dtype),
+            random(shape, dtype),
+            random(shape, dtype),
+            random([2, 7, 3, 3], dtype),
+        ];
+        let weights = random(shape, dtype);
+        let got = gated_sum_results::<B>(&operands, &weights, dtype, device);
+        let want = gated_sum_results::<Autodiff<Flex>>(
+            &operands,
+            &weights,
+            DType::F32,
+            &Default::default(),
+        );
+        for ((name, got), want) in names.iter().zip(got).zip(want) {
+            let error = relative_error(&floats(got), &floats(want));
+            assert!(
+                error < tolerance,
+                "gated sum, d_v = {d_v}, {dtype:?}: {name} relative error {error:e} \
+                 (tolerance {tolerance:e})"
+            );
+        }
+    }
+}
+
+#[test]
+fn wgpu_gated_sum_matches_the_reference() {
+    if let Some(device) = common::wgpu_device() {
+        check_gated_sum::<Autodiff<Wgpu>>(&device, DType::F32);
+    }
+}
+
 /// f32, f16 and bf16, or only the one `NSA_KERNEL_DTYPE` names (`f32`, `f16`, `bf16`).
 #[cfg(feature = "test-cuda")]
 fn cuda_dtypes() -> Vec<DType> {
@@ -600,6 +671,7 @@ fn cuda_kernel_gradients_match_the_reference() {
     assert!(common::device_answers::<B>(&device), "no CUDA device");
     for dtype in cuda_dtypes() {
         check_gradient_cases::<Autodiff<B>>(selected_cases(), &device, dtype);
+        check_gated_sum::<Autodiff<B>>(&device, dtype);
     }
 }
 
