@@ -1,14 +1,17 @@
 //! Compressed attention (Eq. 7-8) fused with block scoring (Eq. 9-10) and top-n selection
-//! (Eq. 11): per query group, the selection-block scores live in shared memory only.
+//! (Eq. 11): per query group, the selection-block scores live in shared memory only. On
+//! tensor cores the attention pass is [`crate::range::range_attention_mma_kernel()`] and
+//! the scoring pass and top-n are [`compressed_scores_mma_kernel()`].
 
 use cubecl::prelude::*;
 
 use crate::keys::{index_max, index_min, key_range, KeySet};
-use crate::mma::{load_vector_rows, rows_barrier, wait_rows, MmaTileConfig, MMA, PLANE};
+use crate::mma::{
+    load_vector_rows, row_position, rows_barrier, wait_rows, MmaTileConfig, MMA, PLANE,
+};
 use crate::register_tile::{
     entry_in_range, fast_exp, lane_key_ranges, lane_rows, plane_has_rows, plane_score_tiles,
-    plane_tile_unmasked, register_attend_range, register_load_rows, register_state_finish,
-    register_state_new, AccPair, LaneRanges,
+    plane_tile_unmasked, register_load_rows, AccPair, LaneRanges,
 };
 use crate::tile::{
     attend_range, cube_position, cube_positions, group_rows, head_rows, load_rows, state_finish,
@@ -330,22 +333,22 @@ fn pick_blocks<I: Int>(
     }
 }
 
-/// [`compressed_attention_kernel()`] on tensor cores (register fragments, see
-/// [`crate::register_tile`]): one cube per `(b, KV head, cfg.positions consecutive query
-/// positions)`. The attention pass walks the compressed keys the last position sees, each
-/// row masked to its own; the scoring pass recomputes the scores on the tensor cores, turns
-/// them into probabilities in registers, sums each position's over its group (through an
-/// f32 tile in shared memory) and adds them to the position's block scores
-/// (`positions * max_blocks` words of shared memory); top-n then runs once per position,
-/// one plane per position.
+/// The scoring pass and top-n of [`compressed_attention_kernel()`] on tensor cores
+/// (register fragments, see [`crate::register_tile`]), after the attention pass
+/// ([`crate::range::range_attention_mma_kernel()`]) has written the rows' log-sum-exp:
+/// `q: [B, T, H, d_k]`, `k_cmp: [B, N_cmp, H_kv, d_k]`, `lse: [B, H, T]` (f32) ->
+/// `selected: [B, H_kv, T, n]`. One cube per `(b, KV head, cfg.positions consecutive query
+/// positions)`: it recomputes the scores on the tensor cores, turns them into probabilities
+/// in registers, sums each position's over its group (through an f32 tile in shared memory)
+/// and adds them to the position's block scores (`positions * max_blocks` words of shared
+/// memory); top-n then runs once per position, one plane per position. Apart from the
+/// attention pass, the cube holds no output accumulators, so it needs far fewer registers.
 #[cube(launch_unchecked, address_type = "dynamic", fast_math = fast_exp())]
 #[allow(clippy::too_many_arguments)]
-pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
+pub fn compressed_scores_mma_kernel<F: Float, I: Int, N: Size>(
     q: &Tensor<Vector<F, N>>,
     k_cmp: &Tensor<Vector<F, N>>,
-    v_cmp: &Tensor<Vector<F, N>>,
-    o: &mut Tensor<F>,
-    lse: &mut Tensor<f32>,
+    lse: &Tensor<f32>,
     selected: &mut Tensor<I>,
     scale: f32,
     #[comptime] cfg: MmaTileConfig,
@@ -367,29 +370,10 @@ pub fn compressed_attention_mma_kernel<F: Float, I: Int, N: Size>(
         let units = comptime!(cfg.units());
         let queries = register_load_rows::<F, N>(q, b, t0, head, &mut inputs, cfg.d_k, cfg);
         let k_at = head_rows::<Vector<F, N>>(k_cmp, b, head);
-        let v_at = head_rows::<Vector<F, N>>(v_cmp, b, head);
         let ranges = lane_key_ranges(t0, seq, n_keys, keys, cfg);
         let positions = index_min(t0 + cfg.positions, seq) - t0;
         let (_, visible) = key_range(t0 + positions - 1, n_keys, keys);
-
-        // Attention over the compressed keys.
-        let mut state = register_state_new(cfg);
-        register_attend_range::<F, N>(
-            k_cmp,
-            k_at,
-            v_cmp,
-            v_at,
-            0,
-            visible,
-            &ranges,
-            scale,
-            &queries,
-            &mut inputs,
-            &barrier,
-            &mut state,
-            cfg,
-        );
-        let row_lse = register_state_finish::<F>(&state, o, lse, b, t0, head, cfg);
+        let row_lse = lane_row_lse(lse, b, t0, head, cfg);
 
         // Selection-block scores of every position: its candidates are the blocks j with
         // j * l' <= t.
@@ -530,6 +514,32 @@ fn store_probabilities(
             }
         }
     }
+}
+
+/// The log-sum-exp `lse: [B, H, T]` of this lane's two rows (`g` and `g + 8` of its plane;
+/// 0 for padding rows, which no key reaches).
+#[cube]
+fn lane_row_lse(
+    lse: &Tensor<f32>,
+    b: usize,
+    t0: usize,
+    kv_head: usize,
+    #[comptime] cfg: MmaTileConfig,
+) -> Array<f32> {
+    let (low, _) = lane_rows();
+    let mut row_lse = Array::<f32>::new(2usize);
+    #[unroll]
+    for half in 0..2usize {
+        let row = low + half * 8;
+        let (position, real) = row_position(row, t0, lse.shape(2), cfg);
+        row_lse[half] = 0.0;
+        if real {
+            let head = kv_head * cfg.group + row % cfg.group;
+            row_lse[half] =
+                lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)];
+        }
+    }
+    row_lse
 }
 
 /// The best block among this lane's share `lane, lane + 32, ..` of the `candidates` scores

@@ -6,9 +6,7 @@ use cubecl::prelude::*;
 use cubecl::{calculate_cube_count_elemwise, CubeElement};
 
 use crate::bitmap::{selection_bitmap_kernel, WORD_BITS};
-use crate::compress::{
-    compressed_attention_kernel, compressed_attention_mma_kernel, SelectionConfig,
-};
+use crate::compress::{compressed_attention_kernel, compressed_scores_mma_kernel, SelectionConfig};
 use crate::delta::{delta_kernel, RowLayout};
 use crate::gated_sum::{gated_sum_backward_kernel, gated_sum_kernel};
 use crate::grad_key::{
@@ -17,9 +15,10 @@ use crate::grad_key::{
 use crate::grad_query::{grad_query_kernel, grad_query_mma_kernel};
 use crate::keys::KeySet;
 use crate::mma::{MmaTileConfig, MMA, PLANE};
+use crate::range::range_attention_mma_kernel;
 use crate::select::{selected_attention_kernel, selected_attention_mma_kernel};
 use crate::tile::TileConfig;
-use crate::window::{window_attention_kernel, window_attention_mma_kernel};
+use crate::window::window_attention_kernel;
 
 /// Sizes of one NSA attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +91,19 @@ pub fn tile_config<R: Runtime>(
 /// Environment variable that, when set, keeps every call on the portable kernels (to
 /// compare them with the tensor-core ones on the same device).
 pub const PORTABLE_KERNELS_VAR: &str = "NSA_PORTABLE_KERNELS";
+
+/// The same tensor as two kernel arguments (for two launches).
+fn twice<R: Runtime>(arg: TensorArg<R>) -> (TensorArg<R>, TensorArg<R>) {
+    match arg {
+        TensorArg::Handle { handle } => (
+            TensorArg::Handle {
+                handle: handle.clone(),
+            },
+            TensorArg::Handle { handle },
+        ),
+        TensorArg::Alias { .. } => panic!("NSA kernels take tensor handles, not aliases"),
+    }
+}
 
 /// Elements per vector load of the tensor-core kernels (head dims are multiples of 16 and
 /// the inputs are contiguous, so every row starts on a vector).
@@ -278,7 +290,7 @@ pub fn launch_window<R: Runtime, F: Float + CubeElement>(
         // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
         // past `valid` and padding rows are never read), as the parity tests check.
         unsafe {
-            window_attention_mma_kernel::launch_unchecked::<F, R>(
+            range_attention_mma_kernel::launch_unchecked::<F, R>(
                 client,
                 count,
                 dim,
@@ -291,7 +303,7 @@ pub fn launch_window<R: Runtime, F: Float + CubeElement>(
                 lse,
                 scale,
                 cfg,
-                window,
+                KeySet::Window { size: window },
             );
         }
         return;
@@ -408,12 +420,16 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
     };
     if let Some(cfg) = mma_tile_config::<R, F>(client, shape, Some(FORWARD_ROWS), bytes) {
         let (count, dim) = mma_grid(client, shape, &cfg);
-        // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
-        // past `valid` and padding rows are never read), as the parity tests check.
+        let (q, q_again) = twice(q);
+        let (lse, lse_again) = twice(lse);
+        let (k_cmp, k_cmp_again) = twice(k_cmp);
+        // SAFETY: every index the kernels form stays inside their tensors for these shapes
+        // (rows past `valid` and padding rows are never read), as the parity tests check.
         unsafe {
-            compressed_attention_mma_kernel::launch_unchecked::<F, I, R>(
+            // The attention pass writes `o` and `lse`, which the scoring pass reads.
+            range_attention_mma_kernel::launch_unchecked::<F, R>(
                 client,
-                count,
+                count.clone(),
                 dim,
                 address_type(shape, num_compressed),
                 MMA_VECTOR,
@@ -422,6 +438,19 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
                 v_cmp,
                 o,
                 lse,
+                scale,
+                cfg,
+                selection.key_set(),
+            );
+            compressed_scores_mma_kernel::launch_unchecked::<F, I, R>(
+                client,
+                count,
+                dim,
+                address_type(shape, num_compressed),
+                MMA_VECTOR,
+                q_again,
+                k_cmp_again,
+                lse_again,
                 selected,
                 scale,
                 cfg,

@@ -26,6 +26,7 @@ pub mod grad_query;
 pub mod keys;
 pub mod launch;
 pub mod mma;
+pub mod range;
 pub mod register_tile;
 pub mod select;
 pub mod tile;
