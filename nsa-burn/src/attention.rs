@@ -267,19 +267,15 @@ pub fn try_nsa_attention<B: NsaBackend>(
         config,
     );
     let (o_win, _) = B::nsa_window(float(q), float(window.k), float(window.v), config);
-    let gates = gates.into_primitive().tensor();
+    let tensor = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
     // Without compression blocks the compressed branch is exactly zero.
-    let o_cmp = o_cmp.unwrap_or_else(|| {
-        let o_slc = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(o_slc.clone()));
-        o_slc.zeros_like().into_primitive().tensor()
-    });
-    let output = B::nsa_gated_sum(GatedSum {
+    let o_cmp = o_cmp.unwrap_or_else(|| float(tensor(o_slc.clone()).zeros_like()));
+    let output = tensor(B::nsa_gated_sum(GatedSum {
         compressed: o_cmp,
         selected: o_slc,
         window: o_win,
-        gates,
-    });
-    let output = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(output));
+        gates: float(gates),
+    }));
     Ok(NsaOutput {
         output,
         selected_blocks,

@@ -217,6 +217,20 @@ fn register_backward<B: FusionBackend + NsaBackend>(
     BranchGrads { q, k, v }
 }
 
+/// Registers a gated-sum step: inputs the operands (then `grad`, for the backward step);
+/// outputs shaped like `outputs`. The gated sum reads no configuration, so its op carries
+/// the default one.
+fn register_gated_sum<B: FusionBackend + NsaBackend>(
+    step: Step,
+    parts: GatedSum<Fusion<B>>,
+    grad: Option<FloatTensor<Fusion<B>>>,
+    outputs: &[TensorIr],
+) -> Vec<FusionTensor<B::FusionRuntime>> {
+    let mut inputs = vec![parts.compressed, parts.selected, parts.window, parts.gates];
+    inputs.extend(grad);
+    register::<B>(step, inputs, outputs, &NsaAttentionConfig::new())
+}
+
 impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
     fn nsa_compressed(
         q: FloatTensor<Self>,
@@ -265,16 +279,8 @@ impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
     }
 
     fn nsa_gated_sum(parts: GatedSum<Self>) -> FloatTensor<Self> {
-        let output = like(&parts.selected);
-        // The gated sum reads no configuration; its op carries the default.
-        let config = NsaAttentionConfig::new();
-        let [output] = register::<B>(
-            Step::GatedSum,
-            vec![parts.compressed, parts.selected, parts.window, parts.gates],
-            &[output],
-            &config,
-        )
-        .outputs();
+        let output = [like(&parts.selected)];
+        let [output] = register_gated_sum::<B>(Step::GatedSum, parts, None, &output).outputs();
         output
     }
 
@@ -288,17 +294,9 @@ impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
                     like(&parts.window),
                     like(&parts.gates),
                 ];
-                let inputs = vec![
-                    parts.compressed,
-                    parts.selected,
-                    parts.window,
-                    parts.gates,
-                    grad,
-                ];
-                // As in `nsa_gated_sum`: no configuration is read.
-                let config = NsaAttentionConfig::new();
                 let [compressed, selected, window, gates] =
-                    register::<B>(Step::GatedSumBackward, inputs, &outputs, &config).outputs();
+                    register_gated_sum::<B>(Step::GatedSumBackward, parts, Some(grad), &outputs)
+                        .outputs();
                 GatedSum {
                     compressed,
                     selected,

@@ -341,8 +341,8 @@ fn pick_blocks<I: Int>(
 /// positions)`: it recomputes the scores on the tensor cores, turns them into probabilities
 /// in registers, sums each position's over its group (through an f32 tile in shared memory)
 /// and adds them to the position's block scores (`positions * max_blocks` words of shared
-/// memory); top-n then runs once per position, one plane per position. Apart from the
-/// attention pass, the cube holds no output accumulators, so it needs far fewer registers.
+/// memory); top-n then runs once per position, one plane per position. Split from the
+/// attention pass, it holds no output accumulators, so it needs far fewer registers.
 #[cube(launch_unchecked, address_type = "dynamic", fast_math = fast_exp())]
 #[allow(clippy::too_many_arguments)]
 pub fn compressed_scores_mma_kernel<F: Float, I: Int, N: Size>(
