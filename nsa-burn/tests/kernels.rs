@@ -112,6 +112,19 @@ fn cases() -> Vec<Case> {
         seq: 70,
         ..base
     });
+    // Head dims the tensor-core kernels take, at G = 1, 8 and 12: the compression
+    // branch's scoring pass sums groups over lanes (G dividing 16) or over segments of
+    // four rows spanning planes (G = 12).
+    for (heads, kv_heads) in [(2, 2), (8, 1), (12, 1)] {
+        cases.push(Case {
+            heads,
+            kv_heads,
+            d_k: 32,
+            d_v: 16,
+            seq: 300,
+            ..base
+        });
+    }
     // The widest head dims, d_k != d_v both ways (G = 4 and G = 16).
     cases.push(Case {
         seq: 150,

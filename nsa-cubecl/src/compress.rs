@@ -7,7 +7,8 @@ use cubecl::prelude::*;
 
 use crate::keys::{index_max, index_min, key_range, KeySet};
 use crate::mma::{
-    load_vector_rows, row_position, rows_barrier, wait_rows, MmaTileConfig, MMA, PLANE,
+    load_vector_rows, plane_first_row, row_position, rows_barrier, wait_rows, MmaTileConfig, MMA,
+    PLANE,
 };
 use crate::register_tile::{
     entry_in_range, fast_exp, lane_key_ranges, lane_rows, plane_has_rows, plane_score_tiles,
@@ -338,10 +339,12 @@ fn pick_blocks<I: Int>(
 /// ([`crate::range::range_attention_mma_kernel()`]) has written the rows' log-sum-exp:
 /// `q: [B, T, H, d_k]`, `k_cmp: [B, N_cmp, H_kv, d_k]`, `lse: [B, H, T]` (f32) ->
 /// `selected: [B, H_kv, T, n]`. One cube per `(b, KV head, cfg.positions consecutive query
-/// positions)`: it recomputes the scores on the tensor cores, turns them into probabilities
-/// in registers, sums each position's over its group (through an f32 tile in shared memory)
-/// and adds them to the position's block scores (`positions * max_blocks` words of shared
-/// memory); top-n then runs once per position, one plane per position. Split from the
+/// positions)`: it recomputes the scores on the tensor cores and turns them into
+/// probabilities in registers; each plane sums them over the rows of each of its
+/// [`ScoreSegments`] by plane shuffles and writes one f32 tile row per segment to shared
+/// memory, from which each `(position, selection block)` the tile touches gets its share
+/// (Eq. 9-10) in the position's block scores (`positions * max_blocks` words of shared
+/// memory). Top-n then runs once per position, one plane per position. Split from the
 /// attention pass, it holds no output accumulators, so it needs far fewer registers.
 #[cube(launch_unchecked, address_type = "dynamic", fast_math = fast_exp())]
 #[allow(clippy::too_many_arguments)]
@@ -355,11 +358,10 @@ pub fn compressed_scores_mma_kernel<F: Float, I: Int, N: Size>(
     #[comptime] sel: SelectionConfig,
 ) {
     let keys = comptime!(sel.key_set());
+    let segments = comptime!(ScoreSegments::new(&cfg));
     let width = N::value();
     let mut inputs = SharedMemory::<Vector<F, N>>::new(comptime!(cfg.input_elems() / width));
-    // Probabilities of the scoring pass, [rows, scratch_stride] f32.
-    let mut probs = SharedMemory::<f32>::new(comptime!(cfg.rows() * cfg.scratch_stride()));
-    let mut group_probs = SharedMemory::<f32>::new(comptime!(cfg.positions * cfg.tile_keys));
+    let mut sums = SharedMemory::<f32>::new(comptime!(segments.count * cfg.tile_keys));
     let mut block_scores = SharedMemory::<f32>::new(comptime!(cfg.positions * sel.max_blocks));
     let barrier = rows_barrier();
     let seq = q.shape(1);
@@ -383,8 +385,8 @@ pub fn compressed_scores_mma_kernel<F: Float, I: Int, N: Size>(
             idx += units;
         }
         sync_cube();
-        // When a plane's 16 rows hold whole groups, each plane sums its own positions with
-        // plane barriers only; otherwise the cube works as one team.
+        // When a plane's 16 rows hold whole groups, each plane scores its own positions
+        // with plane barriers only; otherwise the cube works as one team.
         let local = comptime!(MMA % cfg.group == 0);
         let workers = comptime!(if local { PLANE } else { cfg.units() });
         let owned = comptime!(if local {
@@ -392,6 +394,7 @@ pub fn compressed_scores_mma_kernel<F: Float, I: Int, N: Size>(
         } else {
             cfg.positions
         });
+        let max_span = comptime!(tile_block_span(cfg.tile_keys, sel));
         let worker = unit % workers;
         let first_owned = unit / workers * owned;
         let mut first = 0usize;
@@ -409,55 +412,48 @@ pub fn compressed_scores_mma_kernel<F: Float, I: Int, N: Size>(
                 units,
             );
             wait_rows(&barrier);
-            // Scores -> probabilities with the rows' log-sum-exp.
+            // Scores -> probabilities with the rows' log-sum-exp, summed per segment.
             if plane_has_rows(cfg) {
                 let scores = plane_score_tiles::<F, N>(&inputs, &queries, cfg);
                 if plane_tile_unmasked(&ranges, first, valid, cfg) {
-                    store_probabilities(
-                        &scores, &row_lse, first, valid, &ranges, scale, &mut probs, cfg, false,
+                    store_segment_sums(
+                        &scores, &row_lse, first, valid, &ranges, scale, &mut sums, segments, cfg,
+                        false,
                     );
                 } else {
-                    store_probabilities(
-                        &scores, &row_lse, first, valid, &ranges, scale, &mut probs, cfg, true,
+                    store_segment_sums(
+                        &scores, &row_lse, first, valid, &ranges, scale, &mut sums, segments, cfg,
+                        true,
                     );
                 }
             }
             team_sync(local);
-            // Summed over each position's group (Eq. 10).
-            let mut idx = worker;
-            while idx < comptime!(owned * cfg.tile_keys) {
-                let position = first_owned + idx / cfg.tile_keys;
-                let col = idx % cfg.tile_keys;
-                let mut p = 0.0f32;
-                #[unroll]
-                for g in 0..cfg.group {
-                    p += probs[(position * cfg.group + g) * cfg.scratch_stride() + col];
-                }
-                group_probs[position * cfg.tile_keys + col] = p;
-                idx += workers;
-            }
-            team_sync(local);
-            // Each (position, selection block) the tile touches is summed by one worker.
+            // Each (position, selection block) the tile touches is summed by one worker,
+            // over the position's segments (Eq. 10) and the block's keys (Eq. 9).
             let (first_block, last_block) = tile_blocks(first, valid, seq, sel);
-            let span = last_block + 1 - first_block;
-            let mut idx = worker;
-            while idx < owned * span {
-                let position = first_owned + idx / span;
-                let j = first_block + idx % span;
+            #[unroll]
+            for round in 0..comptime!((owned * max_span).div_ceil(workers)) {
+                let idx = worker + round * workers;
+                let position = first_owned + idx / max_span;
+                let j = first_block + idx % max_span;
                 // Nested: `&&` does not short-circuit.
-                if position < positions {
-                    if j * sel.select_block <= t0 + position {
-                        block_scores[position * sel.max_blocks + j] += tile_block_score(
-                            &group_probs,
-                            position * cfg.tile_keys,
-                            first,
-                            valid,
-                            j,
-                            sel,
-                        );
+                if idx < comptime!(owned * max_span) && position < positions {
+                    if j <= last_block && j * sel.select_block <= t0 + position {
+                        let mut total = 0.0f32;
+                        #[unroll]
+                        for part in 0..segments.per_position {
+                            total += tile_block_score(
+                                &sums,
+                                (position * segments.per_position + part) * cfg.tile_keys,
+                                first,
+                                valid,
+                                j,
+                                sel,
+                            );
+                        }
+                        block_scores[position * sel.max_blocks + j] += total;
                     }
                 }
-                idx += workers;
             }
             sync_cube();
             first += cfg.tile_keys;
@@ -481,26 +477,78 @@ pub fn compressed_scores_mma_kernel<F: Float, I: Int, N: Size>(
     }
 }
 
-/// Stores this lane's entries of a tile's probabilities `exp(S scale - lse)` (rows `g` and
-/// `g + 8` of its plane; zero outside each row's range when `masked`) into `probs`
-/// (`[rows, scratch_stride]` f32).
+/// How the scoring pass splits the cube's rows for its sums: segments of
+/// `rows = gcd(G, 16)` consecutive rows, so none straddles a plane or a query position;
+/// each position's group is `per_position` segments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ScoreSegments {
+    /// Rows per segment, a power of two dividing 16.
+    pub rows: usize,
+    /// Segments per query position, `G / rows`.
+    pub per_position: usize,
+    /// Segments of the cube.
+    pub count: usize,
+}
+
+impl ScoreSegments {
+    /// The segments of `cfg`'s cube.
+    pub fn new(cfg: &MmaTileConfig) -> Self {
+        let rows = 1 << cfg.group.trailing_zeros().min(MMA.trailing_zeros());
+        ScoreSegments {
+            rows,
+            per_position: cfg.group / rows,
+            count: cfg.rows() / rows,
+        }
+    }
+
+    /// Bytes of shared memory the scoring pass needs besides its input tiles: the segment
+    /// sums of one tile and the positions' block scores (`max_blocks` each).
+    pub fn shared_bytes(cfg: &MmaTileConfig, max_blocks: usize) -> usize {
+        4 * (Self::new(cfg).count * cfg.tile_keys + cfg.positions * max_blocks)
+    }
+}
+
+/// The most selection blocks a tile of `tile_keys` compressed keys overlaps.
+fn tile_block_span(tile_keys: usize, sel: SelectionConfig) -> usize {
+    (sel.select_block - 1 + (tile_keys - 1) * sel.compress_stride + sel.compress_block - 1)
+        / sel.select_block
+        + 1
+}
+
+/// Writes this plane's share of one tile's probabilities `exp(S scale - lse)` (zero
+/// outside each row's range when `masked`), summed over the rows of each segment, to
+/// `sums[segment * tile_keys + col]`.
+///
+/// A lane holds rows `g` and `g + 8` (`g = lane / 4`) of columns `8 c + 2 (lane % 4) + e`.
+/// When a segment is the plane's 16 rows the lane first adds its two rows; then a
+/// reduce-scatter over the lane bits that select a row inside the segment (halving the
+/// values each round: `4 + 2 + 1` shuffles for 8 values over 8 lanes) leaves each lane
+/// the full sums of some columns, which it writes.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn store_probabilities(
+fn store_segment_sums(
     scores: &Array<AccPair>,
     row_lse: &Array<f32>,
     first: usize,
     valid: usize,
     ranges: &LaneRanges,
     scale: f32,
-    probs: &mut SharedMemory<f32>,
+    sums: &mut SharedMemory<f32>,
+    #[comptime] segments: ScoreSegments,
     #[comptime] cfg: MmaTileConfig,
     #[comptime] masked: bool,
 ) {
-    let (low, _) = lane_rows();
+    let lane = UNIT_POS as usize % PLANE;
+    // Values per row of this lane, and the row sets kept apart (both rows are one set
+    // when a segment spans the plane).
+    let per_row = comptime!(cfg.tile_keys / 4);
+    let sets = comptime!(if segments.rows == MMA { 1usize } else { 2usize });
+    // Lane bits 2.. that select a row inside a segment.
+    let rounds = comptime!(segments.rows.min(8).trailing_zeros() as usize);
+    let kept = comptime!(per_row >> rounds);
+    let mut values = Array::<f32>::new(comptime!(sets * per_row));
     #[unroll]
     for half in 0..2usize {
-        let row = low + half * 8;
         #[unroll]
         for tile in 0..comptime!(cfg.tile_keys / 8) {
             #[unroll]
@@ -509,9 +557,45 @@ fn store_probabilities(
                 if entry_in_range(ranges, first, valid, tile, half, e, masked) {
                     p = (scores[2 * tile + half][e] * scale - row_lse[half]).exp();
                 }
-                let col = tile * 8 + UNIT_POS as usize % 4 * 2 + e;
-                probs[row * cfg.scratch_stride() + col] = p;
+                let slot = comptime!((half % sets) * per_row + 2 * tile + e);
+                if comptime!(sets == 1 && half == 1) {
+                    values[slot] += p;
+                } else {
+                    values[slot] = p;
+                }
             }
+        }
+    }
+    #[unroll]
+    for set in 0..sets {
+        #[unroll]
+        for round in 0..rounds {
+            let mask = comptime!(1u32 << (2 + rounds - 1 - round));
+            let width = comptime!(per_row >> (round + 1));
+            let upper = (lane as u32 & mask) != 0;
+            #[unroll]
+            for i in 0..width {
+                let low = values[comptime!(set * per_row + i)];
+                let high = values[comptime!(set * per_row + i + width)];
+                let send = select(upper, low, high);
+                let keep = select(upper, high, low);
+                values[comptime!(set * per_row + i)] = keep + plane_shuffle_xor(send, mask);
+            }
+        }
+    }
+    // Kept value `i` of a set is the lane's value `w * kept + i` before the rounds, `w`
+    // the reduced lane bits (the first round's the highest).
+    let g = lane / 4;
+    let w = g % comptime!(1usize << rounds);
+    let first_segment = plane_first_row() / segments.rows;
+    #[unroll]
+    for set in 0..sets {
+        let segment = first_segment + (set * 8 + g) / segments.rows;
+        #[unroll]
+        for i in 0..kept {
+            let value = w * kept + i;
+            let col = value / 2 * 8 + lane % 4 * 2 + value % 2;
+            sums[segment * cfg.tile_keys + col] = values[comptime!(set * per_row + i)];
         }
     }
 }

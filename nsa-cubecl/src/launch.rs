@@ -6,7 +6,9 @@ use cubecl::prelude::*;
 use cubecl::{calculate_cube_count_elemwise, CubeElement};
 
 use crate::bitmap::{selection_bitmap_kernel, WORD_BITS};
-use crate::compress::{compressed_attention_kernel, compressed_scores_mma_kernel, SelectionConfig};
+use crate::compress::{
+    compressed_attention_kernel, compressed_scores_mma_kernel, ScoreSegments, SelectionConfig,
+};
 use crate::delta::{delta_kernel, RowLayout};
 use crate::gated_sum::{gated_sum_backward_kernel, gated_sum_kernel};
 use crate::grad_key::{
@@ -112,12 +114,24 @@ const MMA_VECTOR: usize = 8;
 /// Key rows per tile of the tensor-core kernels.
 const MMA_TILE_KEYS: usize = 32;
 
-/// Query rows a forward tensor-core cube of the window and compression branches aims at.
-/// Three planes, not four: these kernels take 168-171 registers per unit, and an H100
-/// scheduler holds three warps only at 168 or fewer (two above). With four planes the
-/// compressed forward took 170 (8 warps per SM, 49 ms at 64k), with three 168 (12 warps,
-/// 39 ms; BENCHMARKS.md).
-const FORWARD_ROWS: usize = 48;
+/// Query rows a forward tensor-core cube of the window branch aims at. Three planes, not
+/// four: the kernel takes 167-168 registers per unit, and an H100 scheduler holds three
+/// warps only at 168 or fewer (two above). With four planes the window forward took 8.2 ms
+/// at 64k instead of 6.7 (BENCHMARKS.md).
+const WINDOW_ROWS: usize = 48;
+
+/// Query rows a cube of the compression branch's attention pass aims at: four planes, at
+/// 167 registers three cubes per SM (12 warps), as with three planes (four), but each
+/// key tile serves more rows (64k: 31.9 ms for the branch against 33.2 with three planes
+/// and 32.6 with six; BENCHMARKS.md).
+const COMPRESSED_ROWS: usize = 64;
+
+/// Query rows and key rows per tile of the compression branch's scoring pass: it holds no
+/// output accumulators (94 registers), so its cubes are larger and its tiles longer than
+/// the attention passes'; 64k: 31.9 ms for the branch against 35.4 with 48 rows of 32-key
+/// tiles (BENCHMARKS.md).
+const SCORING_ROWS: usize = 128;
+const SCORING_TILE_KEYS: usize = 64;
 
 /// Query rows a `dQ` tensor-core cube of the window and compression branches aims at: four
 /// planes measured faster than three there (BENCHMARKS.md).
@@ -133,6 +147,7 @@ pub fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     shape: &AttentionShape,
     cube_rows: Option<usize>,
+    tile_keys: usize,
     bytes: impl Fn(&MmaTileConfig) -> usize,
 ) -> Option<MmaTileConfig> {
     if !tensor_cores_fit::<R, F>(client, shape) {
@@ -150,7 +165,7 @@ pub fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
             group,
             d_k: shape.d_k,
             d_v: shape.d_v,
-            tile_keys: MMA_TILE_KEYS,
+            tile_keys,
             planes,
             positions: if one_position {
                 1
@@ -283,8 +298,9 @@ pub fn launch_window<R: Runtime, F: Float + CubeElement>(
     window: usize,
 ) {
     let elem = core::mem::size_of::<F>();
+    let rows = Some(WINDOW_ROWS);
     if let Some(cfg) =
-        mma_tile_config::<R, F>(client, shape, Some(FORWARD_ROWS), |c| c.input_bytes(elem))
+        mma_tile_config::<R, F>(client, shape, rows, MMA_TILE_KEYS, |c| c.input_bytes(elem))
     {
         let (count, dim) = mma_grid(client, shape, &cfg);
         // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
@@ -342,7 +358,8 @@ pub fn launch_selected<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>
     select_block: usize,
 ) {
     let elem = core::mem::size_of::<F>();
-    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, None, |c| c.input_bytes(elem)) {
+    let bytes = |c: &MmaTileConfig| c.input_bytes(elem);
+    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, None, MMA_TILE_KEYS, bytes) {
         let (count, dim) = mma_grid(client, shape, &cfg);
         // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
         // past `valid` and padding rows are never read), as the parity tests check.
@@ -414,12 +431,15 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
     };
     let elem = core::mem::size_of::<F>();
     let bytes = |tile: &MmaTileConfig| {
-        tile.input_bytes(elem)
-            + 4 * (tile.rows() * tile.scratch_stride()
-                + tile.positions * (tile.tile_keys + max_blocks))
+        tile.input_bytes(elem) + ScoreSegments::shared_bytes(tile, max_blocks)
     };
-    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, Some(FORWARD_ROWS), bytes) {
-        let (count, dim) = mma_grid(client, shape, &cfg);
+    let attention =
+        mma_tile_config::<R, F>(client, shape, Some(COMPRESSED_ROWS), MMA_TILE_KEYS, |c| {
+            c.input_bytes(elem)
+        });
+    let scoring =
+        mma_tile_config::<R, F>(client, shape, Some(SCORING_ROWS), SCORING_TILE_KEYS, bytes);
+    if let (Some(attention), Some(scoring)) = (attention, scoring) {
         let (q, q_again) = twice(q);
         let (lse, lse_again) = twice(lse);
         let (k_cmp, k_cmp_again) = twice(k_cmp);
@@ -427,9 +447,10 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
         // (rows past `valid` and padding rows are never read), as the parity tests check.
         unsafe {
             // The attention pass writes `o` and `lse`, which the scoring pass reads.
+            let (count, dim) = mma_grid(client, shape, &attention);
             range_attention_mma_kernel::launch_unchecked::<F, R>(
                 client,
-                count.clone(),
+                count,
                 dim,
                 address_type(shape, num_compressed),
                 MMA_VECTOR,
@@ -439,9 +460,10 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
                 o,
                 lse,
                 scale,
-                cfg,
+                attention,
                 selection.key_set(),
             );
+            let (count, dim) = mma_grid(client, shape, &scoring);
             compressed_scores_mma_kernel::launch_unchecked::<F, I, R>(
                 client,
                 count,
@@ -453,7 +475,7 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
                 lse_again,
                 selected,
                 scale,
-                cfg,
+                scoring,
                 selection,
             );
         }
@@ -666,7 +688,7 @@ pub fn launch_grad_query<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
     let elem = core::mem::size_of::<F>();
     let bytes = |tile: &MmaTileConfig| tile.input_bytes(elem);
     let cube_rows = (!keys.is_selected()).then_some(GRAD_QUERY_ROWS);
-    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, cube_rows, bytes) {
+    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, cube_rows, MMA_TILE_KEYS, bytes) {
         let (count, dim) = mma_grid(client, shape, &cfg);
         // SAFETY: as for the forward tensor-core kernels.
         unsafe {

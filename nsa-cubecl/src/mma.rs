@@ -64,13 +64,6 @@ impl MmaTileConfig {
         self.d_v + ROW_PAD
     }
 
-    /// Row stride of an f32 row of one tile's probabilities (the compression branch's
-    /// scoring pass): four words of padding, so the lanes reading a column of rows hit
-    /// different banks.
-    pub fn scratch_stride(&self) -> usize {
-        self.tile_keys + 4
-    }
-
     /// Where the values start in the input buffer (elements): after the keys.
     pub fn values_at(&self) -> usize {
         self.tile_keys * self.key_stride()

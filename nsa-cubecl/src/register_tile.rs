@@ -61,15 +61,18 @@ fn lane() -> usize {
 
 /// `ldmatrix.x4` (`.trans` when `transpose`): four 8x8 matrices of 16-bit values from
 /// shared memory, lanes `8 m .. 8 m + 8` pointing at the rows of matrix `m`; this lane's row
-/// starts at element `at` of `buffer` (a multiple of the vector width, 16 bytes).
+/// starts at vector `lane_at` of `buffer` plus `offset` elements (a multiple of the vector
+/// width, 16 bytes). The lane's part stays one register across calls and the comptime part
+/// folds into the instruction.
 #[cube]
 fn load_x4<F: Float, N: Size>(
     buffer: &SharedMemory<Vector<F, N>>,
-    at: usize,
+    lane_at: usize,
+    #[comptime] offset: usize,
     #[comptime] transpose: bool,
 ) -> Array<Pair<F>> {
     let width = N::value();
-    let start = at / width;
+    let start = lane_at + comptime!(offset / width);
     let definition = mma_definition::<F>();
     definition.load_matrix::<Vector<F, N>, Const<2>>(
         &buffer.slice(start, start + 1),
@@ -134,14 +137,11 @@ pub fn plane_row_fragments<F: Float, N: Size>(
 ) -> Array<Pair<F>> {
     let lane = lane();
     let row = plane_first_row() + lane % MMA;
+    let lane_at = (row * stride + lane / MMA * N8) / N::value();
     let mut frags = Array::<Pair<F>>::new(comptime!(dim / MMA * 4));
     #[unroll]
     for step in 0..comptime!(dim / MMA) {
-        let regs = load_x4::<F, N>(
-            buffer,
-            at + row * stride + step * MMA + lane / MMA * N8,
-            false,
-        );
+        let regs = load_x4::<F, N>(buffer, lane_at, comptime!(at + step * MMA), false);
         #[unroll]
         for i in 0..4usize {
             frags[4 * step + i] = regs[i];
@@ -184,14 +184,16 @@ pub fn plane_row_products<F: Float, N: Size>(
 ) -> Array<AccPair> {
     let lane = lane();
     let mut products = zero_pairs(comptime!(cfg.tile_keys / N8 * 2));
+    // Matrices: rows 0-7 | dims 0-7, rows 0-7 | dims 8-15, rows 8-15 | dims 0-7, ...
+    let row = lane / MMA * N8 + lane % N8;
+    let col = (lane / N8) % 2 * N8;
+    let lane_at = (row * stride + col) / N::value();
     #[unroll]
     for rows in 0..comptime!(cfg.tile_keys / MMA) {
-        // Matrices: rows 0-7 | dims 0-7, rows 0-7 | dims 8-15, rows 8-15 | dims 0-7, ...
-        let row = rows * MMA + lane / MMA * N8 + lane % N8;
-        let col = (lane / N8) % 2 * N8;
         #[unroll]
         for step in 0..comptime!(dim / MMA) {
-            let regs = load_x4::<F, N>(inputs, at + row * stride + step * MMA + col, false);
+            let offset = comptime!(at + rows * MMA * stride + step * MMA);
+            let regs = load_x4::<F, N>(inputs, lane_at, offset, false);
             let a = a_fragment::<F>(frags, step);
             mma_into::<F>(&a, regs[0], regs[1], &mut products, comptime!(2 * rows));
             mma_into::<F>(&a, regs[2], regs[3], &mut products, comptime!(2 * rows + 1));
@@ -488,13 +490,14 @@ pub fn accumulate_tile_rows<F: Float, N: Size>(
     // Matrices: rows 0-7 | dims 0-7, rows 8-15 | dims 0-7, rows 0-7 | dims 8-15, ...
     let row_in_step = (lane / N8) % 2 * N8 + lane % N8;
     let col = lane / MMA * N8;
+    let lane_at = (row_in_step * stride + col) / N::value();
     #[unroll]
     for step in 0..comptime!(cfg.tile_keys / MMA) {
         let a = a_fragment::<F>(weights, step);
-        let row = at + (step * MMA + row_in_step) * stride;
         #[unroll]
         for dims in 0..comptime!(dim / MMA) {
-            let regs = load_x4::<F, N>(inputs, row + dims * MMA + col, true);
+            let offset = comptime!(at + step * MMA * stride + dims * MMA);
+            let regs = load_x4::<F, N>(inputs, lane_at, offset, true);
             mma_into::<F>(&a, regs[0], regs[1], acc, comptime!(2 * dims));
             mma_into::<F>(&a, regs[2], regs[3], acc, comptime!(2 * dims + 1));
         }
