@@ -120,10 +120,9 @@ const MMA_TILE_KEYS: usize = 32;
 /// at 64k instead of 6.7 (BENCHMARKS.md).
 const WINDOW_ROWS: usize = 48;
 
-/// Query rows a cube of the compression branch's attention pass aims at: four planes, at
-/// 167 registers three cubes per SM (12 warps), as with three planes (four), but each
-/// key tile serves more rows (64k: 31.9 ms for the branch against 33.2 with three planes
-/// and 32.6 with six; BENCHMARKS.md).
+/// Query rows a cube of the compression branch's attention pass aims at: four planes, so
+/// each key tile serves more rows than with three (64k: 31.9 ms for the branch against
+/// 33.2 with three planes, 35.4 with five and 32.6 with six; BENCHMARKS.md).
 const COMPRESSED_ROWS: usize = 64;
 
 /// Query rows and key rows per tile of the compression branch's scoring pass: it holds no
@@ -142,7 +141,7 @@ const GRAD_QUERY_ROWS: usize = 64;
 /// must be multiples of 16, and the kernel's shared memory, `bytes(&tile)`, must fit the
 /// device. With `cube_rows` `None` a cube holds one query position (the selection branch);
 /// with `Some(rows)` as many positions as fill `rows` rows (at least one plane per position),
-/// fewer if memory is short.
+/// fewer if memory is short. Key tiles hold `tile_keys` rows (a multiple of 16).
 pub fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     shape: &AttentionShape,
