@@ -139,6 +139,16 @@ fn cases() -> Vec<Case> {
         d_v: 192,
         ..base
     });
+    // G = 16 on the paper's blocks, T not a multiple of the positions a tensor-core
+    // selection cube holds: neighbouring positions share their forced blocks' tiles.
+    cases.push(Case {
+        seq: 1111,
+        heads: 16,
+        d_k: 32,
+        d_v: 16,
+        config: NsaAttentionConfig::new(),
+        ..base
+    });
     // Long enough (T > 2048) that the tensor-core key-side backward splits the queries of
     // the compressed keys and of the initial selection block over several cubes.
     cases.push(Case {

@@ -7,11 +7,10 @@ use cubecl::prelude::*;
 
 use crate::keys::{index_max, index_min, key_range, KeySet};
 use crate::mma::{
-    load_vector_rows, plane_first_row, row_position, rows_barrier, wait_rows, MmaTileConfig, MMA,
-    PLANE,
+    load_vector_rows, plane_first_row, rows_barrier, wait_rows, MmaTileConfig, MMA, PLANE,
 };
 use crate::register_tile::{
-    entry_in_range, fast_exp, lane_key_ranges, lane_rows, plane_has_rows, plane_score_tiles,
+    entry_in_range, fast_exp, lane_key_ranges, lane_row_lse, plane_has_rows, plane_score_tiles,
     plane_tile_unmasked, register_load_rows, AccPair, LaneRanges,
 };
 use crate::tile::{
@@ -406,6 +405,7 @@ pub fn compressed_scores_mma_kernel<F: Float, I: Int, N: Size>(
                 first,
                 valid,
                 &mut inputs,
+                unit,
                 0usize,
                 cfg.tile_keys,
                 cfg.d_k,
@@ -414,7 +414,7 @@ pub fn compressed_scores_mma_kernel<F: Float, I: Int, N: Size>(
             wait_rows(&barrier);
             // Scores -> probabilities with the rows' log-sum-exp, summed per segment.
             if plane_has_rows(cfg) {
-                let scores = plane_score_tiles::<F, N>(&inputs, &queries, cfg);
+                let scores = plane_score_tiles::<F, N>(&inputs, &queries, 0usize, cfg);
                 if plane_tile_unmasked(&ranges, first, valid, cfg) {
                     store_segment_sums(
                         &scores, &row_lse, first, valid, &ranges, scale, &mut sums, segments, cfg,
@@ -598,32 +598,6 @@ fn store_segment_sums(
             sums[segment * cfg.tile_keys + col] = values[comptime!(set * per_row + i)];
         }
     }
-}
-
-/// The log-sum-exp `lse: [B, H, T]` of this lane's two rows (`g` and `g + 8` of its plane;
-/// 0 for padding rows, which no key reaches).
-#[cube]
-fn lane_row_lse(
-    lse: &Tensor<f32>,
-    b: usize,
-    t0: usize,
-    kv_head: usize,
-    #[comptime] cfg: MmaTileConfig,
-) -> Array<f32> {
-    let (low, _) = lane_rows();
-    let mut row_lse = Array::<f32>::new(2usize);
-    #[unroll]
-    for half in 0..2usize {
-        let row = low + half * 8;
-        let (position, real) = row_position(row, t0, lse.shape(2), cfg);
-        row_lse[half] = 0.0;
-        if real {
-            let head = kv_head * cfg.group + row % cfg.group;
-            row_lse[half] =
-                lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)];
-        }
-    }
-    row_lse
 }
 
 /// The best block among this lane's share `lane, lane + 32, ..` of the `candidates` scores

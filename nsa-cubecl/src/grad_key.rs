@@ -684,6 +684,7 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
                         &inputs,
                         &own_keys,
                         0usize,
+                        0usize,
                         cfg.key_stride(),
                         cfg.d_k,
                         cfg,
@@ -697,6 +698,7 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
                     let grads = plane_row_products::<F, N>(
                         &inputs,
                         &own_values,
+                        0usize,
                         cfg.values_at(),
                         cfg.value_stride(),
                         cfg.d_v,
@@ -741,6 +743,7 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
                     accumulate_tile_rows::<F, N>(
                         &inputs,
                         &probs,
+                        0usize,
                         cfg.values_at(),
                         cfg.value_stride(),
                         cfg.d_v,
@@ -750,6 +753,7 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
                     accumulate_tile_rows::<F, N>(
                         &inputs,
                         &score_grads,
+                        0usize,
                         0usize,
                         cfg.key_stride(),
                         cfg.d_k,

@@ -11,9 +11,9 @@ use cubecl::prelude::*;
 use crate::keys::{index_min, key_range, KeySet};
 use crate::mma::{load_key_value_rows, row_position, rows_barrier, MmaTileConfig};
 use crate::register_tile::{
-    accumulate_tile_rows, fast_exp, lane_key_ranges, lane_rows, plane_has_rows, plane_row_products,
-    plane_score_tiles, plane_tile_unmasked, register_load_rows, score_gradients, store_lane_rows,
-    zero_pairs, AccPair, LaneRanges, Pair,
+    accumulate_tile_rows, fast_exp, lane_key_ranges, lane_row_lse, lane_rows, plane_has_rows,
+    plane_row_products, plane_score_tiles, plane_tile_unmasked, register_load_rows,
+    score_gradients, store_lane_rows, zero_pairs, AccPair, LaneRanges, Pair,
 };
 use crate::tile::{
     cube_position, cube_positions, group_rows, head_rows, load_key_values, selected_tile,
@@ -233,10 +233,11 @@ fn grad_query_mma_tile<F: Float, N: Size>(
         cfg,
     );
     if plane_has_rows(cfg) {
-        let scores = plane_score_tiles::<F, N>(inputs, queries, cfg);
+        let scores = plane_score_tiles::<F, N>(inputs, queries, 0usize, cfg);
         let grads = plane_row_products::<F, N>(
             inputs,
             out_grads,
+            0usize,
             cfg.values_at(),
             cfg.value_stride(),
             cfg.d_v,
@@ -275,6 +276,7 @@ fn grad_query_mma_tile<F: Float, N: Size>(
         accumulate_tile_rows::<F, N>(
             inputs,
             &score_grads,
+            0usize,
             0usize,
             cfg.key_stride(),
             cfg.d_k,
@@ -316,18 +318,15 @@ pub fn grad_query_mma_kernel<F: Float, I: Int, N: Size>(
         let v_at = head_rows::<Vector<F, N>>(v, b, kv_head);
         let (low, _) = lane_rows();
         let ranges = lane_key_ranges(t0, seq, k.shape(1), keys, cfg);
-        let mut row_lse = Array::<f32>::new(2usize);
+        let row_lse = lane_row_lse(lse, b, t0, kv_head, cfg);
         let mut row_delta = Array::<f32>::new(2usize);
         #[unroll]
         for half in 0..2usize {
             let row = low + half * 8;
             let (position, real) = row_position(row, t0, seq, cfg);
             let head = kv_head * cfg.group + row % cfg.group;
-            row_lse[half] = 0.0;
             row_delta[half] = 0.0;
             if real {
-                row_lse[half] =
-                    lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)];
                 row_delta[half] = delta
                     [b * delta.stride(0) + position * delta.stride(1) + head * delta.stride(2)];
             }

@@ -18,7 +18,9 @@ use crate::grad_query::{grad_query_kernel, grad_query_mma_kernel};
 use crate::keys::KeySet;
 use crate::mma::{MmaTileConfig, MMA, PLANE};
 use crate::range::range_attention_mma_kernel;
-use crate::select::{selected_attention_kernel, selected_attention_mma_kernel};
+use crate::select::{
+    selected_attention_kernel, selected_attention_mma_kernel, selection_input_elems,
+};
 use crate::tile::TileConfig;
 use crate::window::window_attention_kernel;
 
@@ -132,6 +134,12 @@ const COMPRESSED_ROWS: usize = 64;
 const SCORING_ROWS: usize = 128;
 const SCORING_TILE_KEYS: usize = 64;
 
+/// Query positions a selection-forward tensor-core cube holds (when `G` is a multiple of
+/// 16): neighbouring positions load the blocks they took in the same slot (the forced
+/// initial and local ones) once. On the H100 at 64k the selection forward took 26.3 ms with
+/// one position, 25.1 with two, 24.7 with four and 35.6 with eight (BENCHMARKS.md).
+const SELECT_POSITIONS: usize = 4;
+
 /// Query rows a `dQ` tensor-core cube of the window and compression branches aims at: four
 /// planes measured faster than three there (BENCHMARKS.md).
 const GRAD_QUERY_ROWS: usize = 64;
@@ -180,6 +188,25 @@ pub fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
         }
         planes -= 1;
     }
+}
+
+/// The selection forward's tensor-core tile: [`SELECT_POSITIONS`] positions per cube when
+/// the group fills whole planes (`G` a multiple of 16) and their tiles fit, else one.
+fn selection_tile_config<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+) -> Option<MmaTileConfig> {
+    let elem = core::mem::size_of::<F>();
+    let bytes = |c: &MmaTileConfig| elem * selection_input_elems(c);
+    let group = shape.group();
+    if group % MMA == 0 {
+        let rows = SELECT_POSITIONS * group;
+        let cfg = mma_tile_config::<R, F>(client, shape, Some(rows), MMA_TILE_KEYS, bytes);
+        if let Some(cfg) = cfg.filter(|c| c.positions == SELECT_POSITIONS) {
+            return Some(cfg);
+        }
+    }
+    mma_tile_config::<R, F>(client, shape, None, MMA_TILE_KEYS, bytes)
 }
 
 /// Whether the tensor-core kernels can run `shape` in `F` on this device: manual m16n8k16
@@ -356,9 +383,7 @@ pub fn launch_selected<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>
     scale: f32,
     select_block: usize,
 ) {
-    let elem = core::mem::size_of::<F>();
-    let bytes = |c: &MmaTileConfig| c.input_bytes(elem);
-    if let Some(cfg) = mma_tile_config::<R, F>(client, shape, None, MMA_TILE_KEYS, bytes) {
+    if let Some(cfg) = selection_tile_config::<R, F>(client, shape) {
         let (count, dim) = mma_grid(client, shape, &cfg);
         // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
         // past `valid` and padding rows are never read), as the parity tests check.

@@ -69,11 +69,15 @@ impl MmaTileConfig {
         self.tile_keys * self.key_stride()
     }
 
+    /// Elements of one key tile's keys and values (values from [`Self::values_at`]).
+    pub fn tile_elems(&self) -> usize {
+        self.values_at() + self.tile_keys * self.value_stride()
+    }
+
     /// Elements of the input buffer: the cube's query (or output-gradient) rows first, then
     /// a tile's keys and values in the same space.
     pub fn input_elems(&self) -> usize {
-        (self.rows() * self.key_stride().max(self.value_stride()))
-            .max(self.values_at() + self.tile_keys * self.value_stride())
+        (self.rows() * self.key_stride().max(self.value_stride())).max(self.tile_elems())
     }
 
     /// Bytes of the input buffer for inputs of `elem_bytes` bytes.
@@ -125,8 +129,9 @@ pub fn row_key_range(
 /// tensor read in vectors of `N` along its contiguous last dim) into the `rows` rows of
 /// `dst` from element `dst_at`, `dim + ROW_PAD` elements apart; zeros past `valid`. The
 /// copies are asynchronous (`cp.async`): they go from global to shared memory without
-/// passing through registers, and the copy itself writes the zeros. Every unit must then
-/// call [`wait_rows()`] before any unit reads `dst`.
+/// passing through registers, and the copy itself writes the zeros. The `units` copying
+/// units are numbered by `unit`; every one of them must call it, then [`wait_rows()`]
+/// before any unit reads `dst`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn load_vector_rows<F: Float, N: Size>(
@@ -135,6 +140,7 @@ pub fn load_vector_rows<F: Float, N: Size>(
     first_row: usize,
     valid: usize,
     dst: &mut SharedMemory<Vector<F, N>>,
+    unit: usize,
     #[comptime] dst_at: usize,
     #[comptime] rows: usize,
     #[comptime] dim: usize,
@@ -145,7 +151,7 @@ pub fn load_vector_rows<F: Float, N: Size>(
     let count = comptime!(rows * per_row);
     #[unroll]
     for step in 0..comptime!(count.div_ceil(units)) {
-        let idx = UNIT_POS as usize + step * units;
+        let idx = unit + step * units;
         if idx < count {
             let row = idx / per_row;
             let from = (at.base + (first_row + row) * at.row_stride) / width + idx % per_row;
@@ -173,8 +179,9 @@ pub fn copy_vector<F: Float, N: Size>(
     );
 }
 
-/// Waits until the cube's copies of [`load_vector_rows()`] since the last wait have landed in
-/// shared memory (and synchronizes the cube).
+/// Waits until the copies of [`load_vector_rows()`] since the last wait of the units that
+/// arrive at `barrier` (the whole cube for [`rows_barrier()`]) have landed in shared memory,
+/// and synchronizes those units.
 #[cube]
 pub fn wait_rows(barrier: &Shared<Barrier>) {
     barrier.commit_copy_async();
@@ -253,6 +260,7 @@ pub fn load_key_value_rows<F: Float, N: Size>(
         first,
         valid,
         dst,
+        UNIT_POS as usize,
         0usize,
         rows,
         cfg.d_k,
@@ -264,6 +272,7 @@ pub fn load_key_value_rows<F: Float, N: Size>(
         first,
         valid,
         dst,
+        UNIT_POS as usize,
         values_at,
         rows,
         cfg.d_v,

@@ -170,13 +170,14 @@ pub fn register_load_rows<F: Float, N: Size>(
 }
 
 /// `A B^T` of this plane's 16 rows (`frags`, `dim` wide) against the tile's `tile_keys`
-/// rows in `inputs` (from element `at`, `stride` apart): `tile_keys / 8` accumulator tiles
-/// of two pairs (rows `g` and `g + 8`). The scores `Q K^T` (unscaled), and `dO V^T` in the
-/// backward pass.
+/// rows in `inputs` (from vector `base` plus element `at`, `stride` apart): `tile_keys / 8`
+/// accumulator tiles of two pairs (rows `g` and `g + 8`). The scores `Q K^T` (unscaled),
+/// and `dO V^T` in the backward pass.
 #[cube]
 pub fn plane_row_products<F: Float, N: Size>(
     inputs: &SharedMemory<Vector<F, N>>,
     frags: &Array<Pair<F>>,
+    base: usize,
     #[comptime] at: usize,
     #[comptime] stride: usize,
     #[comptime] dim: usize,
@@ -187,7 +188,7 @@ pub fn plane_row_products<F: Float, N: Size>(
     // Matrices: rows 0-7 | dims 0-7, rows 0-7 | dims 8-15, rows 8-15 | dims 0-7, ...
     let row = lane / MMA * N8 + lane % N8;
     let col = (lane / N8) % 2 * N8;
-    let lane_at = (row * stride + col) / N::value();
+    let lane_at = base + (row * stride + col) / N::value();
     #[unroll]
     for rows in 0..comptime!(cfg.tile_keys / MMA) {
         #[unroll]
@@ -202,14 +203,24 @@ pub fn plane_row_products<F: Float, N: Size>(
     products
 }
 
-/// The scores `Q K^T` (unscaled) of this plane's rows against the tile's keys.
+/// The scores `Q K^T` (unscaled) of this plane's rows against the tile's keys (from vector
+/// `base` of `inputs`).
 #[cube]
 pub fn plane_score_tiles<F: Float, N: Size>(
     inputs: &SharedMemory<Vector<F, N>>,
     queries: &Array<Pair<F>>,
+    base: usize,
     #[comptime] cfg: MmaTileConfig,
 ) -> Array<AccPair> {
-    plane_row_products::<F, N>(inputs, queries, 0usize, cfg.key_stride(), cfg.d_k, cfg)
+    plane_row_products::<F, N>(
+        inputs,
+        queries,
+        base,
+        0usize,
+        cfg.key_stride(),
+        cfg.d_k,
+        cfg,
+    )
 }
 
 /// Index in a flat `A` fragment list of the pair of row `half` from score tile `tile`:
@@ -474,12 +485,15 @@ pub fn score_gradients<F: Float>(
 }
 
 /// `acc += W R`: the `A` fragments `weights` (this plane's rows against the tile's
-/// `tile_keys` rows) times the tile's rows `[tile_keys, dim]` in `inputs` (from element
-/// `at`, `stride` apart), read transposed. `P V` in the forward pass, `dS K` for `dQ`.
+/// `tile_keys` rows) times the tile's rows `[tile_keys, dim]` in `inputs` (from vector
+/// `base` plus element `at`, `stride` apart), read transposed. `P V` in the forward pass,
+/// `dS K` for `dQ`.
 #[cube]
+#[allow(clippy::too_many_arguments)]
 pub fn accumulate_tile_rows<F: Float, N: Size>(
     inputs: &SharedMemory<Vector<F, N>>,
     weights: &Array<Pair<F>>,
+    base: usize,
     #[comptime] at: usize,
     #[comptime] stride: usize,
     #[comptime] dim: usize,
@@ -490,7 +504,7 @@ pub fn accumulate_tile_rows<F: Float, N: Size>(
     // Matrices: rows 0-7 | dims 0-7, rows 8-15 | dims 0-7, rows 0-7 | dims 8-15, ...
     let row_in_step = (lane / N8) % 2 * N8 + lane % N8;
     let col = lane / MMA * N8;
-    let lane_at = (row_in_step * stride + col) / N::value();
+    let lane_at = base + (row_in_step * stride + col) / N::value();
     #[unroll]
     for step in 0..comptime!(cfg.tile_keys / MMA) {
         let a = a_fragment::<F>(weights, step);
@@ -539,28 +553,52 @@ pub fn register_attend_tile<F: Float, N: Size>(
         cfg,
     );
     if plane_has_rows(cfg) {
-        let scores = plane_score_tiles::<F, N>(inputs, queries, cfg);
-        let mut probs = Array::<Pair<F>>::new(comptime!(cfg.tile_keys / N8 * 2));
-        if plane_tile_unmasked(ranges, first, valid, cfg) {
-            softmax_tiles::<F>(
-                &scores, state, first, valid, ranges, scale, &mut probs, cfg, false,
-            );
-        } else {
-            softmax_tiles::<F>(
-                &scores, state, first, valid, ranges, scale, &mut probs, cfg, true,
-            );
-        }
-        accumulate_tile_rows::<F, N>(
-            inputs,
-            &probs,
-            cfg.values_at(),
-            cfg.value_stride(),
-            cfg.d_v,
-            &mut state.out,
-            cfg,
+        register_attend_loaded::<F, N>(
+            inputs, 0usize, first, valid, ranges, scale, queries, state, cfg,
         );
     }
     sync_cube();
+}
+
+/// Folds a key tile already in shared memory into this lane's state: its keys from vector
+/// `base` of `inputs` ([`MmaTileConfig::key_stride`] apart), its values
+/// [`MmaTileConfig::values_at`] elements later; the tile starts at key row `first` and
+/// holds `valid` rows. Each row is masked to its own range. Plane-level only: no cube
+/// barrier.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn register_attend_loaded<F: Float, N: Size>(
+    inputs: &SharedMemory<Vector<F, N>>,
+    base: usize,
+    first: usize,
+    valid: usize,
+    ranges: &LaneRanges,
+    scale: f32,
+    queries: &Array<Pair<F>>,
+    state: &mut RegisterState,
+    #[comptime] cfg: MmaTileConfig,
+) {
+    let scores = plane_score_tiles::<F, N>(inputs, queries, base, cfg);
+    let mut probs = Array::<Pair<F>>::new(comptime!(cfg.tile_keys / N8 * 2));
+    if plane_tile_unmasked(ranges, first, valid, cfg) {
+        softmax_tiles::<F>(
+            &scores, state, first, valid, ranges, scale, &mut probs, cfg, false,
+        );
+    } else {
+        softmax_tiles::<F>(
+            &scores, state, first, valid, ranges, scale, &mut probs, cfg, true,
+        );
+    }
+    accumulate_tile_rows::<F, N>(
+        inputs,
+        &probs,
+        base,
+        cfg.values_at(),
+        cfg.value_stride(),
+        cfg.d_v,
+        &mut state.out,
+        cfg,
+    );
 }
 
 /// Attends the key rows `first..last` (a range the whole cube agrees on) tile by tile.
@@ -655,9 +693,9 @@ pub fn store_lane_rows<F: Float>(
 }
 
 /// Writes this lane's two output rows to `o: [B, T, H, d_v]` (`out / sum`, 0 for an empty
-/// row) and, from the row's first lane, their log-sum-exp to `lse: [B, H, T]`; returns the
-/// two rows' log-sum-exp ([`NEG_BIG`] for a row that attended nothing). Every lane must
-/// call it (it reduces the row sums over the row's lanes).
+/// row) and, from the row's first lane, their log-sum-exp to `lse: [B, H, T]` ([`NEG_BIG`]
+/// for a row that attended nothing). Every lane must call it (it reduces the row sums over
+/// the row's lanes).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn register_state_finish<F: Float>(
@@ -668,27 +706,50 @@ pub fn register_state_finish<F: Float>(
     t0: usize,
     kv_head: usize,
     #[comptime] cfg: MmaTileConfig,
-) -> Array<f32> {
+) {
     let (low, _) = lane_rows();
     let mut inverse = Array::<f32>::new(2usize);
-    let mut row_lse = Array::<f32>::new(2usize);
     #[unroll]
     for half in 0..2usize {
         let sum = row_reduce(state.sum[half], false);
         let row = low + half * N8;
         let (position, real) = row_position(row, t0, o.shape(1), cfg);
-        row_lse[half] = NEG_BIG;
+        let mut row_lse = f32::new(NEG_BIG);
         inverse[half] = 0.0;
         if sum > 0.0 {
             inverse[half] = 1.0 / sum;
-            row_lse[half] = state.max[half] + sum.ln();
+            row_lse = state.max[half] + sum.ln();
         }
         if real && lane() % 4 == 0 {
             let head = kv_head * cfg.group + row % cfg.group;
-            lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)] =
-                row_lse[half];
+            lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)] = row_lse;
         }
     }
     store_lane_rows::<F>(&state.out, &inverse, o, b, t0, kv_head, cfg.d_v, cfg);
+}
+
+/// The log-sum-exp `lse: [B, H, T]` of this lane's two rows (`g` and `g + 8` of its plane;
+/// 0 for padding rows, which no key reaches).
+#[cube]
+pub fn lane_row_lse(
+    lse: &Tensor<f32>,
+    b: usize,
+    t0: usize,
+    kv_head: usize,
+    #[comptime] cfg: MmaTileConfig,
+) -> Array<f32> {
+    let (low, _) = lane_rows();
+    let mut row_lse = Array::<f32>::new(2usize);
+    #[unroll]
+    for half in 0..2usize {
+        let row = low + half * N8;
+        let (position, real) = row_position(row, t0, lse.shape(2), cfg);
+        row_lse[half] = 0.0;
+        if real {
+            let head = kv_head * cfg.group + row % cfg.group;
+            row_lse[half] =
+                lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)];
+        }
+    }
     row_lse
 }

@@ -1,12 +1,15 @@
 //! Selected-block attention (Eq. 12), group-centric: the cube of `(b, KV head, t)` holds the
 //! group's `G` query heads and loops over the `n` blocks they selected together.
 
+use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
-use crate::keys::KeySet;
-use crate::mma::{rows_barrier, MmaTileConfig};
+use crate::keys::{index_min, KeySet};
+use crate::mma::{
+    load_key_value_rows, load_vector_rows, plane_first_row, rows_barrier, wait_rows, MmaTileConfig,
+};
 use crate::register_tile::{
-    fast_exp, lane_key_ranges, register_attend_tile, register_load_rows, register_state_finish,
+    fast_exp, lane_key_ranges, register_attend_loaded, register_load_rows, register_state_finish,
     register_state_new,
 };
 use crate::tile::{
@@ -70,9 +73,32 @@ pub fn selected_attention_kernel<F: Float, I: Int>(
     }
 }
 
-/// [`selected_attention_kernel()`] on tensor cores: one cube per `(b, KV head, t)`
-/// (`cfg.positions == 1`), its `16 * planes` rows the group's heads (padded); each selected
-/// block is attended in `ceil(l' / tile_keys)` tiles.
+/// Key tiles in the tensor-core selection kernel's input buffer: one the cube's positions
+/// share, and one of each position's own when a cube holds several.
+fn selection_tiles(cfg: &MmaTileConfig) -> usize {
+    if cfg.positions > 1 {
+        cfg.positions + 1
+    } else {
+        1
+    }
+}
+
+/// Elements of the tensor-core selection kernel's input buffer: the cube's query rows, then
+/// its key tiles ([`MmaTileConfig::tile_elems`] apart) in the same space.
+pub fn selection_input_elems(cfg: &MmaTileConfig) -> usize {
+    cfg.input_elems()
+        .max(selection_tiles(cfg) * cfg.tile_elems())
+}
+
+/// [`selected_attention_kernel()`] on tensor cores. A cube holds `cfg.positions` consecutive
+/// positions of one KV head, each on its own planes (`G` a multiple of 16 when
+/// `cfg.positions > 1`; one plane per 16 of the group's heads, padded). The positions walk
+/// their selection slots in order, each selected block in `ceil(l' / tile_keys)` tiles. A
+/// block that every position took in the same slot (the forced initial and local blocks
+/// of neighbouring positions) is loaded once into the shared tile, by the whole cube; any
+/// other goes into the position's own tile, loaded and waited for by that position's
+/// planes alone, so positions only wait for each other at shared blocks. The selected
+/// indices may be anything (compared per slot, never assumed).
 #[cube(launch_unchecked, address_type = "dynamic", fast_math = fast_exp())]
 #[allow(clippy::too_many_arguments)]
 pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
@@ -90,42 +116,135 @@ pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
         block: select_block
     });
     let width = N::value();
-    let mut inputs = SharedMemory::<Vector<F, N>>::new(comptime!(cfg.input_elems() / width));
+    let tile_elems = comptime!(cfg.tile_elems());
+    let position_units = comptime!(cfg.units() / cfg.positions);
+    let mut inputs =
+        SharedMemory::<Vector<F, N>>::new(comptime!(selection_input_elems(&cfg) / width));
     let barrier = rows_barrier();
+    // One barrier per position, for the loads of its own tiles.
+    let mut position_barriers = Sequence::<Shared<Barrier>>::new();
+    if comptime!(cfg.positions > 1) {
+        #[unroll]
+        for p in 0..cfg.positions {
+            position_barriers.push(Barrier::shared(
+                position_units as u32,
+                UNIT_POS as usize == p * position_units,
+            ));
+        }
+    }
     let seq = q.shape(1);
-    let (b, head, t, active) = cube_positions(q.shape(0), k.shape(2), seq, 1usize);
+    let (b, head, t0, active) = cube_positions(q.shape(0), k.shape(2), seq, cfg.positions);
     if active {
-        let queries = register_load_rows::<F, N>(q, b, t, head, &mut inputs, cfg.d_k, cfg);
+        let queries = register_load_rows::<F, N>(q, b, t0, head, &mut inputs, cfg.d_k, cfg);
         let k_at = head_rows::<Vector<F, N>>(k, b, head);
         let v_at = head_rows::<Vector<F, N>>(v, b, head);
-        let slots = b * selected.stride(0) + head * selected.stride(1) + t * selected.stride(2);
-        let ranges = lane_key_ranges(t, seq, k.shape(1), keys, cfg);
+        let last = index_min(t0 + cfg.positions, seq) - 1;
+        // This plane's position, and whether it is one (not past the cube or the sequence).
+        let own = plane_first_row() / cfg.group;
+        let t = t0 + own;
+        let real = own < cfg.positions && t < seq;
+        let slots = b * selected.stride(0) + head * selected.stride(1);
+        let ranges = lane_key_ranges(t0, seq, k.shape(1), keys, cfg);
         let mut state = register_state_new(cfg);
         for slot in 0..selected.shape(3) {
-            let block = i32::cast_from(selected[slots + slot * selected.stride(3)]);
+            let slot_at = slots + slot * selected.stride(3);
+            let lead = i32::cast_from(selected[slot_at + t0 * selected.stride(2)]);
+            let own_block =
+                i32::cast_from(selected[slot_at + index_min(t, last) * selected.stride(2)]);
+            let mut shared = true;
+            if comptime!(cfg.positions > 1) {
+                #[unroll]
+                for p in 1..cfg.positions {
+                    if t0 + p < seq {
+                        let block =
+                            i32::cast_from(selected[slot_at + (t0 + p) * selected.stride(2)]);
+                        shared = shared && block == lead;
+                    }
+                }
+            }
             #[unroll]
             for part in 0..comptime!(select_block.div_ceil(cfg.tile_keys)) {
-                let (first, valid) = selected_tile(block, part, t, select_block, cfg.tile_keys);
-                // Uniform over the cube: every row is position t.
-                if valid > 0 {
-                    register_attend_tile::<F, N>(
-                        k,
-                        k_at,
-                        v,
-                        v_at,
-                        first,
-                        valid,
-                        &ranges,
-                        scale,
-                        &queries,
-                        &mut inputs,
-                        &barrier,
-                        &mut state,
-                        cfg,
-                    );
+                let (own_first, own_valid) =
+                    selected_tile(own_block, part, t, select_block, cfg.tile_keys);
+                let attends = real && own_valid > 0;
+                if shared {
+                    // Uniform over the cube; the last position reaches furthest into the block.
+                    let (first, valid) =
+                        selected_tile(lead, part, last, select_block, cfg.tile_keys);
+                    if valid > 0 {
+                        load_key_value_rows::<F, N>(
+                            k,
+                            k_at,
+                            v,
+                            v_at,
+                            first,
+                            valid,
+                            &mut inputs,
+                            &barrier,
+                            cfg.tile_keys,
+                            cfg.values_at(),
+                            cfg,
+                        );
+                        if attends {
+                            register_attend_loaded::<F, N>(
+                                &inputs, 0usize, first, valid, &ranges, scale, &queries,
+                                &mut state, cfg,
+                            );
+                        }
+                        sync_cube();
+                    }
+                } else if comptime!(cfg.positions > 1) {
+                    // Uniform over the position's planes.
+                    if attends {
+                        let unit = UNIT_POS as usize % position_units;
+                        #[unroll]
+                        for p in 0..cfg.positions {
+                            if own == p {
+                                let tile_at = comptime!((p + 1) * tile_elems);
+                                load_vector_rows::<F, N>(
+                                    k,
+                                    k_at,
+                                    own_first,
+                                    own_valid,
+                                    &mut inputs,
+                                    unit,
+                                    tile_at,
+                                    cfg.tile_keys,
+                                    cfg.d_k,
+                                    position_units,
+                                );
+                                load_vector_rows::<F, N>(
+                                    v,
+                                    v_at,
+                                    own_first,
+                                    own_valid,
+                                    &mut inputs,
+                                    unit,
+                                    comptime!(tile_at + cfg.values_at()),
+                                    cfg.tile_keys,
+                                    cfg.d_v,
+                                    position_units,
+                                );
+                                wait_rows(position_barriers.index(p));
+                            }
+                        }
+                        register_attend_loaded::<F, N>(
+                            &inputs,
+                            (own + 1) * comptime!(tile_elems / width),
+                            own_first,
+                            own_valid,
+                            &ranges,
+                            scale,
+                            &queries,
+                            &mut state,
+                            cfg,
+                        );
+                        // The position's own tile is free for its next load.
+                        sync_plane();
+                    }
                 }
             }
         }
-        register_state_finish::<F>(&state, o, lse, b, t, head, cfg);
+        register_state_finish::<F>(&state, o, lse, b, t0, head, cfg);
     }
 }
