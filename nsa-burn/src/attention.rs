@@ -7,7 +7,7 @@ use core::fmt;
 
 use burn::tensor::TensorPrimitive;
 
-use crate::{GatedSum, NsaAttentionConfig, NsaBackend, NsaConfigError};
+use crate::{GatedRest, NsaAttentionConfig, NsaBackend, NsaConfigError};
 
 /// Keys and values of one branch.
 #[derive(Debug, Clone)]
@@ -259,23 +259,22 @@ pub fn try_nsa_attention<B: NsaBackend>(
             (None, blocks)
         }
     };
-    let (o_slc, _) = B::nsa_selected(
-        float(q.clone()),
+    let (o_win, _) = B::nsa_window(float(q.clone()), float(window.k), float(window.v), config);
+    let tensor = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
+    // Without compression blocks the compressed branch is exactly zero.
+    let o_cmp = o_cmp.unwrap_or_else(|| float(tensor(o_win.clone()).zeros_like()));
+    let output = tensor(B::nsa_selected_gated_sum(
+        float(q),
         float(selected.k),
         float(selected.v),
         selected_blocks.clone().into_primitive(),
+        GatedRest {
+            compressed: o_cmp,
+            window: o_win,
+            gates: float(gates),
+        },
         config,
-    );
-    let (o_win, _) = B::nsa_window(float(q), float(window.k), float(window.v), config);
-    let tensor = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
-    // Without compression blocks the compressed branch is exactly zero.
-    let o_cmp = o_cmp.unwrap_or_else(|| float(tensor(o_slc.clone()).zeros_like()));
-    let output = tensor(B::nsa_gated_sum(GatedSum {
-        compressed: o_cmp,
-        selected: o_slc,
-        window: o_win,
-        gates: float(gates),
-    }));
+    ));
     Ok(NsaOutput {
         output,
         selected_blocks,

@@ -116,6 +116,37 @@ pub struct GatedSum<B: Backend> {
     pub gates: FloatTensor<B>,
 }
 
+/// What the selection branch sums its output with in
+/// [`NsaBackend::nsa_selected_gated_sum`]: the other two branches' outputs and the gates.
+#[derive(Debug, Clone)]
+pub struct GatedRest<B: Backend> {
+    /// Compressed branch output `[B, T, H, d_v]`.
+    pub compressed: FloatTensor<B>,
+    /// Window branch output `[B, T, H, d_v]`.
+    pub window: FloatTensor<B>,
+    /// Gates `[B, T, H, 3]` (compressed, selected, window).
+    pub gates: FloatTensor<B>,
+}
+
+/// [`NsaBackend::nsa_selected`], then [`NsaBackend::nsa_gated_sum`] of its output with
+/// `rest` (the trait's default for [`NsaBackend::nsa_selected_gated_sum`]).
+pub(crate) fn selected_then_gated_sum<B: NsaBackend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    selected: IntTensor<B>,
+    rest: GatedRest<B>,
+    config: &NsaAttentionConfig,
+) -> FloatTensor<B> {
+    let (output, _) = B::nsa_selected(q, k, v, selected, config);
+    B::nsa_gated_sum(GatedSum {
+        compressed: rest.compressed,
+        selected: output,
+        window: rest.window,
+        gates: rest.gates,
+    })
+}
+
 /// The backward passes of the three branches on a backend that has them as kernels.
 /// Each takes what the branch's forward pass saved and the gradient `[B, T, H, d_v]` of its
 /// output; the selection branch also takes the selected blocks `[B, H_kv, T, n]`.
@@ -193,6 +224,24 @@ pub trait NsaBackend: Backend {
     /// for the shapes).
     fn nsa_gated_sum(parts: GatedSum<Self>) -> FloatTensor<Self> {
         reference_gated_sum::<Self>(parts)
+    }
+
+    /// Selected-block attention summed with the other branches under the gates (Eq. 5):
+    /// `g_cmp * o_cmp + g_slc * o_slc + g_win * o_win -> [B, T, H, d_v]`, with `o_slc` the
+    /// output of [`Self::nsa_selected`] on `q`, `k`, `v`, `selected` (same shapes) and
+    /// `o_cmp`, `o_win` and the gates from `rest`. The default runs [`Self::nsa_selected`]
+    /// and then [`Self::nsa_gated_sum`] (so `Autodiff` records both); the tensor-core
+    /// kernels sum the gates at the end of the selection kernel, and `o_slc` never reaches
+    /// memory.
+    fn nsa_selected_gated_sum(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        selected: IntTensor<Self>,
+        rest: GatedRest<Self>,
+        config: &NsaAttentionConfig,
+    ) -> FloatTensor<Self> {
+        selected_then_gated_sum::<Self>(q, k, v, selected, rest, config)
     }
 
     /// The backward kernels, if this backend has them. With them, `Autodiff<Self>` records

@@ -1,6 +1,6 @@
 //! [`NsaBackend`] on `Fusion<B>` (the default `Cuda`, `Wgpu` and `Rocm` types): each branch's
-//! forward and backward pass, and the gated sum's, is registered as a custom operation that
-//! runs `B`'s kernels when the stream executes.
+//! forward and backward pass, the gated sum's, and the selection branch fused with the gated
+//! sum, is registered as a custom operation that runs `B`'s kernels when the stream executes.
 
 use core::marker::PhantomData;
 
@@ -10,7 +10,9 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
-use crate::{BranchGrads, BranchSaved, GatedSum, NsaAttentionConfig, NsaBackend, NsaBackward};
+use crate::{
+    BranchGrads, BranchSaved, GatedRest, GatedSum, NsaAttentionConfig, NsaBackend, NsaBackward,
+};
 
 type Handles<B> =
     HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
@@ -22,6 +24,7 @@ enum Step {
     Selected,
     Window,
     GatedSum,
+    SelectedGatedSum,
     CompressedBackward,
     SelectedBackward,
     WindowBackward,
@@ -35,6 +38,7 @@ impl Step {
             Step::Selected => "nsa_selected",
             Step::Window => "nsa_window",
             Step::GatedSum => "nsa_gated_sum",
+            Step::SelectedGatedSum => "nsa_selected_gated_sum",
             Step::CompressedBackward => "nsa_compressed_backward",
             Step::SelectedBackward => "nsa_selected_backward",
             Step::WindowBackward => "nsa_window_backward",
@@ -124,6 +128,23 @@ impl<B: FusionBackend + NsaBackend> Operation<B::FusionRuntime> for NsaOp<B> {
             }
             Step::GatedSum => {
                 let output = B::nsa_gated_sum(self.gated_sum(handles));
+                self.register_floats(handles, [output]);
+            }
+            Step::SelectedGatedSum => {
+                let selected = handles.get_int_tensor::<B>(&self.desc.inputs[3]);
+                let rest = GatedRest {
+                    compressed: self.float(handles, 4),
+                    window: self.float(handles, 5),
+                    gates: self.float(handles, 6),
+                };
+                let output = B::nsa_selected_gated_sum(
+                    self.float(handles, 0),
+                    self.float(handles, 1),
+                    self.float(handles, 2),
+                    selected,
+                    rest,
+                    config,
+                );
                 self.register_floats(handles, [output]);
             }
             Step::GatedSumBackward => {
@@ -276,6 +297,20 @@ impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
         let outputs = output_irs(&q, &v);
         let [o, lse] = register::<B>(Step::Window, vec![q, k, v], &outputs, config).outputs();
         (o, lse)
+    }
+
+    fn nsa_selected_gated_sum(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        selected: IntTensor<Self>,
+        rest: GatedRest<Self>,
+        config: &NsaAttentionConfig,
+    ) -> FloatTensor<Self> {
+        let output = [like(&rest.window)];
+        let inputs = vec![q, k, v, selected, rest.compressed, rest.window, rest.gates];
+        let [output] = register::<B>(Step::SelectedGatedSum, inputs, &output, config).outputs();
+        output
     }
 
     fn nsa_gated_sum(parts: GatedSum<Self>) -> FloatTensor<Self> {

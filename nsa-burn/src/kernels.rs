@@ -8,12 +8,15 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use nsa_cubecl::{
     key_grad_split, launch_compressed, launch_delta, launch_gated_sum, launch_gated_sum_backward,
-    launch_grad_key_value, launch_grad_query, launch_selected, launch_selection_bitmap,
-    launch_sum_key_splits, launch_window, selection_bitmap_shape, AttentionShape, GradArgs, KeySet,
-    SelectionConfig,
+    launch_grad_key_value, launch_grad_query, launch_selected, launch_selected_gated_sum,
+    launch_selection_bitmap, launch_sum_key_splits, launch_window, selection_bitmap_shape,
+    selection_sums_gates, AttentionShape, GradArgs, KeySet, SelectionConfig,
 };
 
-use crate::{BranchGrads, BranchSaved, GatedSum, NsaAttentionConfig, NsaBackend, NsaBackward};
+use crate::backend::selected_then_gated_sum;
+use crate::{
+    BranchGrads, BranchSaved, GatedRest, GatedSum, NsaAttentionConfig, NsaBackend, NsaBackward,
+};
 
 /// Calls `$launch::<R, F, ..>` with `F` the Rust type of the float dtype `$dtype`
 /// (and `I` that of the int dtype, for the kernels that take one).
@@ -380,6 +383,41 @@ where
             )
         }));
         (o, lse)
+    }
+
+    fn nsa_selected_gated_sum(
+        q: CubeTensor<R>,
+        k: CubeTensor<R>,
+        v: CubeTensor<R>,
+        selected: CubeTensor<R>,
+        rest: GatedRest<Self>,
+        config: &NsaAttentionConfig,
+    ) -> CubeTensor<R> {
+        let shape = attention_shape(&q, &v);
+        let client = q.client.clone();
+        let fused = with_float_type!(q.dtype, Fl => selection_sums_gates::<R, Fl>(&client, &shape));
+        if !fused {
+            return selected_then_gated_sum::<Self>(q, k, v, selected, rest, config);
+        }
+        let (q, k, v) = contiguous(q, k, v);
+        let (output, lse) = outputs(&q, &shape);
+        let selected = into_contiguous(selected);
+        let compressed = into_contiguous(rest.compressed);
+        let window = into_contiguous(rest.window);
+        let gates = cast(into_contiguous(rest.gates), q.dtype);
+        with_float_type!(q.dtype, Fl => with_int_type!(selected.dtype, In => {
+            launch_selected_gated_sum::<R, Fl, In>(
+                &client,
+                &shape,
+                [q, k, v, selected].map(|t| t.into_tensor_arg()),
+                [compressed, window, gates].map(|t| t.into_tensor_arg()),
+                output.clone().into_tensor_arg(),
+                lse.into_tensor_arg(),
+                scale(config, &shape),
+                config.select_block,
+            )
+        }));
+        output
     }
 
     fn nsa_window(

@@ -25,8 +25,8 @@ pub use attention::{
     nsa_attention, try_nsa_attention, BranchKv, NsaError, NsaInput, NsaOutput, NsaShapeError,
 };
 pub use backend::{
-    BranchBackwardFn, BranchGrads, BranchSaved, GatedSum, GatedSumBackwardFn, NsaBackend,
-    NsaBackward, SelectedBackwardFn,
+    BranchBackwardFn, BranchGrads, BranchSaved, GatedRest, GatedSum, GatedSumBackwardFn,
+    NsaBackend, NsaBackward, SelectedBackwardFn,
 };
 pub use compressor::{Compressor, CompressorMlp};
 pub use config::{CompressorKind, KvSharing, NsaAttentionConfig, NsaConfig, NsaConfigError};

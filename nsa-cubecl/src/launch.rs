@@ -10,7 +10,7 @@ use crate::compress::{
     compressed_attention_kernel, compressed_scores_mma_kernel, ScoreSegments, SelectionConfig,
 };
 use crate::delta::{delta_kernel, RowLayout};
-use crate::gated_sum::{gated_sum_backward_kernel, gated_sum_kernel};
+use crate::gated_sum::{gated_sum_backward_kernel, gated_sum_kernel, GatedRest, GatedRestLaunch};
 use crate::grad_key::{
     grad_key_value_kernel, grad_key_value_mma_kernel, sum_key_splits_kernel, KeyTileConfig,
 };
@@ -384,27 +384,19 @@ pub fn launch_selected<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>
     select_block: usize,
 ) {
     if let Some(cfg) = selection_tile_config::<R, F>(client, shape) {
-        let (count, dim) = mma_grid(client, shape, &cfg);
-        // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
-        // past `valid` and padding rows are never read), as the parity tests check.
-        unsafe {
-            selected_attention_mma_kernel::launch_unchecked::<F, I, R>(
-                client,
-                count,
-                dim,
-                address_type(shape, shape.seq),
-                MMA_VECTOR,
-                q,
-                k,
-                v,
-                selected,
-                o,
-                lse,
-                scale,
-                cfg,
-                select_block,
-            );
-        }
+        let inputs = [q, k, v, selected];
+        let outputs = [o, lse];
+        let rest = ComptimeOptionArgs::None;
+        launch_selected_mma::<R, F, I>(
+            client,
+            shape,
+            cfg,
+            inputs,
+            rest,
+            outputs,
+            scale,
+            select_block,
+        );
         return;
     }
     let cfg = tile_config(client, shape, Some(select_block), TileConfig::shared_words);
@@ -424,6 +416,82 @@ pub fn launch_selected<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>
         cfg,
         select_block,
     );
+}
+
+/// Whether [`launch_selected_gated_sum`] can run `shape` in `F` on this device: the
+/// tensor-core selection kernel sums the gates itself; elsewhere the selection branch and
+/// the gated sum run one after the other ([`launch_selected`], [`launch_gated_sum`]).
+pub fn selection_sums_gates<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+) -> bool {
+    selection_tile_config::<R, F>(client, shape).is_some()
+}
+
+/// Selected-block attention that finishes the gated sum (Eq. 5): as [`launch_selected`], but
+/// `o: [B, T, H, d_v]` receives `g_cmp * o_cmp + g_slc * o_slc + g_win * o_win` from
+/// `rest = [o_cmp, o_win, gates]` (`[B, T, H, d_v]` twice, `[B, T, H, 3]`) and the
+/// selection output itself is never written. Panics unless [`selection_sums_gates`].
+#[allow(clippy::too_many_arguments)]
+pub fn launch_selected_gated_sum<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    [q, k, v, selected]: [TensorArg<R>; 4],
+    [compressed, window, gates]: [TensorArg<R>; 3],
+    o: TensorArg<R>,
+    lse: TensorArg<R>,
+    scale: f32,
+    select_block: usize,
+) {
+    let cfg = selection_tile_config::<R, F>(client, shape)
+        .expect("launch_selected_gated_sum needs the tensor-core selection kernel (see selection_sums_gates)");
+    let rest = ComptimeOptionArgs::Some(GatedRestLaunch::new(compressed, window, gates));
+    launch_selected_mma::<R, F, I>(
+        client,
+        shape,
+        cfg,
+        [q, k, v, selected],
+        rest,
+        [o, lse],
+        scale,
+        select_block,
+    );
+}
+
+/// [`selected_attention_mma_kernel()`] for `[q, k, v, selected]` -> `[o, lse]`.
+#[allow(clippy::too_many_arguments)]
+fn launch_selected_mma<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    cfg: MmaTileConfig,
+    [q, k, v, selected]: [TensorArg<R>; 4],
+    rest: ComptimeOptionArgs<GatedRest<F>, R>,
+    [o, lse]: [TensorArg<R>; 2],
+    scale: f32,
+    select_block: usize,
+) {
+    let (count, dim) = mma_grid(client, shape, &cfg);
+    // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
+    // past `valid` and padding rows are never read), as the parity tests check.
+    unsafe {
+        selected_attention_mma_kernel::launch_unchecked::<F, I, R>(
+            client,
+            count,
+            dim,
+            address_type(shape, shape.seq),
+            MMA_VECTOR,
+            q,
+            k,
+            v,
+            selected,
+            rest,
+            o,
+            lse,
+            scale,
+            cfg,
+            select_block,
+        );
+    }
 }
 
 /// Compressed attention with fused top-n selection. `q: [B, T, H, d_k]`,

@@ -36,9 +36,10 @@ pub use compress::SelectionConfig;
 pub use keys::KeySet;
 pub use launch::{
     key_grad_split, launch_compressed, launch_delta, launch_gated_sum, launch_gated_sum_backward,
-    launch_grad_key_value, launch_grad_query, launch_selected, launch_selection_bitmap,
-    launch_sum_key_splits, launch_window, mma_tile_config, selection_bitmap_shape, tile_config,
-    AttentionShape, GradArgs, KeyGradSplit, PORTABLE_KERNELS_VAR,
+    launch_grad_key_value, launch_grad_query, launch_selected, launch_selected_gated_sum,
+    launch_selection_bitmap, launch_sum_key_splits, launch_window, mma_tile_config,
+    selection_bitmap_shape, selection_sums_gates, tile_config, AttentionShape, GradArgs,
+    KeyGradSplit, PORTABLE_KERNELS_VAR,
 };
 pub use mma::MmaTileConfig;
 pub use tile::TileConfig;

@@ -55,7 +55,7 @@ fn mma_definition<F: Float>() -> MmaDefinition<F, F, f32> {
 
 /// This lane's index in its plane.
 #[cube]
-fn lane() -> usize {
+pub fn lane() -> usize {
     UNIT_POS as usize % PLANE
 }
 
@@ -693,9 +693,8 @@ pub fn store_lane_rows<F: Float>(
 }
 
 /// Writes this lane's two output rows to `o: [B, T, H, d_v]` (`out / sum`, 0 for an empty
-/// row) and, from the row's first lane, their log-sum-exp to `lse: [B, H, T]` ([`NEG_BIG`]
-/// for a row that attended nothing). Every lane must call it (it reduces the row sums over
-/// the row's lanes).
+/// row) and, from the row's first lane, their log-sum-exp to `lse: [B, H, T]`
+/// ([`register_state_lse()`]). Every lane must call it.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn register_state_finish<F: Float>(
@@ -707,13 +706,30 @@ pub fn register_state_finish<F: Float>(
     kv_head: usize,
     #[comptime] cfg: MmaTileConfig,
 ) {
+    let inverse = register_state_lse(state, lse, b, t0, kv_head, cfg);
+    store_lane_rows::<F>(&state.out, &inverse, o, b, t0, kv_head, cfg.d_v, cfg);
+}
+
+/// Writes, from each row's first lane, the log-sum-exp of this lane's two rows to
+/// `lse: [B, H, T]` ([`NEG_BIG`] for a row that attended nothing) and returns the rows'
+/// output factors `1 / sum` (0 for an empty row). Every lane must call it (it reduces the
+/// row sums over the row's lanes).
+#[cube]
+pub fn register_state_lse(
+    state: &RegisterState,
+    lse: &mut Tensor<f32>,
+    b: usize,
+    t0: usize,
+    kv_head: usize,
+    #[comptime] cfg: MmaTileConfig,
+) -> Array<f32> {
     let (low, _) = lane_rows();
     let mut inverse = Array::<f32>::new(2usize);
     #[unroll]
     for half in 0..2usize {
         let sum = row_reduce(state.sum[half], false);
         let row = low + half * N8;
-        let (position, real) = row_position(row, t0, o.shape(1), cfg);
+        let (position, real) = row_position(row, t0, lse.shape(2), cfg);
         let mut row_lse = f32::new(NEG_BIG);
         inverse[half] = 0.0;
         if sum > 0.0 {
@@ -725,7 +741,7 @@ pub fn register_state_finish<F: Float>(
             lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)] = row_lse;
         }
     }
-    store_lane_rows::<F>(&state.out, &inverse, o, b, t0, kv_head, cfg.d_v, cfg);
+    inverse
 }
 
 /// The log-sum-exp `lse: [B, H, T]` of this lane's two rows (`g` and `g + 8` of its plane;

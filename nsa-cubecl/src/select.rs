@@ -4,13 +4,14 @@
 use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
+use crate::gated_sum::{store_gated_lane_rows, GatedRest};
 use crate::keys::{index_min, KeySet};
 use crate::mma::{
     load_key_value_rows, load_vector_rows, plane_first_row, rows_barrier, wait_rows, MmaTileConfig,
 };
 use crate::register_tile::{
     fast_exp, lane_key_ranges, register_attend_loaded, register_load_rows, register_state_finish,
-    register_state_new,
+    register_state_lse, register_state_new,
 };
 use crate::tile::{
     attend_tile, cube_position, cube_positions, group_rows, head_rows, selected_tile, state_finish,
@@ -99,6 +100,9 @@ pub fn selection_input_elems(cfg: &MmaTileConfig) -> usize {
 /// other goes into the position's own tile, loaded and waited for by that position's
 /// planes alone, so positions only wait for each other at shared blocks. The selected
 /// indices may be anything (compared per slot, never assumed).
+///
+/// With `rest` the kernel writes the gated sum of the three branches (Eq. 5) to
+/// `o: [B, T, H, d_v]` instead of its own output (see [`GatedRest`]); `lse` stays its own.
 #[cube(launch_unchecked, address_type = "dynamic", fast_math = fast_exp())]
 #[allow(clippy::too_many_arguments)]
 pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
@@ -106,6 +110,7 @@ pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
     k: &Tensor<Vector<F, N>>,
     v: &Tensor<Vector<F, N>>,
     selected: &Tensor<I>,
+    rest: ComptimeOption<GatedRest<F>>,
     o: &mut Tensor<F>,
     lse: &mut Tensor<f32>,
     scale: f32,
@@ -245,6 +250,15 @@ pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
                 }
             }
         }
-        register_state_finish::<F>(&state, o, lse, b, t0, head, cfg);
+        #[comptime]
+        match rest {
+            ComptimeOption::Some(rest) => {
+                let factor = register_state_lse(&state, lse, b, t0, head, cfg);
+                store_gated_lane_rows::<F>(&state.out, &factor, &rest, o, b, t0, head, cfg);
+            }
+            ComptimeOption::None => {
+                register_state_finish::<F>(&state, o, lse, b, t0, head, cfg);
+            }
+        }
     }
 }
