@@ -1,5 +1,6 @@
-//! Selected-block attention (Eq. 12), group-centric: the cube of `(b, KV head, t)` holds the
-//! group's `G` query heads and loops over the `n` blocks they selected together.
+//! Selected-block attention (Eq. 12), group-centric: a cube holds the `G` query heads of a
+//! KV head at one position `t` (in the tensor-core kernel, four neighbouring positions when
+//! `G` is a multiple of 16) and loops over the `n` blocks they selected together.
 
 use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
