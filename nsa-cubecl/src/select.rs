@@ -9,6 +9,7 @@ use crate::gated_sum::{store_gated_lane_rows, GatedRest};
 use crate::keys::{index_min, KeySet};
 use crate::mma::{
     load_key_value_rows, load_vector_rows, plane_first_row, rows_barrier, wait_rows, MmaTileConfig,
+    PLANE,
 };
 use crate::register_tile::{
     fast_exp, lane_key_ranges, register_attend_loaded, register_load_rows, register_state_finish,
@@ -245,8 +246,18 @@ pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
                             &mut state,
                             cfg,
                         );
-                        // The position's own tile is free for its next load.
-                        sync_plane();
+                        // The position's own tile is free for its next load once all of
+                        // the position's planes have read it.
+                        if comptime!(position_units == PLANE) {
+                            sync_plane();
+                        } else {
+                            #[unroll]
+                            for p in 0..cfg.positions {
+                                if own == p {
+                                    position_barriers.index(p).arrive_and_wait();
+                                }
+                            }
+                        }
                     }
                 }
             }
