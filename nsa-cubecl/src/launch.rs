@@ -384,16 +384,13 @@ pub fn launch_selected<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>
     select_block: usize,
 ) {
     if let Some(cfg) = selection_tile_config::<R, F>(client, shape) {
-        let inputs = [q, k, v, selected];
-        let outputs = [o, lse];
-        let rest = ComptimeOptionArgs::None;
         launch_selected_mma::<R, F, I>(
             client,
             shape,
             cfg,
-            inputs,
-            rest,
-            outputs,
+            [q, k, v, selected],
+            ComptimeOptionArgs::None,
+            [o, lse],
             scale,
             select_block,
         );
