@@ -10,8 +10,8 @@ use crate::mma::{
     load_vector_rows, plane_first_row, rows_barrier, wait_rows, MmaTileConfig, MMA, PLANE,
 };
 use crate::register_tile::{
-    entry_in_range, fast_exp, lane_key_ranges, lane_row_lse, plane_has_rows, plane_score_tiles,
-    plane_tile_unmasked, register_load_rows, AccPair, LaneRanges,
+    entry_in_range, fast_exp, lane, lane_key_ranges, lane_row_lse, plane_has_rows,
+    plane_score_tiles, plane_tile_unmasked, register_load_rows, AccPair, LaneRanges,
 };
 use crate::tile::{
     attend_range, cube_position, cube_positions, group_rows, head_rows, load_rows, state_finish,
@@ -538,7 +538,7 @@ fn store_segment_sums(
     #[comptime] cfg: MmaTileConfig,
     #[comptime] masked: bool,
 ) {
-    let lane = UNIT_POS as usize % PLANE;
+    let lane = lane();
     // Values per row of this lane, and the row sets kept apart (both rows are one set
     // when a segment spans the plane).
     let per_row = comptime!(cfg.tile_keys / 4);
@@ -663,7 +663,7 @@ fn plane_pick_blocks<I: Int>(
     out: usize,
     #[comptime] sel: SelectionConfig,
 ) {
-    let lane = UNIT_POS as usize % PLANE;
+    let lane = lane();
     let candidates = t / sel.select_block + 1;
     let own = t / sel.select_block;
     let mut j = lane;
