@@ -7,7 +7,7 @@ use cubecl::prelude::*;
 
 use crate::delta::{row_leader, row_total, unit_row, vector_dot, RowLayout};
 use crate::mma::{row_position, MmaTileConfig};
-use crate::register_tile::{lane, lane_rows, AccPair};
+use crate::register_tile::{lane, lane_rows, row_at, AccPair};
 
 /// Branches summed.
 const BRANCHES: usize = 3;
@@ -150,10 +150,4 @@ pub fn store_gated_lane_rows<F: Float>(
             }
         }
     }
-}
-
-/// Where row `(b, position, head)` of a `[B, T, H, _]` tensor starts.
-#[cube]
-fn row_at<F: Float>(x: &Tensor<F>, b: usize, position: usize, head: usize) -> usize {
-    b * x.stride(0) + position * x.stride(1) + head * x.stride(2)
 }

@@ -687,9 +687,15 @@ pub fn store_lane_rows<F: Float>(
         let (position, row_real) = row_position(row, t0, x.shape(1), cfg);
         let head = kv_head * cfg.group + row % cfg.group;
         real[half] = row_real;
-        outs[half] = b * x.stride(0) + position * x.stride(1) + head * x.stride(2);
+        outs[half] = row_at(x, b, position, head);
     }
     store_lane_pairs::<F>(acc, factor, x, outs[0], outs[1], &real, dim);
+}
+
+/// Where row `(b, position, head)` of a `[B, T, H, _]` tensor starts.
+#[cube]
+pub fn row_at<F: Float>(x: &Tensor<F>, b: usize, position: usize, head: usize) -> usize {
+    b * x.stride(0) + position * x.stride(1) + head * x.stride(2)
 }
 
 /// Writes this lane's two output rows to `o: [B, T, H, d_v]` (`out / sum`, 0 for an empty
