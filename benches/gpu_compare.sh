@@ -1,24 +1,54 @@
 #!/usr/bin/env bash
-# Our forward and backward benchmark and the anchors in one GPU-machine command, with the
-# peak GPU memory of each benchmark process. Run from a folder holding `nsa-bench.gz` (or
-# `nsa-bench`, built with `cargo build -p nsa-benches`) and `anchors/` (see
-# ../shared/anchors/README.md): `bash gpu_compare.sh`. BENCHMARKS.md records its output.
+# Our forward and backward benchmark and the anchors in one command on a CUDA machine, with
+# the peak GPU memory of each benchmark process. BENCHMARKS.md records its output.
+#
+# Needs:
+# - `nsa-bench`, built with `cargo build --release -p nsa-benches`. The script takes
+#   $NSA_BENCH if set, else `nsa-bench` (or `nsa-bench.gz`) next to this script, else the
+#   repository's `target/release/nsa-bench`.
+# - `anchors/` next to this script (`benches/anchors/` in the repository): the anchor
+#   scripts, with the fla wheel downloaded into it (see anchors/README.md). If
+#   `anchors/flash_nsa/` is there too, flash-nsa is timed last.
+# - python3 with torch (CUDA) and triton, and nvidia-smi.
+#
+# Run from anywhere: `bash benches/gpu_compare.sh`. The script can also be copied into a
+# folder with `nsa-bench.gz` and `anchors/` and run there (for a machine without cargo).
 set -u
-cd "$(dirname "$0")"
-gunzip -f nsa-bench.gz 2>/dev/null; chmod +x nsa-bench
+here="$(cd "$(dirname "$0")" && pwd)"
+if [ -n "${NSA_BENCH:-}" ]; then
+  bench="$NSA_BENCH"
+elif [ -e "$here/nsa-bench.gz" ] || [ -e "$here/nsa-bench" ]; then
+  gunzip -f "$here/nsa-bench.gz" 2>/dev/null
+  bench="$here/nsa-bench"
+else
+  bench="$here/../target/release/nsa-bench"
+fi
+[ -f "$bench" ] || { echo "no nsa-bench at $bench: build it with cargo build --release -p nsa-benches" >&2; exit 1; }
+chmod +x "$bench"
+anchors="$here/anchors"
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-peak() { # peak memory.used (MiB) while "$@" runs
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > /tmp/mem.log &
+peak() { # peak memory.used (MiB, whole card) while "$@" runs, sampled every 100 ms
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$scratch/mem.log" &
   local sampler=$!
   "$@" 2>&1 | grep "^| [0-9]"
   kill $sampler; sleep 0.2
-  echo "peak GPU memory (MiB, whole process): $(sort -n /tmp/mem.log | tail -1)"
+  echo "peak GPU memory (MiB, whole process): $(sort -n "$scratch/mem.log" | tail -1)"
 }
 for T in 8192 16384 32768 65536; do
-  peak ./nsa-bench --seq-lens $T --warmup 1 --reps 5
+  peak "$bench" --seq-lens $T --warmup 1 --reps 5
 done
 for T in 8192 16384 32768 65536; do
-  peak ./nsa-bench --phase backward --seq-lens $T --warmup 1 --reps 3
+  peak "$bench" --phase backward --seq-lens $T --warmup 1 --reps 3
 done
-python3 -m pip install -q --no-index --no-deps --target /tmp/site anchors/*.whl
-PYTHONPATH=/tmp/site timeout 300 python3 anchors/fla_nsa_bench.py --T 8192 16384 32768 65536 --HQ 64 --H 4 --D 128 2>&1 | tail -12
+
+# Anchors: fla's Triton NSA and FlashAttention-2 (PyTorch SDPA), from the local fla wheel.
+python3 -m pip install -q --no-index --no-deps --target "$scratch/site" "$anchors"/*.whl
+PYTHONPATH="$scratch/site" timeout 300 python3 "$anchors/fla_nsa_bench.py" \
+  --T 8192 16384 32768 65536 --HQ 64 --H 4 --D 128 2>&1 | tail -12
+if [ -d "$anchors/flash_nsa" ]; then
+  PYTHONPATH="$anchors:$scratch/site" timeout 300 python3 "$anchors/flash_nsa_bench.py" \
+    --T 8192 16384 32768 65536 2>&1 | tail -12
+fi
