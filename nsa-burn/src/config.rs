@@ -3,6 +3,9 @@
 use burn::config::Config;
 use burn::module::Initializer;
 use core::fmt;
+use nsa_cubecl::NsaKernelConfig;
+
+use crate::KernelStrategy;
 
 /// How each compression block of `l` keys (or values) becomes one compressed key (value).
 #[derive(Config, Debug, PartialEq, Eq, Copy)]
@@ -85,6 +88,10 @@ pub struct NsaConfig {
     /// [`crate::reference`]). Default: 64.
     #[config(default = 64)]
     pub query_chunk: usize,
+    /// Which kernels run on Burn's CubeCL backends: tensor-core where they can, else
+    /// portable (`Auto`), or one of them forced. Default: `Auto`.
+    #[config(default = "KernelStrategy::Auto")]
+    pub kernel_strategy: KernelStrategy,
     /// Initializer of the projection, gate and compressor weights.
     #[config(
         default = "Initializer::KaimingUniform{gain: 1.0 / 3.0f64.sqrt(), fan_out_only: false}"
@@ -123,6 +130,12 @@ pub struct NsaAttentionConfig {
     /// Queries the reference processes at once. Default: 64.
     #[config(default = 64)]
     pub query_chunk: usize,
+    /// Which kernels run on Burn's CubeCL backends: the tensor-core ones where the device,
+    /// dtype and shapes allow, else the portable ones (`Auto`); or one of them forced
+    /// (`TensorCore` panics with the reason where it cannot run). Ignored by the reference.
+    /// Default: `Auto`.
+    #[config(default = "KernelStrategy::Auto")]
+    pub kernel_strategy: KernelStrategy,
 }
 
 /// An invalid [`NsaConfig`] or [`NsaAttentionConfig`]: names the field and the rule it breaks.
@@ -288,6 +301,21 @@ impl NsaAttentionConfig {
         self.softmax_scale
             .unwrap_or_else(|| 1.0 / (d_k as f64).sqrt())
     }
+
+    /// What the `nsa-cubecl` kernels read of this configuration, for head dimension `d_k`.
+    pub fn kernel_config(&self, d_k: usize) -> NsaKernelConfig {
+        NsaKernelConfig {
+            compress_block: self.compress_block,
+            compress_stride: self.compress_stride,
+            select_block: self.select_block,
+            n_selected: self.n_selected,
+            n_initial_blocks: self.n_initial_blocks,
+            n_local_blocks: self.n_local_blocks,
+            window: self.window,
+            softmax_scale: self.scale(d_k) as f32,
+            kernel_strategy: self.kernel_strategy,
+        }
+    }
 }
 
 impl NsaConfig {
@@ -303,6 +331,7 @@ impl NsaConfig {
             window: self.window,
             softmax_scale: self.softmax_scale,
             query_chunk: self.query_chunk,
+            kernel_strategy: self.kernel_strategy,
         }
     }
 

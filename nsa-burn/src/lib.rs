@@ -15,9 +15,9 @@ mod autodiff;
 mod backend;
 mod compressor;
 mod config;
+mod cube_backend;
 mod fusion;
 mod gate;
-mod kernels;
 mod module;
 pub mod reference;
 
@@ -32,6 +32,7 @@ pub use compressor::{Compressor, CompressorMlp};
 pub use config::{CompressorKind, KvSharing, NsaAttentionConfig, NsaConfig, NsaConfigError};
 pub use gate::Gate;
 pub use module::{KvProjection, Nsa, NsaForward, NsaRecord};
+pub use nsa_cubecl::Strategy as KernelStrategy;
 
 /// The README's code compiles and runs as a doctest, so its snippet cannot rot.
 #[cfg(doctest)]

@@ -1,45 +1,53 @@
 //! CubeCL kernels for Native Sparse Attention (NSA), generic over the CubeCL runtime and
-//! free of Burn types: `nsa-burn` launches them on Burn's CubeCL backends.
+//! free of Burn types: `nsa-burn` plans and launches them on Burn's CubeCL backends.
 //!
-//! Two implementations of every kernel, chosen per call in [`launch`]:
+//! A call goes through three steps:
 //!
-//! - the **tensor-core** kernels ([`register_tile`], layout in [`mma`]): on devices with
-//!   m16n8k16 `mma` for the input type with f32 accumulation and 32-lane planes (CUDA,
-//!   f16/bf16), head dims multiples of 16. A cube holds the `G` query heads of one or more
-//!   consecutive positions of one KV head (the paper's group-centric layout), one plane per
-//!   16 rows; `Q K^T`, `P V` and the backward products run on tensor cores with scores,
-//!   probabilities and accumulators in registers.
-//! - the **portable** kernels ([`tile`]): everywhere else (f32, lavapipe and other devices
-//!   without `mma`), or when `NSA_PORTABLE_KERNELS` is set. One cube per
-//!   `(batch, KV head, query position)` with register-blocked dot products.
+//! 1. [`config`]: the call's sizes ([`AttentionShape`]) and the NSA settings
+//!    ([`NsaKernelConfig`], with the field names of the layer's attention config).
+//! 2. [`plan`]: for each step of the call, which implementation runs and with which
+//!    comptime tile, or why a requested implementation cannot ([`PlanError`]).
+//! 3. [`launch`]: the launches a plan describes, tensors grouped in argument structs.
 //!
-//! Both walk the same keys in the same order and share the attention patterns of [`keys`],
-//! the selection scoring and top-n of [`compress`], and the on-device selection inversion of
-//! [`bitmap`] and [`grad_key`].
+//! The kernels themselves, one implementation path per module:
+//!
+//! - [`common`]: what both paths use: which keys a query attends ([`common::keys`]), the
+//!   selection rules of Eq. 9-11 ([`common::selection`]), the grid order and row addressing
+//!   ([`common::geometry`]), the selection inverted for the key side ([`common::bitmap`])
+//!   and the key side's walk over queries ([`common::key_walk`]).
+//! - [`tensor_core`]: on devices with m16n8k16 `mma` for the input type with f32
+//!   accumulation and 32-lane planes (CUDA, f16/bf16), head dims multiples of 16. A cube
+//!   holds the `G` query heads of one or more consecutive positions of one KV head (the
+//!   paper's group-centric layout), one plane per 16 rows; `Q K^T`, `P V` and the backward
+//!   products run on tensor cores with scores, probabilities and accumulators in registers
+//!   ([`tensor_core::fragments`], [`tensor_core::softmax`]).
+//! - [`portable`]: everywhere else (f32, lavapipe and other devices without `mma`). One
+//!   cube per `(batch, KV head, query position)` with register-blocked dot products
+//!   ([`portable::tile`]).
+//! - [`rows`]: row-wise kernels with no attention tile: `delta`, the gated sum (Eq. 5) and
+//!   the sum of the key side's split copies.
+//!
+//! Both paths walk the same keys in the same order, so they select the same blocks and sum
+//! every gradient in a fixed order.
 
-pub mod bitmap;
-pub mod compress;
-pub mod delta;
-pub mod gated_sum;
-pub mod grad_key;
-pub mod grad_query;
-pub mod keys;
+pub mod common;
+pub mod config;
 pub mod launch;
-pub mod mma;
-pub mod range;
-pub mod register_tile;
-pub mod select;
-pub mod tile;
-pub mod window;
+pub mod plan;
+pub mod portable;
+pub mod rows;
+pub mod tensor_core;
 
-pub use compress::SelectionConfig;
-pub use keys::KeySet;
+pub use common::geometry::EMPTY_ROW_LSE;
+pub use common::keys::KeySet;
+pub use config::{AttentionShape, NsaKernelConfig};
 pub use launch::{
-    key_grad_split, launch_compressed, launch_delta, launch_gated_sum, launch_gated_sum_backward,
-    launch_grad_key_value, launch_grad_query, launch_selected, launch_selected_gated_sum,
-    launch_selection_bitmap, launch_sum_key_splits, launch_window, mma_tile_config,
-    selection_bitmap_shape, selection_sums_gates, tile_config, AttentionShape, GradArgs,
-    KeyGradSplit, PORTABLE_KERNELS_VAR,
+    launch_branch_backward, launch_compressed, launch_gated_sum, launch_gated_sum_backward,
+    launch_selected, launch_selected_gated_sum, launch_window, AttentionArgs, BranchBackwardArgs,
+    GatedRestArgs, GatedSumArgs, SelectionArgs,
 };
-pub use mma::MmaTileConfig;
-pub use tile::TileConfig;
+pub use plan::{
+    plan_branch_backward, plan_compressed, plan_selected, plan_window, AttentionPlan,
+    BranchBackwardPlan, CompressedPlan, GatedSelectionPlan, Path, PlanError, Strategy,
+    TensorCoreUnavailable, PORTABLE_KERNELS_VAR,
+};

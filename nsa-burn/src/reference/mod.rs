@@ -80,9 +80,9 @@ pub(crate) fn position_grid<B: Backend>(
     (t, p)
 }
 
-/// Log-sum-exp value of a query row that attends no key (the kernels' finite stand-in for
-/// minus infinity).
-pub const EMPTY_ROW_LSE: f32 = -1.0e30;
+/// Log-sum-exp value of a query row that attends no key: the kernels' finite stand-in for
+/// minus infinity, one constant for the kernels and the reference.
+pub use nsa_cubecl::EMPTY_ROW_LSE;
 
 /// One branch's attention: its output and the log-sum-exp of each query row's scaled
 /// scores over the keys the row attends (what the backward kernels need).

@@ -1,5 +1,5 @@
 //! `delta = rowsum(dO * O)`: the per-row statistic both backward kernels of a branch read,
-//! and the row layout it shares with the gated sum's backward pass ([`crate::gated_sum`]).
+//! and the row layout it shares with the gated sum's backward pass ([`crate::rows::gated_sum`]).
 
 use cubecl::prelude::*;
 

@@ -1,192 +1,25 @@
-//! Compressed attention (Eq. 7-8) fused with block scoring (Eq. 9-10) and top-n selection
-//! (Eq. 11): per query group, the selection-block scores live in shared memory only. On
-//! tensor cores the attention pass is [`crate::range::range_attention_mma_kernel()`] and
-//! the scoring pass and top-n are [`compressed_scores_mma_kernel()`].
+//! The compression branch's scoring pass and top-n on tensor cores (Eq. 9-11): after the
+//! attention pass ([`crate::tensor_core::range`]) has written each row's log-sum-exp, the
+//! scores are recomputed on register fragments, turned into probabilities, summed over the
+//! group (Eq. 10) and over the selection blocks each compressed key overlaps (Eq. 9), and
+//! each position picks its blocks (Eq. 11).
 
 use cubecl::prelude::*;
 
-use crate::keys::{index_max, index_min, key_range, KeySet};
-use crate::mma::{
+use crate::common::geometry::{cube_positions, head_rows, NEG_BIG};
+use crate::common::keys::{index_min, key_range};
+use crate::common::selection::{
+    ascending_slot, beats, force_blocks, strided_best, tile_block_score, tile_blocks,
+    SelectionConfig,
+};
+use crate::tensor_core::fragments::{
+    entry_in_range, fast_exp, lane, lane_key_ranges, plane_has_rows, plane_score_tiles,
+    plane_tile_unmasked, register_load_rows, AccPair, LaneRanges,
+};
+use crate::tensor_core::layout::{
     load_vector_rows, plane_first_row, rows_barrier, wait_rows, MmaTileConfig, MMA, PLANE,
 };
-use crate::register_tile::{
-    entry_in_range, fast_exp, lane, lane_key_ranges, lane_row_lse, plane_has_rows,
-    plane_score_tiles, plane_tile_unmasked, register_load_rows, AccPair, LaneRanges,
-};
-use crate::tile::{
-    attend_range, cube_position, cube_positions, group_rows, head_rows, load_rows, state_finish,
-    state_new, tile_scores, TileConfig, NEG_BIG,
-};
-
-/// Score that forces a block into the selection.
-const FORCED: f32 = 1.0e30;
-
-/// Block sizes and selection counts (comptime).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SelectionConfig {
-    /// Compression block `l`.
-    pub compress_block: usize,
-    /// Compression stride `d`.
-    pub compress_stride: usize,
-    /// Selection block `l'`.
-    pub select_block: usize,
-    /// Selected blocks `n`.
-    pub n_selected: usize,
-    /// Forced leading blocks.
-    pub n_initial: usize,
-    /// Forced local blocks.
-    pub n_local: usize,
-    /// Capacity of the shared block-score buffer, at least `ceil(T / l')`.
-    pub max_blocks: usize,
-}
-
-impl SelectionConfig {
-    /// The compressed keys' attention pattern.
-    pub fn key_set(&self) -> KeySet {
-        KeySet::Compressed {
-            block: self.compress_block,
-            stride: self.compress_stride,
-        }
-    }
-}
-
-/// `q: [B, T, H, d_k]`, `k_cmp: [B, N_cmp, H_kv, d_k]`, `v_cmp: [B, N_cmp, H_kv, d_v]` ->
-/// `o: [B, T, H, d_v]`, `lse: [B, H, T]` (f32), `selected: [B, H_kv, T, n]` (ascending
-/// block indices, -1 padded).
-///
-/// Query `t` sees compression block `i` iff `i*d + l - 1 <= t`. After the attention pass a
-/// second pass recomputes each visible block's scores, turns them into probabilities with
-/// the row log-sum-exp, sums them over the group (Eq. 10) and adds them to every selection
-/// block the compression block overlaps (Eq. 9, overlap reading). Top-n then takes the
-/// forced blocks and the highest scores, ties to the lower index.
-#[cube(launch, address_type = "dynamic")]
-#[allow(clippy::too_many_arguments)]
-pub fn compressed_attention_kernel<F: Float, I: Int>(
-    q: &Tensor<F>,
-    k_cmp: &Tensor<F>,
-    v_cmp: &Tensor<F>,
-    o: &mut Tensor<F>,
-    lse: &mut Tensor<f32>,
-    selected: &mut Tensor<I>,
-    scale: f32,
-    #[comptime] cfg: TileConfig,
-    #[comptime] sel: SelectionConfig,
-) {
-    let mut keys = SharedMemory::<f32>::new(comptime!(cfg.tile_keys * cfg.key_stride()));
-    let mut values = SharedMemory::<f32>::new(comptime!(cfg.tile_keys * cfg.d_v));
-    let mut scores = SharedMemory::<f32>::new(comptime!(cfg.group * cfg.tile_keys));
-    let mut row_lse = SharedMemory::<f32>::new(cfg.group);
-    let mut probs = SharedMemory::<f32>::new(cfg.tile_keys);
-    let mut block_scores = SharedMemory::<f32>::new(sel.max_blocks);
-    let mut best_score = SharedMemory::<f32>::new(comptime!(cfg.units()));
-    let mut best_block = SharedMemory::<u32>::new(comptime!(cfg.units()));
-    let (b, head, t, active) = cube_position(q.shape(0), k_cmp.shape(2), q.shape(1));
-    if active {
-        let unit = UNIT_POS as usize;
-        let units = comptime!(cfg.units());
-        let q_at = group_rows::<F>(q, b, t, head, cfg.group);
-        let k_at = head_rows::<F>(k_cmp, b, head);
-        let v_at = head_rows::<F>(v_cmp, b, head);
-        let (_, visible) = key_range(t, k_cmp.shape(1), comptime!(sel.key_set()));
-
-        // Attention over the visible compressed keys.
-        let mut state = state_new(cfg);
-        attend_range::<F>(
-            q,
-            q_at,
-            k_cmp,
-            k_at,
-            v_cmp,
-            v_at,
-            0,
-            visible,
-            scale,
-            &mut state,
-            &mut keys,
-            &mut values,
-            &mut scores,
-            cfg,
-        );
-        state_finish::<F>(&state, o, lse, b, t, head, cfg);
-        if unit % cfg.parts == 0 {
-            row_lse[unit / cfg.parts] = state[0] + state[1].ln();
-        }
-
-        // Selection-block scores: candidates are the blocks j with j * l' <= t.
-        let candidates = t / sel.select_block + 1;
-        let mut j = unit;
-        while j < candidates {
-            block_scores[j] = 0.0;
-            j += units;
-        }
-        sync_cube();
-        let mut row = 0usize;
-        while row < visible {
-            let valid = index_min(visible - row, cfg.tile_keys);
-            // Keys of this tile into shared memory (values are not needed here).
-            load_rows::<F, f32>(
-                k_cmp,
-                k_at,
-                row,
-                valid,
-                &mut keys,
-                cfg.tile_keys,
-                cfg.d_k,
-                cfg.key_stride(),
-                cfg.units(),
-            );
-            sync_cube();
-            tile_scores::<F>(
-                q,
-                q_at,
-                &keys,
-                valid,
-                scale,
-                &mut scores,
-                cfg.d_k,
-                cfg.key_stride(),
-                cfg,
-            );
-            sync_cube();
-            // p_cmp summed over the group, per compression block of the tile.
-            let mut key = unit;
-            while key < cfg.tile_keys {
-                let mut p = 0.0f32;
-                if key < valid {
-                    #[unroll]
-                    for g in 0..cfg.group {
-                        p += (scores[g * cfg.tile_keys + key] - row_lse[g]).exp();
-                    }
-                }
-                probs[key] = p;
-                key += units;
-            }
-            sync_cube();
-            // Each selection block touched by the tile is summed by one unit.
-            let (first_block, last_block) = tile_blocks(row, valid, candidates, sel);
-            let mut j = first_block + unit;
-            while j <= last_block {
-                block_scores[j] += tile_block_score(&probs, 0, row, valid, j, sel);
-                j += units;
-            }
-            sync_cube();
-            row += cfg.tile_keys;
-        }
-
-        let out = b * selected.stride(0) + head * selected.stride(1) + t * selected.stride(2);
-        pick_blocks::<I>(
-            &mut block_scores,
-            0,
-            t,
-            &mut best_score,
-            &mut best_block,
-            selected,
-            out,
-            units,
-            sel,
-        );
-    }
-}
+use crate::tensor_core::softmax::lane_row_lse;
 
 /// `sync_plane()` for plane teams (`local`), `sync_cube()` for a cube-wide one.
 #[cube]
@@ -195,141 +28,6 @@ fn team_sync(#[comptime] local: bool) {
         sync_plane();
     } else {
         sync_cube();
-    }
-}
-
-/// The selection blocks `first..=last` that compressed keys `row..row + valid` overlap,
-/// capped at the query's `candidates` (blocks `j` with `j * l' <= t`).
-#[cube]
-fn tile_blocks(
-    row: usize,
-    valid: usize,
-    candidates: usize,
-    #[comptime] sel: SelectionConfig,
-) -> (usize, usize) {
-    let first = row * sel.compress_stride / sel.select_block;
-    let last_start = (row + valid - 1) * sel.compress_stride;
-    let last = index_min(
-        (last_start + sel.compress_block - 1) / sel.select_block,
-        candidates - 1,
-    );
-    (first, last)
-}
-
-/// Eq. 9 (overlap reading) for one selection block `j` and one tile: the sum of the
-/// group-summed probabilities `probs[at + r]` of the tile's compressed keys `row + r`
-/// (`r < valid`) whose span overlaps block `j`.
-#[cube]
-fn tile_block_score(
-    probs: &SharedMemory<f32>,
-    at: usize,
-    row: usize,
-    valid: usize,
-    j: usize,
-    #[comptime] sel: SelectionConfig,
-) -> f32 {
-    // Key i overlaps the block iff i * d < block_start + l' and i * d + l > block_start.
-    let block_start = j * sel.select_block;
-    let mut lo = row;
-    if block_start >= sel.compress_block {
-        lo = index_max(
-            lo,
-            (block_start - sel.compress_block) / sel.compress_stride + 1,
-        );
-    }
-    let hi = index_min(
-        row + valid,
-        (block_start + sel.select_block - 1) / sel.compress_stride + 1,
-    );
-    let mut total = 0.0f32;
-    for i in lo..hi {
-        total += probs[at + i - row];
-    }
-    total
-}
-
-/// Eq. 11 for query `t` over the candidate scores `block_scores[at..]`: forces the first
-/// `n_initial` blocks and the `n_local` ending at `t`'s own, takes the `n` highest (ties
-/// to the lower index) and writes them ascending, `-1` padded, to `selected[out..]`
-/// (`stride(3)` apart). The whole cube calls it; it clobbers the scores.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn pick_blocks<I: Int>(
-    block_scores: &mut SharedMemory<f32>,
-    at: usize,
-    t: usize,
-    best_score: &mut SharedMemory<f32>,
-    best_block: &mut SharedMemory<u32>,
-    selected: &mut Tensor<I>,
-    out: usize,
-    #[comptime] units: usize,
-    #[comptime] sel: SelectionConfig,
-) {
-    let unit = UNIT_POS as usize;
-    let candidates = t / sel.select_block + 1;
-    let own = t / sel.select_block;
-    let mut j = unit;
-    while j < candidates {
-        if j < sel.n_initial || (j <= own && j + sel.n_local > own) {
-            block_scores[at + j] = FORCED;
-        }
-        j += units;
-    }
-    sync_cube();
-
-    // One block per round: each unit scans its strided share, unit 0 reduces.
-    let mut chosen = Array::<i32>::new(sel.n_selected);
-    #[unroll]
-    for round in 0..sel.n_selected {
-        let mut best = f32::new(NEG_BIG);
-        let mut best_j = 0u32;
-        let mut j = unit;
-        while j < candidates {
-            if block_scores[at + j] > best {
-                best = block_scores[at + j];
-                best_j = j as u32;
-            }
-            j += units;
-        }
-        best_score[unit] = best;
-        best_block[unit] = best_j;
-        sync_cube();
-        if unit == 0 {
-            let mut win = f32::new(NEG_BIG);
-            let mut win_j = 0u32;
-            for u in 0..units {
-                let score = best_score[u];
-                if score > win || (score == win && score > NEG_BIG && best_block[u] < win_j) {
-                    win = score;
-                    win_j = best_block[u];
-                }
-            }
-            if win > NEG_BIG {
-                chosen[round] = win_j as i32;
-                block_scores[at + win_j as usize] = NEG_BIG;
-            } else {
-                chosen[round] = -1;
-            }
-        }
-        sync_cube();
-    }
-
-    // Ascending order, empty slots (-1) last.
-    if unit == 0 {
-        for slot in 0..sel.n_selected {
-            let mut pick = slot;
-            for other in slot + 1..sel.n_selected {
-                let a = chosen[other];
-                let c = chosen[pick];
-                if a >= 0 && (c < 0 || a < c) {
-                    pick = other;
-                }
-            }
-            let value = chosen[pick];
-            chosen[pick] = chosen[slot];
-            chosen[slot] = value;
-            selected[out + slot * selected.stride(3)] = I::cast_from(value);
-        }
     }
 }
 
@@ -600,37 +298,6 @@ fn store_segment_sums(
     }
 }
 
-/// The best block among this lane's share `lane, lane + 32, ..` of the `candidates` scores
-/// at `block_scores[at..]`, the lower index on ties: `(score, block)`, `(NEG_BIG, 0)` if
-/// the share is empty.
-#[cube]
-fn lane_best(
-    block_scores: &SharedMemory<f32>,
-    at: usize,
-    lane: usize,
-    candidates: usize,
-) -> (f32, u32) {
-    let mut best = f32::new(NEG_BIG);
-    let mut best_j = 0u32;
-    let mut j = lane;
-    while j < candidates {
-        let score = block_scores[at + j];
-        if score > best {
-            best = score;
-            best_j = j as u32;
-        }
-        j += PLANE;
-    }
-    (best, best_j)
-}
-
-/// Whether `(score, block)` beats `(best, best_block)`: a higher score, or the same score
-/// at a lower block.
-#[cube]
-fn beats(score: f32, block: u32, best: f32, best_block: u32) -> bool {
-    score > best || (score == best && block < best_block)
-}
-
 /// The plane's best `(score, block)` from each lane's own, by a butterfly: every lane
 /// ends with the same winner.
 #[cube]
@@ -650,7 +317,7 @@ fn plane_best(score: f32, block: u32) -> (f32, u32) {
     (best, best_block)
 }
 
-/// [`pick_blocks()`] by one plane, for the tensor-core kernel (whose planes pick for
+/// The portable kernel's top-n ([`crate::portable::compress`]) by one plane, for the tensor-core kernel (whose planes pick for
 /// different positions at once, with no cube barrier): lane `l` owns the blocks
 /// `l, l + 32, ..` and keeps its best; each round the plane's best wins
 /// ([`plane_best`]) and only its owner rescans. Every lane of the plane must call it.
@@ -665,15 +332,8 @@ fn plane_pick_blocks<I: Int>(
 ) {
     let lane = lane();
     let candidates = t / sel.select_block + 1;
-    let own = t / sel.select_block;
-    let mut j = lane;
-    while j < candidates {
-        if j < sel.n_initial || (j <= own && j + sel.n_local > own) {
-            block_scores[at + j] = FORCED;
-        }
-        j += PLANE;
-    }
-    let (mut best, mut best_j) = lane_best(block_scores, at, lane, candidates);
+    force_blocks(block_scores, at, t, lane, PLANE, sel);
+    let (mut best, mut best_j) = strided_best(block_scores, at, lane, candidates, PLANE);
     let mut chosen = Array::<i32>::new(sel.n_selected);
     #[unroll]
     for round in 0..sel.n_selected {
@@ -684,31 +344,18 @@ fn plane_pick_blocks<I: Int>(
             let win_block = usize::cast_from(win_j);
             if win_block % PLANE == lane {
                 block_scores[at + win_block] = NEG_BIG;
-                let (next, next_j) = lane_best(block_scores, at, lane, candidates);
+                let (next, next_j) = strided_best(block_scores, at, lane, candidates, PLANE);
                 best = next;
                 best_j = next_j;
             }
         }
         chosen[round] = pick;
     }
-    // Slot of each pick: ascending, empty slots (-1) last.
     #[unroll]
     for i in 0..sel.n_selected {
-        let value = chosen[i];
-        let mut slot = 0usize;
-        #[unroll]
-        for other in 0..sel.n_selected {
-            let other_value = chosen[other];
-            if value >= 0 {
-                if other_value >= 0 && other_value < value {
-                    slot += 1;
-                }
-            } else if other_value >= 0 || other < i {
-                slot += 1;
-            }
-        }
+        let slot = ascending_slot(&chosen, i, sel.n_selected);
         if lane == comptime!(i % PLANE) {
-            selected[out + slot * selected.stride(3)] = I::cast_from(value);
+            selected[out + slot * selected.stride(3)] = I::cast_from(chosen[i]);
         }
     }
 }

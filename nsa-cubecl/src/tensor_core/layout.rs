@@ -1,8 +1,8 @@
 //! What the tensor-core kernels share: the comptime [`MmaTileConfig`], the cube's row
 //! layout and the vector loaders that stage query, key and value rows in shared memory
 //! (key and value tiles by asynchronous copies, [`load_vector_rows()`]). The
-//! matrix products themselves run on register fragments ([`crate::register_tile`]).
-//! Runtimes without tensor cores (lavapipe) run the portable tile ([`crate::tile`]).
+//! matrix products themselves run on register fragments ([`crate::tensor_core::fragments`]).
+//! Runtimes without tensor cores (lavapipe) run the portable tile ([`crate::portable::tile`]).
 //!
 //! A cube holds `rows = 16 * planes` query rows: the `G` query heads of `positions`
 //! consecutive query positions of one KV head (row `r` is head `r % G` of position
@@ -15,8 +15,8 @@
 use cubecl::prelude::barrier::{copy_async_checked, Barrier};
 use cubecl::prelude::*;
 
-use crate::keys::{key_range, KeySet};
-use crate::tile::Rows;
+use crate::common::geometry::Rows;
+use crate::common::keys::{key_range, KeySet};
 
 /// Side of a tensor-core tile.
 pub const MMA: usize = 16;

@@ -1,13 +1,11 @@
 //! The gated sum of the three branch outputs (Eq. 5),
 //! `o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`, and its backward pass, each one
-//! pass over memory; and the same sum as the last step of the tensor-core selection kernel
-//! ([`GatedRest`]), which then never writes `o_slc`.
+//! pass over memory. The tensor-core selection kernel can finish the same sum in its
+//! epilogue ([`crate::tensor_core::select::GatedRest`]).
 
 use cubecl::prelude::*;
 
-use crate::delta::{row_leader, row_total, unit_row, vector_dot, RowLayout};
-use crate::mma::{row_position, MmaTileConfig};
-use crate::register_tile::{lane, lane_rows, row_at, AccPair};
+use crate::rows::delta::{row_leader, row_total, unit_row, vector_dot, RowLayout};
 
 /// Branches summed.
 const BRANCHES: usize = 3;
@@ -91,63 +89,6 @@ pub fn gated_sum_backward_kernel<F: Float, N: Size>(
         #[unroll]
         for b in 0..BRANCHES {
             d_gates[row * BRANCHES + b] = F::cast_from(row_total(&partials, b, layout));
-        }
-    }
-}
-
-/// The compression and window branches' outputs `compressed`, `window: [B, T, H, d_v]` and
-/// the gates `[B, T, H, 3]`: what the selection kernel sums its own output with.
-#[derive(CubeLaunch, CubeType)]
-pub struct GatedRest<F: Float> {
-    pub compressed: Tensor<F>,
-    pub window: Tensor<F>,
-    pub gates: Tensor<F>,
-}
-
-/// Writes this lane's two rows of the gated sum to `o: [B, T, H, d_v]`, the selection
-/// branch's rows being `acc` times `factor` (the tensor-core layout of
-/// [`crate::register_tile`]; padding rows skipped); summed in f32.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub fn store_gated_lane_rows<F: Float>(
-    acc: &Array<AccPair>,
-    factor: &Array<f32>,
-    rest: &GatedRest<F>,
-    o: &mut Tensor<F>,
-    b: usize,
-    t0: usize,
-    kv_head: usize,
-    #[comptime] cfg: MmaTileConfig,
-) {
-    let (low, _) = lane_rows();
-    let col = lane() % 4 * 2;
-    let gates = &rest.gates;
-    #[unroll]
-    for half in 0..2usize {
-        let row = low + half * 8;
-        let (position, real) = row_position(row, t0, o.shape(1), cfg);
-        if real {
-            let head = kv_head * cfg.group + row % cfg.group;
-            let gate_at = row_at(gates, b, position, head);
-            let g_cmp = f32::cast_from(gates[gate_at]);
-            let g_slc = f32::cast_from(gates[gate_at + gates.stride(3)]) * factor[half];
-            let g_win = f32::cast_from(gates[gate_at + 2 * gates.stride(3)]);
-            let out = row_at(o, b, position, head);
-            let cmp = row_at(&rest.compressed, b, position, head);
-            let win = row_at(&rest.window, b, position, head);
-            #[unroll]
-            for tile in 0..comptime!(cfg.d_v / 8) {
-                let pair = acc[2 * tile + half];
-                #[unroll]
-                for e in 0..2usize {
-                    let c = tile * 8 + col + e;
-                    let sum = g_cmp
-                        * f32::cast_from(rest.compressed[cmp + c * rest.compressed.stride(3)])
-                        + g_slc * pair[e]
-                        + g_win * f32::cast_from(rest.window[win + c * rest.window.stride(3)]);
-                    o[out + c * o.stride(3)] = F::cast_from(sum);
-                }
-            }
         }
     }
 }

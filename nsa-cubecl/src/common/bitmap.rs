@@ -8,7 +8,7 @@
 
 use cubecl::prelude::*;
 
-use crate::keys::index_min;
+use crate::common::keys::index_min;
 
 /// Positions per bitmap word.
 pub const WORD_BITS: usize = 32;

@@ -1,80 +1,24 @@
-//! Selected-block attention (Eq. 12), group-centric: a cube holds the `G` query heads of a
-//! KV head at one position `t` (in the tensor-core kernel, four neighbouring positions when
-//! `G` is a multiple of 16) and loops over the `n` blocks they selected together.
+//! Selected-block attention (Eq. 12) on tensor cores, group-centric: a cube holds the `G`
+//! query heads of a KV head at one position, or at four neighbouring positions when `G` is
+//! a multiple of 16, and walks the `n` blocks they selected. It can finish the gated sum of
+//! the three branches (Eq. 5) in its epilogue ([`GatedRest`]).
 
 use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
-use crate::gated_sum::{store_gated_lane_rows, GatedRest};
-use crate::keys::{index_min, KeySet};
-use crate::mma::{
-    load_key_value_rows, load_vector_rows, plane_first_row, rows_barrier, wait_rows, MmaTileConfig,
-    PLANE,
+use crate::common::geometry::{cube_positions, head_rows};
+use crate::common::keys::{index_min, KeySet};
+use crate::common::selection::selected_tile;
+use crate::tensor_core::fragments::{
+    fast_exp, lane, lane_key_ranges, lane_rows, register_load_rows, AccPair,
 };
-use crate::register_tile::{
-    fast_exp, lane_key_ranges, register_attend_loaded, register_load_rows, register_state_finish,
-    register_state_lse, register_state_new,
+use crate::tensor_core::layout::{
+    load_key_value_rows, load_vector_rows, plane_first_row, row_position, rows_barrier, wait_rows,
+    MmaTileConfig, PLANE,
 };
-use crate::tile::{
-    attend_tile, cube_position, cube_positions, group_rows, head_rows, selected_tile, state_finish,
-    state_new, TileConfig,
+use crate::tensor_core::softmax::{
+    register_attend_loaded, register_state_finish, register_state_lse, register_state_new, row_at,
 };
-
-/// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]`,
-/// `selected: [B, H_kv, T, n]` (block indices, -1 for an empty slot) ->
-/// `o: [B, T, H, d_v]`, `lse: [B, H, T]` (f32). Keys of block `j` are
-/// `[j * l', (j + 1) * l')`, causally cut at `t`; `tile_keys` divides `l'`.
-#[cube(launch, address_type = "dynamic")]
-#[allow(clippy::too_many_arguments)]
-pub fn selected_attention_kernel<F: Float, I: Int>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
-    selected: &Tensor<I>,
-    o: &mut Tensor<F>,
-    lse: &mut Tensor<f32>,
-    scale: f32,
-    #[comptime] cfg: TileConfig,
-    #[comptime] select_block: usize,
-) {
-    let mut keys = SharedMemory::<f32>::new(comptime!(cfg.tile_keys * cfg.key_stride()));
-    let mut values = SharedMemory::<f32>::new(comptime!(cfg.tile_keys * cfg.d_v));
-    let mut scores = SharedMemory::<f32>::new(comptime!(cfg.group * cfg.tile_keys));
-    let (b, head, t, active) = cube_position(q.shape(0), k.shape(2), q.shape(1));
-    if active {
-        let q_at = group_rows::<F>(q, b, t, head, cfg.group);
-        let k_at = head_rows::<F>(k, b, head);
-        let v_at = head_rows::<F>(v, b, head);
-        let slots = b * selected.stride(0) + head * selected.stride(1) + t * selected.stride(2);
-        let mut state = state_new(cfg);
-        // Uniform loops (slots x tiles): the block index comes from memory, so only the
-        // number of valid rows depends on it, never whether a barrier is reached.
-        for slot in 0..selected.shape(3) {
-            let block = i32::cast_from(selected[slots + slot * selected.stride(3)]);
-            #[unroll]
-            for tile in 0..comptime!(select_block / cfg.tile_keys) {
-                let (first, valid) = selected_tile(block, tile, t, select_block, cfg.tile_keys);
-                attend_tile::<F>(
-                    q,
-                    q_at,
-                    k,
-                    k_at,
-                    v,
-                    v_at,
-                    first,
-                    valid,
-                    scale,
-                    &mut state,
-                    &mut keys,
-                    &mut values,
-                    &mut scores,
-                    cfg,
-                );
-            }
-        }
-        state_finish::<F>(&state, o, lse, b, t, head, cfg);
-    }
-}
 
 /// Key tiles in the tensor-core selection kernel's input buffer: one the cube's positions
 /// share, and one of each position's own when a cube holds several.
@@ -270,6 +214,63 @@ pub fn selected_attention_mma_kernel<F: Float, I: Int, N: Size>(
             }
             ComptimeOption::None => {
                 register_state_finish::<F>(&state, o, lse, b, t0, head, cfg);
+            }
+        }
+    }
+}
+
+/// The compression and window branches' outputs `compressed`, `window: [B, T, H, d_v]` and
+/// the gates `[B, T, H, 3]`: what the selection kernel sums its own output with.
+#[derive(CubeLaunch, CubeType)]
+pub struct GatedRest<F: Float> {
+    pub compressed: Tensor<F>,
+    pub window: Tensor<F>,
+    pub gates: Tensor<F>,
+}
+
+/// Writes this lane's two rows of the gated sum to `o: [B, T, H, d_v]`, the selection
+/// branch's rows being `acc` times `factor` (the tensor-core layout of
+/// [`crate::register_tile`]; padding rows skipped); summed in f32.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn store_gated_lane_rows<F: Float>(
+    acc: &Array<AccPair>,
+    factor: &Array<f32>,
+    rest: &GatedRest<F>,
+    o: &mut Tensor<F>,
+    b: usize,
+    t0: usize,
+    kv_head: usize,
+    #[comptime] cfg: MmaTileConfig,
+) {
+    let (low, _) = lane_rows();
+    let col = lane() % 4 * 2;
+    let gates = &rest.gates;
+    #[unroll]
+    for half in 0..2usize {
+        let row = low + half * 8;
+        let (position, real) = row_position(row, t0, o.shape(1), cfg);
+        if real {
+            let head = kv_head * cfg.group + row % cfg.group;
+            let gate_at = row_at(gates, b, position, head);
+            let g_cmp = f32::cast_from(gates[gate_at]);
+            let g_slc = f32::cast_from(gates[gate_at + gates.stride(3)]) * factor[half];
+            let g_win = f32::cast_from(gates[gate_at + 2 * gates.stride(3)]);
+            let out = row_at(o, b, position, head);
+            let cmp = row_at(&rest.compressed, b, position, head);
+            let win = row_at(&rest.window, b, position, head);
+            #[unroll]
+            for tile in 0..comptime!(cfg.d_v / 8) {
+                let pair = acc[2 * tile + half];
+                #[unroll]
+                for e in 0..2usize {
+                    let c = tile * 8 + col + e;
+                    let sum = g_cmp
+                        * f32::cast_from(rest.compressed[cmp + c * rest.compressed.stride(3)])
+                        + g_slc * pair[e]
+                        + g_win * f32::cast_from(rest.window[win + c * rest.window.stride(3)]);
+                    o[out + c * o.stride(3)] = F::cast_from(sum);
+                }
             }
         }
     }

@@ -1,16 +1,16 @@
 //! Attention over a contiguous range of keys per query on tensor cores: the sliding-window
 //! branch, and the attention pass of the compression branch (whose scoring pass is
-//! [`crate::compress::compressed_scores_mma_kernel()`]).
+//! [`crate::tensor_core::scores::compressed_scores_mma_kernel()`]).
 
 use cubecl::prelude::*;
 
-use crate::keys::{index_min, key_range, KeySet};
-use crate::mma::{rows_barrier, MmaTileConfig};
-use crate::register_tile::{
-    fast_exp, lane_key_ranges, register_attend_range, register_load_rows, register_state_finish,
-    register_state_new,
+use crate::common::geometry::{cube_positions, head_rows};
+use crate::common::keys::{index_min, key_range, KeySet};
+use crate::tensor_core::fragments::{fast_exp, lane_key_ranges, register_load_rows};
+use crate::tensor_core::layout::{rows_barrier, MmaTileConfig};
+use crate::tensor_core::softmax::{
+    register_attend_range, register_state_finish, register_state_new,
 };
-use crate::tile::{cube_positions, head_rows};
 
 /// `q: [B, T, H, d_k]`, `k: [B, L, H_kv, d_k]`, `v: [B, L, H_kv, d_v]` ->
 /// `o: [B, T, H, d_v]`, `lse: [B, H, T]` (f32), each query attending the keys `keys` gives

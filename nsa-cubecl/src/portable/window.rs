@@ -1,12 +1,11 @@
 //! Sliding-window attention: query `t` attends keys `max(0, t - w + 1) ..= t`. Its
-//! tensor-core kernel is [`crate::range::range_attention_mma_kernel()`].
+//! tensor-core kernel is [`crate::tensor_core::range::range_attention_mma_kernel()`].
 
 use cubecl::prelude::*;
 
-use crate::keys::{key_range, KeySet};
-use crate::tile::{
-    attend_range, cube_position, group_rows, head_rows, state_finish, state_new, TileConfig,
-};
+use crate::common::geometry::{cube_position, group_rows, head_rows};
+use crate::common::keys::{key_range, KeySet};
+use crate::portable::tile::{attend_range, state_finish, state_new, TileConfig};
 
 /// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]` ->
 /// `o: [B, T, H, d_v]`, `lse: [B, H, T]` (f32). One cube per `(b, KV head, t)`.

@@ -1,4 +1,4 @@
-//! The online-softmax tile shared by the three branch kernels.
+//! The portable online-softmax tile shared by the portable kernels of every branch.
 //!
 //! One cube serves one `(batch, KV head, query position)`: the `G` query heads of the group,
 //! each split over `parts` units along `d_v` (`units = G * parts`). Keys and values stream
@@ -8,11 +8,8 @@
 
 use cubecl::prelude::*;
 
-use crate::keys::index_min;
-
-/// Stands for minus infinity: WGSL cannot spell `-inf`, so scores of masked keys and the
-/// max of an empty row use this finite sentinel (only ever in f32).
-pub const NEG_BIG: f32 = -1.0e30;
+use crate::common::geometry::{group_rows, Rows, NEG_BIG};
+use crate::common::keys::index_min;
 
 /// Comptime shape of the tile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -55,17 +52,6 @@ impl TileConfig {
     pub fn shared_words(&self) -> usize {
         self.tile_keys * (self.key_stride() + self.d_v) + self.group * self.tile_keys
     }
-}
-
-/// Where a cube's rows live: `base` is the offset of row 0, head 0, dim 0 of its
-/// `(batch, KV head)`; rows, heads and dims are `row_stride`, `head_stride` and
-/// `dim_stride` apart.
-#[derive(CubeType, Clone, Copy)]
-pub struct Rows {
-    pub base: usize,
-    pub row_stride: usize,
-    pub head_stride: usize,
-    pub dim_stride: usize,
 }
 
 /// Fresh state: `[max, sum, acc_0 .. acc_width)`.
@@ -149,31 +135,6 @@ pub fn load_key_values<F: Float>(
         value_stride,
         cfg.units(),
     );
-}
-
-/// Part `part` (of `ceil(block / tile_keys)`) of the selection block `index` (-1: an empty
-/// slot) as a tile for query `t`: its first key row and how many of its rows `t` attends
-/// (0 for an empty slot or a part after `t`).
-#[cube]
-pub fn selected_tile(
-    index: i32,
-    part: usize,
-    t: usize,
-    #[comptime] block: usize,
-    #[comptime] tile_keys: usize,
-) -> (usize, usize) {
-    let mut first = 0usize;
-    let mut valid = 0usize;
-    if index >= 0 {
-        first = usize::cast_from(index) * block + part * tile_keys;
-        if first <= t {
-            valid = index_min(
-                t + 1 - first,
-                index_min(tile_keys, block - part * tile_keys),
-            );
-        }
-    }
-    (first, valid)
 }
 
 /// Scaled dot products `[G, tile_keys]` of the group's rows of `q` (`dim` values each)
@@ -374,71 +335,5 @@ pub fn state_finish<F: Float>(
             value = state[0] + sum.ln();
         }
         lse[lse_index + head * lse_head_stride] = value;
-    }
-}
-
-/// The cube's `(batch, KV head, query position)`, with `t` fastest so neighbouring cubes
-/// share keys, and whether the cube is inside the grid (not padding).
-#[cube]
-pub fn cube_position(batch: usize, kv_heads: usize, seq: usize) -> (usize, usize, usize, bool) {
-    cube_positions(batch, kv_heads, seq, 1usize)
-}
-
-/// [`cube_position()`] for cubes of `positions` consecutive query positions: the first one.
-/// The latest positions come first: in the causal branches they attend the most keys, so
-/// the longest cubes start first instead of trailing at the end of the grid.
-#[cube]
-pub fn cube_positions(
-    batch: usize,
-    kv_heads: usize,
-    seq: usize,
-    #[comptime] positions: usize,
-) -> (usize, usize, usize, bool) {
-    let blocks = (seq + positions - 1) / positions;
-    let (b, head, block, inside) = cube_tiles_at(CUBE_POS, batch, kv_heads, blocks);
-    (b, head, (blocks - 1 - block) * positions, inside)
-}
-
-/// Cube number `cube` of a grid of `batch * kv_heads * tiles` cubes (tiles fastest, in
-/// order) as `(batch, KV head, tile)`, and whether it is inside that grid.
-#[cube]
-pub fn cube_tiles_at(
-    cube: usize,
-    batch: usize,
-    kv_heads: usize,
-    tiles: usize,
-) -> (usize, usize, usize, bool) {
-    let tile = cube % tiles;
-    let head = (cube / tiles) % kv_heads;
-    let b = cube / (tiles * kv_heads);
-    (b, head, tile, cube < batch * kv_heads * tiles)
-}
-
-/// The group's query (or output) rows at `(b, t)` of a `[B, T, H, d]` tensor: heads
-/// `kv_head * G ..` of that position.
-#[cube]
-pub fn group_rows<F: Float>(
-    x: &Tensor<F>,
-    b: usize,
-    t: usize,
-    kv_head: usize,
-    #[comptime] group: usize,
-) -> Rows {
-    Rows {
-        base: b * x.stride(0) + t * x.stride(1) + kv_head * group * x.stride(2),
-        row_stride: 0,
-        head_stride: x.stride(2),
-        dim_stride: x.stride(3),
-    }
-}
-
-/// The rows of one KV head of a `[B, L, H_kv, d]` key or value tensor.
-#[cube]
-pub fn head_rows<T: CubePrimitive>(x: &Tensor<T>, b: usize, kv_head: usize) -> Rows {
-    Rows {
-        base: b * x.stride(0) + kv_head * x.stride(2),
-        row_stride: x.stride(1),
-        head_stride: 0,
-        dim_stride: x.stride(3),
     }
 }

@@ -1,0 +1,100 @@
+//! What crosses from the layer to the kernels: the call's sizes ([`AttentionShape`]) and the
+//! NSA settings ([`NsaKernelConfig`], named as the layer's attention config names them).
+
+use crate::common::keys::KeySet;
+use crate::common::selection::SelectionConfig;
+use crate::plan::Strategy;
+
+/// Sizes of one NSA attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Batch `B`.
+    pub batch: usize,
+    /// Sequence length `T`.
+    pub seq: usize,
+    /// Query heads `H`.
+    pub heads: usize,
+    /// KV heads `H_kv`.
+    pub kv_heads: usize,
+    /// Query/key head dimension.
+    pub d_k: usize,
+    /// Value head dimension.
+    pub d_v: usize,
+}
+
+impl AttentionShape {
+    /// Query heads per KV head.
+    pub fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    /// Whether some tensor of the call has more elements than 32-bit offsets reach, with
+    /// `kv_rows` rows of keys and values.
+    pub(crate) fn needs_64_bit_offsets(&self, kv_rows: usize) -> bool {
+        let d = self.d_k.max(self.d_v);
+        let largest =
+            (self.batch * self.seq * self.heads * d).max(self.batch * kv_rows * self.kv_heads * d);
+        largest > u32::MAX as usize
+    }
+}
+
+/// The NSA settings the kernels read, with the field names of the layer's attention config
+/// (`nsa_burn::NsaAttentionConfig`), the softmax scale resolved, and the kernel strategy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NsaKernelConfig {
+    /// Compression block length `l`.
+    pub compress_block: usize,
+    /// Compression stride `d`.
+    pub compress_stride: usize,
+    /// Selection block length `l'`.
+    pub select_block: usize,
+    /// Selected blocks per query `n`, forced ones included.
+    pub n_selected: usize,
+    /// Forced leading blocks.
+    pub n_initial_blocks: usize,
+    /// Forced local blocks (the query's block and those before it).
+    pub n_local_blocks: usize,
+    /// Sliding window `w`.
+    pub window: usize,
+    /// Softmax scale (the layer's default is `1 / sqrt(d_k)`).
+    pub softmax_scale: f32,
+    /// Which kernels run.
+    pub kernel_strategy: Strategy,
+}
+
+impl NsaKernelConfig {
+    /// The attention pattern of the compression branch.
+    pub fn compressed_keys(&self) -> KeySet {
+        KeySet::Compressed {
+            block: self.compress_block,
+            stride: self.compress_stride,
+        }
+    }
+
+    /// The attention pattern of the selection branch.
+    pub fn selected_keys(&self) -> KeySet {
+        KeySet::Selected {
+            block: self.select_block,
+        }
+    }
+
+    /// The attention pattern of the sliding-window branch.
+    pub fn window_keys(&self) -> KeySet {
+        KeySet::Window { size: self.window }
+    }
+
+    /// The comptime selection settings for a sequence of `seq` positions: the block-score
+    /// buffer holds `ceil(T / l')` blocks, rounded up to a power of two so that few kernel
+    /// variants get compiled.
+    pub(crate) fn selection(&self, seq: usize) -> SelectionConfig {
+        SelectionConfig {
+            compress_block: self.compress_block,
+            compress_stride: self.compress_stride,
+            select_block: self.select_block,
+            n_selected: self.n_selected,
+            n_initial_blocks: self.n_initial_blocks,
+            n_local_blocks: self.n_local_blocks,
+            max_blocks: seq.div_ceil(self.select_block).next_power_of_two(),
+        }
+    }
+}

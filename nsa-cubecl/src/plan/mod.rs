@@ -1,0 +1,403 @@
+//! Planning: which implementation runs a call, with which comptime tile, decided before
+//! anything is launched.
+//!
+//! Every kernel has two implementations. The **tensor-core** path
+//! ([`crate::tensor_core`]) needs m16n8k16 `mma` on the input type with f32 accumulation,
+//! asynchronous copies, 32-lane planes, head dims that are multiples of 16 and enough
+//! shared memory for its tiles; the **portable** path ([`crate::portable`]) runs everywhere.
+//! A plan function takes the call's [`AttentionShape`] and [`NsaKernelConfig`] and returns
+//! a plan (the path and its tile), or, when [`Strategy::TensorCore`] is asked for and
+//! cannot run, a [`PlanError`] that says why. The launchers in [`crate::launch`] only
+//! launch what a plan says.
+
+mod portable;
+mod tensor_core;
+
+use core::fmt;
+use std::sync::OnceLock;
+
+use cubecl::prelude::*;
+use cubecl::CubeElement;
+use serde::{Deserialize, Serialize};
+
+use crate::common::keys::KeySet;
+use crate::common::selection::SelectionConfig;
+use crate::config::{AttentionShape, NsaKernelConfig};
+use crate::portable::grad_key::KeyTileConfig;
+use crate::portable::tile::TileConfig;
+use crate::tensor_core::layout::MmaTileConfig;
+
+pub use tensor_core::KeyGradSplit;
+
+/// Environment variable that, when set, makes [`Strategy::Auto`] run the portable kernels
+/// (to compare them with the tensor-core ones on the same device). Read once per process.
+pub const PORTABLE_KERNELS_VAR: &str = "NSA_PORTABLE_KERNELS";
+
+/// Which implementation of the kernels runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Strategy {
+    /// The tensor-core kernels where they can run the call, the portable ones elsewhere
+    /// (always the portable ones when [`PORTABLE_KERNELS_VAR`] is set).
+    #[default]
+    Auto,
+    /// The tensor-core kernels; planning fails with the reason where they cannot run.
+    TensorCore,
+    /// The portable kernels.
+    Portable,
+}
+
+impl Strategy {
+    /// `Auto` with [`PORTABLE_KERNELS_VAR`] set is `Portable`.
+    fn resolved(self) -> Self {
+        static PORTABLE_FROM_ENV: OnceLock<bool> = OnceLock::new();
+        let from_env =
+            *PORTABLE_FROM_ENV.get_or_init(|| std::env::var_os(PORTABLE_KERNELS_VAR).is_some());
+        match self {
+            Strategy::Auto if from_env => Strategy::Portable,
+            other => other,
+        }
+    }
+}
+
+/// Why the tensor-core kernels cannot run a call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TensorCoreUnavailable {
+    /// The device has no m16n8k16 `mma` on the input type with f32 accumulation, or no
+    /// asynchronous global-to-shared copies.
+    NoMma {
+        /// The input type.
+        dtype: &'static str,
+    },
+    /// The device's planes are not 32 lanes wide.
+    PlaneSize {
+        /// Smallest plane size of the device.
+        min: u32,
+        /// Largest plane size of the device.
+        max: u32,
+    },
+    /// A head dimension is not a multiple of 16.
+    HeadDim {
+        /// Query/key head dimension.
+        d_k: usize,
+        /// Value head dimension.
+        d_v: usize,
+    },
+    /// The key-side backward kernel of the selection branch needs `select_block` to be a
+    /// multiple of 16.
+    SelectBlock {
+        /// `l'`.
+        select_block: usize,
+    },
+    /// The smallest tile does not fit the device's shared memory.
+    SharedMemory {
+        /// Bytes the smallest tile needs.
+        needed: usize,
+        /// Bytes a cube may use on the device.
+        available: usize,
+    },
+}
+
+impl fmt::Display for TensorCoreUnavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoMma { dtype } => write!(
+                f,
+                "the device has no m16n8k16 mma on {dtype} with f32 accumulation and asynchronous copies"
+            ),
+            Self::PlaneSize { min, max } => {
+                write!(f, "the device's planes are {min}-{max} lanes wide, not 32")
+            }
+            Self::HeadDim { d_k, d_v } => {
+                write!(f, "head dims d_k = {d_k}, d_v = {d_v} are not multiples of 16")
+            }
+            Self::SelectBlock { select_block } => write!(
+                f,
+                "select_block = {select_block} is not a multiple of 16 (key-side backward)"
+            ),
+            Self::SharedMemory { needed, available } => write!(
+                f,
+                "the smallest tile needs {needed} bytes of shared memory, the device has {available}"
+            ),
+        }
+    }
+}
+
+/// A plan that cannot be made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PlanError {
+    /// [`Strategy::TensorCore`] was asked for, and the tensor-core kernels cannot run the
+    /// call.
+    TensorCoreUnavailable(TensorCoreUnavailable),
+}
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TensorCoreUnavailable(why) => {
+                write!(
+                    f,
+                    "NSA kernels: the tensor-core path cannot run this call: {why}"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+/// The implementation a plan chose, with its comptime tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path<T, P> {
+    /// The tensor-core kernel and its tile.
+    TensorCore(T),
+    /// The portable kernel and its tile.
+    Portable(P),
+}
+
+impl<T, P> Path<T, P> {
+    /// Whether the tensor-core kernel runs.
+    pub fn is_tensor_core(&self) -> bool {
+        matches!(self, Path::TensorCore(_))
+    }
+}
+
+/// Chooses the path for `strategy`: the tensor-core tile from `tensor_core` unless the
+/// portable kernels are asked for, or it has none and the strategy allows the portable
+/// path.
+fn choose<T, P>(
+    strategy: Strategy,
+    tensor_core: impl FnOnce() -> Result<T, TensorCoreUnavailable>,
+    portable: impl FnOnce() -> P,
+) -> Result<Path<T, P>, PlanError> {
+    match strategy.resolved() {
+        Strategy::Portable => Ok(Path::Portable(portable())),
+        Strategy::TensorCore => tensor_core()
+            .map(Path::TensorCore)
+            .map_err(PlanError::TensorCoreUnavailable),
+        Strategy::Auto => {
+            Ok(tensor_core().map_or_else(|_| Path::Portable(portable()), Path::TensorCore))
+        }
+    }
+}
+
+/// The attention of one branch over its keys: the sliding window, the compression branch's
+/// attention pass, or the selection branch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionPlan {
+    /// The call's sizes.
+    pub shape: AttentionShape,
+    /// Which keys each query attends.
+    pub keys: KeySet,
+    /// Rows of the branch's keys and values (`T`, or `N_cmp` for the compression branch).
+    pub key_rows: usize,
+    /// Softmax scale.
+    pub scale: f32,
+    /// The kernel and its tile.
+    pub path: Path<MmaTileConfig, TileConfig>,
+}
+
+/// The selection branch's forward kernel on tensor cores, which can also finish the gated
+/// sum (Eq. 5) in its epilogue; from [`AttentionPlan::gated_sum`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GatedSelectionPlan {
+    pub(crate) attention: AttentionPlan,
+    pub(crate) tile: MmaTileConfig,
+}
+
+impl AttentionPlan {
+    /// The plan of the selection kernel that also sums the three branches, when the
+    /// tensor-core path runs the selection branch; `None` on the portable path (there the
+    /// selection and the gated sum are two launches).
+    pub fn gated_sum(&self) -> Option<GatedSelectionPlan> {
+        match (self.keys, self.path) {
+            (KeySet::Selected { .. }, Path::TensorCore(tile)) => Some(GatedSelectionPlan {
+                attention: *self,
+                tile,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The tensor-core tiles of the compression branch's two passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompressedTiles {
+    /// The attention pass (outputs and log-sum-exp).
+    pub attention: MmaTileConfig,
+    /// The scoring pass and top-n.
+    pub scoring: MmaTileConfig,
+}
+
+/// The compression branch's forward: attention over the compressed keys, block scoring and
+/// top-n; on tensor cores an attention pass and a scoring pass.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CompressedPlan {
+    /// The call's sizes.
+    pub shape: AttentionShape,
+    /// Compressed keys, `N_cmp`.
+    pub key_rows: usize,
+    /// Softmax scale.
+    pub scale: f32,
+    /// Block sizes and counts of the selection.
+    pub selection: SelectionConfig,
+    /// The kernels and their tiles.
+    pub path: Path<CompressedTiles, TileConfig>,
+}
+
+impl CompressedPlan {
+    /// The attention pass on tensor cores with `tile`.
+    pub(crate) fn attention_pass(&self, tile: MmaTileConfig) -> AttentionPlan {
+        AttentionPlan {
+            shape: self.shape,
+            keys: self.selection.key_set(),
+            key_rows: self.key_rows,
+            scale: self.scale,
+            path: Path::TensorCore(tile),
+        }
+    }
+}
+
+/// The backward pass of one branch: `delta = rowsum(dO * O)`, the query side (`dQ`), for
+/// the selection branch the selection inverted into a bitmap, and the key side (`dK`,
+/// `dV`, split over query ranges where long key tiles would serialise).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BranchBackwardPlan {
+    /// The query side, which walks the keys as the forward kernel does.
+    pub query: AttentionPlan,
+    /// The key side.
+    pub key: Path<(MmaTileConfig, KeyGradSplit), KeyTileConfig>,
+}
+
+impl BranchBackwardPlan {
+    /// `[B, T, H]`: `delta`, f32.
+    pub fn delta_shape(&self) -> [usize; 3] {
+        let shape = &self.query.shape;
+        [shape.batch, shape.seq, shape.heads]
+    }
+
+    /// `[B, H_kv, ceil(T / l'), ceil(T / 32)]`: the selection bitmap, in the selection's
+    /// Int type; `None` for the branches that select nothing.
+    pub fn bitmap_shape(&self) -> Option<[usize; 4]> {
+        let shape = &self.query.shape;
+        match self.query.keys {
+            KeySet::Selected { block } => Some([
+                shape.batch,
+                shape.kv_heads,
+                shape.seq.div_ceil(block),
+                shape.seq.div_ceil(crate::common::bitmap::WORD_BITS),
+            ]),
+            _ => None,
+        }
+    }
+
+    /// `[splits * B, split keys, H_kv, d_k + d_v]`: the key side's partial sums, f32;
+    /// `None` when nothing is split.
+    pub fn partial_shape(&self) -> Option<[usize; 4]> {
+        match self.key {
+            Path::TensorCore((_, split)) => split.buffer_shape(&self.query.shape),
+            Path::Portable(_) => None,
+        }
+    }
+}
+
+/// The sliding-window branch's forward (and its query-side backward walk).
+pub fn plan_window<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: AttentionShape,
+    config: &NsaKernelConfig,
+) -> Result<AttentionPlan, PlanError> {
+    let keys = config.window_keys();
+    let path = choose(
+        config.kernel_strategy,
+        || tensor_core::forward_tile::<R, F>(client, &shape, tensor_core::WINDOW_ROWS),
+        || portable::tile_config(client, &shape, None, TileConfig::shared_words),
+    )?;
+    Ok(AttentionPlan {
+        shape,
+        keys,
+        key_rows: shape.seq,
+        scale: config.softmax_scale,
+        path,
+    })
+}
+
+/// The selection branch's forward.
+pub fn plan_selected<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: AttentionShape,
+    config: &NsaKernelConfig,
+) -> Result<AttentionPlan, PlanError> {
+    let path = choose(
+        config.kernel_strategy,
+        || tensor_core::selection_tile::<R, F>(client, &shape),
+        || {
+            let divides = Some(config.select_block);
+            portable::tile_config(client, &shape, divides, TileConfig::shared_words)
+        },
+    )?;
+    Ok(AttentionPlan {
+        shape,
+        keys: config.selected_keys(),
+        key_rows: shape.seq,
+        scale: config.softmax_scale,
+        path,
+    })
+}
+
+/// The compression branch's forward over `num_compressed` compressed keys.
+pub fn plan_compressed<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: AttentionShape,
+    num_compressed: usize,
+    config: &NsaKernelConfig,
+) -> Result<CompressedPlan, PlanError> {
+    let selection = config.selection(shape.seq);
+    let path = choose(
+        config.kernel_strategy,
+        || tensor_core::compressed_tiles::<R, F>(client, &shape, &selection),
+        || portable::compressed_tile(client, &shape, &selection),
+    )?;
+    Ok(CompressedPlan {
+        shape,
+        key_rows: num_compressed,
+        scale: config.softmax_scale,
+        selection,
+        path,
+    })
+}
+
+/// The backward pass of the branch whose attention pattern is `keys`, over `key_rows` key
+/// rows.
+pub fn plan_branch_backward<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: AttentionShape,
+    key_rows: usize,
+    keys: KeySet,
+    config: &NsaKernelConfig,
+) -> Result<BranchBackwardPlan, PlanError> {
+    let query = choose(
+        config.kernel_strategy,
+        || tensor_core::grad_query_tile::<R, F>(client, &shape, keys),
+        || portable::grad_query_tile(client, &shape, keys),
+    )?;
+    let key = choose(
+        config.kernel_strategy,
+        || {
+            let tile = tensor_core::key_tile::<R, F>(client, &shape, keys)?;
+            let split =
+                tensor_core::key_grad_split(&shape, key_rows, keys, config.n_initial_blocks);
+            Ok((tile, split))
+        },
+        || portable::key_tile_config(client, &shape, keys),
+    )?;
+    Ok(BranchBackwardPlan {
+        query: AttentionPlan {
+            shape,
+            keys,
+            key_rows,
+            scale: config.softmax_scale,
+            path: query,
+        },
+        key,
+    })
+}
