@@ -88,3 +88,23 @@ pub fn head_rows<T: CubePrimitive>(x: &Tensor<T>, b: usize, kv_head: usize) -> R
         dim_stride: x.stride(3),
     }
 }
+
+/// Offset of row `(b, head, t)` in the rows' log-sum-exp `lse: [B, H, T]`.
+#[cube]
+pub fn lse_at(lse: &Tensor<f32>, b: usize, head: usize, t: usize) -> usize {
+    b * lse.stride(0) + head * lse.stride(1) + t * lse.stride(2)
+}
+
+/// Offset of row `(b, t, head)` in `delta: [B, T, H]`.
+#[cube]
+pub fn delta_at(delta: &Tensor<f32>, b: usize, t: usize, head: usize) -> usize {
+    b * delta.stride(0) + t * delta.stride(1) + head * delta.stride(2)
+}
+
+/// A probability recomputed from its scaled score and its row's log-sum-exp,
+/// `exp(s * scale - lse)`: how the selection scoring and every backward kernel get the
+/// forward pass's probabilities back.
+#[cube]
+pub fn recomputed_probability(scaled_score: f32, lse: f32) -> f32 {
+    (scaled_score - lse).exp()
+}

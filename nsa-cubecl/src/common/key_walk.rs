@@ -5,6 +5,7 @@
 use cubecl::prelude::*;
 
 use crate::common::bitmap::bitmap_selects;
+use crate::common::geometry::{delta_at, lse_at};
 use crate::common::keys::KeySet;
 use crate::tensor_core::layout::PLANE;
 
@@ -117,8 +118,8 @@ pub fn load_row_stats(
             let t = positions[row / group] as usize;
             let h = kv_head * group + row % group;
             position = (t + 1) as u32;
-            value_lse = lse[b * lse.stride(0) + h * lse.stride(1) + t * lse.stride(2)];
-            value_delta = delta[b * delta.stride(0) + t * delta.stride(1) + h * delta.stride(2)];
+            value_lse = lse[lse_at(lse, b, h, t)];
+            value_delta = delta[delta_at(delta, b, t, h)];
         }
         row_position[r] = position;
         row_lse[r] = value_lse;

@@ -6,7 +6,9 @@
 
 use cubecl::prelude::*;
 
-use crate::common::geometry::{cube_position, group_rows, head_rows, NEG_BIG};
+use crate::common::geometry::{
+    cube_position, group_rows, head_rows, recomputed_probability, NEG_BIG,
+};
 use crate::common::keys::{index_min, key_range};
 use crate::common::selection::{
     ascending_slot, beats, force_blocks, strided_best, tile_block_score, tile_blocks,
@@ -121,7 +123,7 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
                 if key < valid {
                     #[unroll]
                     for g in 0..cfg.group {
-                        p += (scores[g * cfg.tile_keys + key] - row_lse[g]).exp();
+                        p += recomputed_probability(scores[g * cfg.tile_keys + key], row_lse[g]);
                     }
                 }
                 probs[key] = p;

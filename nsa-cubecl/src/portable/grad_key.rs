@@ -10,7 +10,7 @@
 
 use cubecl::prelude::*;
 
-use crate::common::geometry::{cube_tiles_at, head_rows};
+use crate::common::geometry::{cube_tiles_at, head_rows, recomputed_probability};
 use crate::common::key_walk::{compact_positions, load_row_stats};
 use crate::common::keys::{first_query, index_min, query_end, query_sees, KeySet};
 use crate::portable::tile::load_rows;
@@ -318,7 +318,7 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
                                     dp += tile.grads[r * value_stride + c]
                                         * tile.values[key * value_stride + c];
                                 }
-                                p = (score * scale - tile.row_lse[r]).exp();
+                                p = recomputed_probability(score * scale, tile.row_lse[r]);
                                 ds = p * (dp - tile.row_delta[r]);
                             }
                         }

@@ -8,7 +8,9 @@
 
 use cubecl::prelude::*;
 
-use crate::common::geometry::{cube_position, group_rows, head_rows, Rows};
+use crate::common::geometry::{
+    cube_position, delta_at, group_rows, head_rows, lse_at, recomputed_probability, Rows,
+};
 use crate::common::keys::{index_min, key_range, KeySet};
 use crate::common::selection::selected_tile;
 use crate::portable::tile::{load_key_values, tile_scores, TileConfig};
@@ -91,7 +93,7 @@ fn grad_query_tile<F: Float>(
     let part = UNIT_POS as usize % cfg.parts;
     let row = head * cfg.tile_keys;
     for key in 0..valid {
-        let p = (tile.scores[row + key] - stats.lse).exp();
+        let p = recomputed_probability(tile.scores[row + key], stats.lse);
         let ds = p * (tile.grads[row + key] - stats.delta);
         #[unroll]
         for i in 0..comptime!(cfg.query_width()) {
@@ -139,8 +141,8 @@ pub fn grad_query_kernel<F: Float, I: Int>(
         let part = UNIT_POS as usize % cfg.parts;
         let row_head = kv_head * cfg.group + head;
         let stats = RowStats {
-            lse: lse[b * lse.stride(0) + row_head * lse.stride(1) + t * lse.stride(2)],
-            delta: delta[b * delta.stride(0) + t * delta.stride(1) + row_head * delta.stride(2)],
+            lse: lse[lse_at(lse, b, row_head, t)],
+            delta: delta[delta_at(delta, b, t, row_head)],
         };
         let mut acc = Array::<f32>::new(comptime!(cfg.query_width()));
         #[unroll]

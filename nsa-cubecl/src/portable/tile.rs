@@ -8,7 +8,7 @@
 
 use cubecl::prelude::*;
 
-use crate::common::geometry::{group_rows, Rows, NEG_BIG};
+use crate::common::geometry::{group_rows, lse_at, Rows, NEG_BIG};
 use crate::common::keys::index_min;
 
 /// Comptime shape of the tile.
@@ -312,7 +312,7 @@ pub fn state_finish<F: Float>(
     #[comptime] cfg: TileConfig,
 ) {
     let o_at = group_rows::<F>(o, b, t, kv_head, cfg.group);
-    let lse_index = b * lse.stride(0) + kv_head * cfg.group * lse.stride(1) + t * lse.stride(2);
+    let lse_index = lse_at(lse, b, kv_head * cfg.group, t);
     let lse_head_stride = lse.stride(1);
     let head = UNIT_POS as usize / cfg.parts;
     let part = UNIT_POS as usize % cfg.parts;

@@ -4,7 +4,7 @@
 
 use cubecl::prelude::*;
 
-use crate::common::geometry::{cube_tiles_at, head_rows};
+use crate::common::geometry::{cube_tiles_at, head_rows, recomputed_probability};
 use crate::common::key_walk::{compact_positions, load_row_stats};
 use crate::common::keys::{first_query, index_max, index_min, query_end, query_sees, KeySet};
 use crate::tensor_core::fragments::{
@@ -400,7 +400,7 @@ fn transposed_gradients<F: Float>(
                     }
                 }
                 if inside {
-                    p = (scores[2 * tile + half][e] * scale - row_lse[col]).exp();
+                    p = recomputed_probability(scores[2 * tile + half][e] * scale, row_lse[col]);
                     ds = p * (grads[2 * tile + half][e] - row_delta[col]);
                 }
                 p_pair[e] = F::cast_from(p);

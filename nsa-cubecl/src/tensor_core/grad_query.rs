@@ -5,7 +5,7 @@
 use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
-use crate::common::geometry::{cube_positions, head_rows, Rows};
+use crate::common::geometry::{cube_positions, delta_at, head_rows, Rows};
 use crate::common::keys::{index_min, key_range, KeySet};
 use crate::common::selection::selected_tile;
 use crate::tensor_core::fragments::{
@@ -149,8 +149,7 @@ pub fn grad_query_mma_kernel<F: Float, I: Int, N: Size>(
             let head = kv_head * cfg.group + row % cfg.group;
             row_delta[half] = 0.0;
             if real {
-                row_delta[half] = delta
-                    [b * delta.stride(0) + position * delta.stride(1) + head * delta.stride(2)];
+                row_delta[half] = delta[delta_at(delta, b, position, head)];
             }
         }
         let mut acc = zero_pairs(comptime!(cfg.d_k / 8 * 2));

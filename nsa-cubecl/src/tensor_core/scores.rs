@@ -6,7 +6,7 @@
 
 use cubecl::prelude::*;
 
-use crate::common::geometry::{cube_positions, head_rows, NEG_BIG};
+use crate::common::geometry::{cube_positions, head_rows, recomputed_probability, NEG_BIG};
 use crate::common::keys::{index_min, key_range};
 use crate::common::selection::{
     ascending_slot, beats, force_blocks, strided_best, tile_block_score, tile_blocks,
@@ -253,7 +253,7 @@ fn store_segment_sums(
             for e in 0..2usize {
                 let mut p = 0.0f32;
                 if entry_in_range(ranges, first, valid, tile, half, e, masked) {
-                    p = (scores[2 * tile + half][e] * scale - row_lse[half]).exp();
+                    p = recomputed_probability(scores[2 * tile + half][e] * scale, row_lse[half]);
                 }
                 let slot = comptime!((half % sets) * per_row + 2 * tile + e);
                 if comptime!(sets == 1 && half == 1) {

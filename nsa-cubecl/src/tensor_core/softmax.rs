@@ -6,7 +6,7 @@
 use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
-use crate::common::geometry::{Rows, NEG_BIG};
+use crate::common::geometry::{lse_at, recomputed_probability, Rows, NEG_BIG};
 use crate::common::keys::index_min;
 use crate::tensor_core::fragments::{
     a_fragment, entry_in_range, fragment_slot, lane, lane_rows, load_x4, mma_into, plane_has_rows,
@@ -167,7 +167,8 @@ pub fn score_gradients<F: Float>(
             for e in 0..2usize {
                 let mut ds = 0.0f32;
                 if entry_in_range(ranges, first, valid, tile, half, e, masked) {
-                    let p = (scores[2 * tile + half][e] * scale - row_lse[half]).exp();
+                    let p =
+                        recomputed_probability(scores[2 * tile + half][e] * scale, row_lse[half]);
                     ds = p * (grads[2 * tile + half][e] - row_delta[half]);
                 }
                 pair[e] = F::cast_from(ds);
@@ -437,7 +438,7 @@ pub fn register_state_lse(
         }
         if real && lane() % 4 == 0 {
             let head = kv_head * cfg.group + row % cfg.group;
-            lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)] = row_lse;
+            lse[lse_at(lse, b, head, position)] = row_lse;
         }
     }
     inverse
@@ -462,8 +463,7 @@ pub fn lane_row_lse(
         row_lse[half] = 0.0;
         if real {
             let head = kv_head * cfg.group + row % cfg.group;
-            row_lse[half] =
-                lse[b * lse.stride(0) + head * lse.stride(1) + position * lse.stride(2)];
+            row_lse[half] = lse[lse_at(lse, b, head, position)];
         }
     }
     row_lse
