@@ -14,17 +14,7 @@
 # Run from anywhere: `bash benches/gpu_compare.sh`. The script can also be copied into a
 # folder with `nsa-bench.gz` and `anchors/` and run there (for a machine without cargo).
 set -u
-here="$(cd "$(dirname "$0")" && pwd)"
-if [ -n "${NSA_BENCH:-}" ]; then
-  bench="$NSA_BENCH"
-elif [ -e "$here/nsa-bench.gz" ] || [ -e "$here/nsa-bench" ]; then
-  gunzip -f "$here/nsa-bench.gz" 2>/dev/null
-  bench="$here/nsa-bench"
-else
-  bench="$here/../target/release/nsa-bench"
-fi
-[ -f "$bench" ] || { echo "no nsa-bench at $bench: build it with cargo build --release -p nsa-benches" >&2; exit 1; }
-chmod +x "$bench"
+source "$(dirname "$0")/find_bench.sh"
 anchors="$here/anchors"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT

@@ -9,17 +9,7 @@
 # `$OUT/ncu_details.txt` when $OUT is set, else to `ncu_details.txt` in the current folder;
 # the script prints each kernel's duration, registers, occupancy and issue-slot use from it.
 set -u
-here="$(cd "$(dirname "$0")" && pwd)"
-if [ -n "${NSA_BENCH:-}" ]; then
-  bench="$NSA_BENCH"
-elif [ -e "$here/nsa-bench.gz" ] || [ -e "$here/nsa-bench" ]; then
-  gunzip -f "$here/nsa-bench.gz" 2>/dev/null
-  bench="$here/nsa-bench"
-else
-  bench="$here/../target/release/nsa-bench"
-fi
-[ -f "$bench" ] || { echo "no nsa-bench at $bench: build it with cargo build --release -p nsa-benches" >&2; exit 1; }
-chmod +x "$bench"
+source "$(dirname "$0")/find_bench.sh"
 T=${1:-65536}
 REPORT=${OUT:-.}/ncu_details.txt
 ncu --set detailed --section WarpStateStats --section SourceCounters -k regex:mma \
