@@ -17,31 +17,32 @@ use crate::{
 type Handles<B> =
     HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
 
-/// Which operation, and which pass of it, a [`NsaOp`] runs.
+/// Which operation, and which pass of it, a [`NsaOp`] runs, with the attention config of
+/// the steps that read one (the gated sum reads none).
 #[derive(Debug, Clone, Copy)]
 enum Step {
-    Compressed,
-    Selected,
-    Window,
+    Compressed(NsaAttentionConfig),
+    Selected(NsaAttentionConfig),
+    Window(NsaAttentionConfig),
     GatedSum,
-    SelectedGatedSum,
-    CompressedBackward,
-    SelectedBackward,
-    WindowBackward,
+    SelectedGatedSum(NsaAttentionConfig),
+    CompressedBackward(NsaAttentionConfig),
+    SelectedBackward(NsaAttentionConfig),
+    WindowBackward(NsaAttentionConfig),
     GatedSumBackward,
 }
 
 impl Step {
     fn name(self) -> &'static str {
         match self {
-            Step::Compressed => "nsa_compressed",
-            Step::Selected => "nsa_selected",
-            Step::Window => "nsa_window",
+            Step::Compressed(_) => "nsa_compressed",
+            Step::Selected(_) => "nsa_selected",
+            Step::Window(_) => "nsa_window",
             Step::GatedSum => "nsa_gated_sum",
-            Step::SelectedGatedSum => "nsa_selected_gated_sum",
-            Step::CompressedBackward => "nsa_compressed_backward",
-            Step::SelectedBackward => "nsa_selected_backward",
-            Step::WindowBackward => "nsa_window_backward",
+            Step::SelectedGatedSum(_) => "nsa_selected_gated_sum",
+            Step::CompressedBackward(_) => "nsa_compressed_backward",
+            Step::SelectedBackward(_) => "nsa_selected_backward",
+            Step::WindowBackward(_) => "nsa_window_backward",
             Step::GatedSumBackward => "nsa_gated_sum_backward",
         }
     }
@@ -51,7 +52,6 @@ impl Step {
 struct NsaOp<B> {
     desc: CustomOpIr,
     step: Step,
-    config: NsaAttentionConfig,
     _backend: PhantomData<B>,
 }
 
@@ -94,35 +94,34 @@ impl<B: FusionBackend + NsaBackend> NsaOp<B> {
 
 impl<B: FusionBackend + NsaBackend> Operation<B::FusionRuntime> for NsaOp<B> {
     fn execute(&self, handles: &mut Handles<B>) {
-        let config = &self.config;
         match self.step {
-            Step::Compressed => {
+            Step::Compressed(config) => {
                 let (o, lse, selected) = B::nsa_compressed(
                     self.float(handles, 0),
                     self.float(handles, 1),
                     self.float(handles, 2),
-                    config,
+                    &config,
                 );
                 self.register_floats(handles, [o, lse]);
                 handles.register_int_tensor::<B>(&self.desc.outputs[2].id, selected);
             }
-            Step::Selected => {
+            Step::Selected(config) => {
                 let selected = handles.get_int_tensor::<B>(&self.desc.inputs[3]);
                 let (o, lse) = B::nsa_selected(
                     self.float(handles, 0),
                     self.float(handles, 1),
                     self.float(handles, 2),
                     selected,
-                    config,
+                    &config,
                 );
                 self.register_floats(handles, [o, lse]);
             }
-            Step::Window => {
+            Step::Window(config) => {
                 let (o, lse) = B::nsa_window(
                     self.float(handles, 0),
                     self.float(handles, 1),
                     self.float(handles, 2),
-                    config,
+                    &config,
                 );
                 self.register_floats(handles, [o, lse]);
             }
@@ -130,7 +129,7 @@ impl<B: FusionBackend + NsaBackend> Operation<B::FusionRuntime> for NsaOp<B> {
                 let output = B::nsa_gated_sum(self.gated_sum(handles));
                 self.register_floats(handles, [output]);
             }
-            Step::SelectedGatedSum => {
+            Step::SelectedGatedSum(config) => {
                 let selected = handles.get_int_tensor::<B>(&self.desc.inputs[3]);
                 let rest = GatedRest {
                     compressed: self.float(handles, 4),
@@ -143,7 +142,7 @@ impl<B: FusionBackend + NsaBackend> Operation<B::FusionRuntime> for NsaOp<B> {
                     self.float(handles, 2),
                     selected,
                     rest,
-                    config,
+                    &config,
                 );
                 self.register_floats(handles, [output]);
             }
@@ -160,18 +159,20 @@ impl<B: FusionBackend + NsaBackend> Operation<B::FusionRuntime> for NsaOp<B> {
                 } = (kernels.gated_sum)(parts, grad);
                 self.register_floats(handles, [compressed, selected, window, gates]);
             }
-            Step::CompressedBackward | Step::SelectedBackward | Step::WindowBackward => {
+            Step::CompressedBackward(config)
+            | Step::SelectedBackward(config)
+            | Step::WindowBackward(config) => {
                 let saved = self.saved(handles);
                 let grad = self.float(handles, 5);
                 let kernels =
                     B::nsa_backward().expect("registered only when B has backward kernels");
                 let BranchGrads { q, k, v } = match self.step {
-                    Step::CompressedBackward => (kernels.compressed)(saved, grad, config),
-                    Step::SelectedBackward => {
+                    Step::CompressedBackward(_) => (kernels.compressed)(saved, grad, &config),
+                    Step::SelectedBackward(_) => {
                         let selected = handles.get_int_tensor::<B>(&self.desc.inputs[6]);
-                        (kernels.selected)(saved, selected, grad, config)
+                        (kernels.selected)(saved, selected, grad, &config)
                     }
-                    _ => (kernels.window)(saved, grad, config),
+                    _ => (kernels.window)(saved, grad, &config),
                 };
                 self.register_floats(handles, [q, k, v]);
             }
@@ -207,7 +208,6 @@ fn register<B: FusionBackend + NsaBackend>(
     step: Step,
     inputs: Vec<FusionTensor<B::FusionRuntime>>,
     outputs: &[TensorIr],
-    config: &NsaAttentionConfig,
 ) -> Vec<FusionTensor<B::FusionRuntime>> {
     let client = inputs[0].client.clone();
     let streams = OperationStreams::with_inputs(inputs.iter());
@@ -216,7 +216,6 @@ fn register<B: FusionBackend + NsaBackend>(
     let op = NsaOp::<B> {
         desc: desc.clone(),
         step,
-        config: *config,
         _backend: PhantomData,
     };
     client.register(streams, OperationIr::Custom(desc), op)
@@ -229,18 +228,16 @@ fn register_backward<B: FusionBackend + NsaBackend>(
     saved: BranchSaved<Fusion<B>>,
     grad: FloatTensor<Fusion<B>>,
     extra: Option<IntTensor<Fusion<B>>>,
-    config: &NsaAttentionConfig,
 ) -> BranchGrads<Fusion<B>> {
     let outputs = [like(&saved.q), like(&saved.k), like(&saved.v)];
     let mut inputs = vec![saved.q, saved.k, saved.v, saved.output, saved.lse, grad];
     inputs.extend(extra);
-    let [q, k, v] = register::<B>(step, inputs, &outputs, config).outputs();
+    let [q, k, v] = register::<B>(step, inputs, &outputs).outputs();
     BranchGrads { q, k, v }
 }
 
 /// Registers a gated-sum step: inputs the operands (then `grad`, for the backward step);
-/// outputs shaped like `outputs`. The gated sum reads no configuration, so its op carries
-/// the default one.
+/// outputs shaped like `outputs`.
 fn register_gated_sum<B: FusionBackend + NsaBackend>(
     step: Step,
     parts: GatedSum<Fusion<B>>,
@@ -249,7 +246,7 @@ fn register_gated_sum<B: FusionBackend + NsaBackend>(
 ) -> Vec<FusionTensor<B::FusionRuntime>> {
     let mut inputs = vec![parts.compressed, parts.selected, parts.window, parts.gates];
     inputs.extend(grad);
-    register::<B>(step, inputs, outputs, &NsaAttentionConfig::new())
+    register::<B>(step, inputs, outputs)
 }
 
 impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
@@ -266,10 +263,9 @@ impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
             B::IntElem::dtype(),
         );
         let [o, lse, selected] = register::<B>(
-            Step::Compressed,
+            Step::Compressed(*config),
             vec![q, k_cmp, v_cmp],
             &[o, lse, selected],
-            config,
         )
         .outputs();
         (o, lse, selected)
@@ -284,7 +280,7 @@ impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let outputs = output_irs(&q, &v);
         let [o, lse] =
-            register::<B>(Step::Selected, vec![q, k, v, selected], &outputs, config).outputs();
+            register::<B>(Step::Selected(*config), vec![q, k, v, selected], &outputs).outputs();
         (o, lse)
     }
 
@@ -295,7 +291,7 @@ impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
         config: &NsaAttentionConfig,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let outputs = output_irs(&q, &v);
-        let [o, lse] = register::<B>(Step::Window, vec![q, k, v], &outputs, config).outputs();
+        let [o, lse] = register::<B>(Step::Window(*config), vec![q, k, v], &outputs).outputs();
         (o, lse)
     }
 
@@ -309,7 +305,8 @@ impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
     ) -> FloatTensor<Self> {
         let output = [like(&rest.window)];
         let inputs = vec![q, k, v, selected, rest.compressed, rest.window, rest.gates];
-        let [output] = register::<B>(Step::SelectedGatedSum, inputs, &output, config).outputs();
+        let step = Step::SelectedGatedSum(*config);
+        let [output] = register::<B>(step, inputs, &output).outputs();
         output
     }
 
@@ -340,13 +337,14 @@ impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
                 }
             },
             compressed: |saved, grad, config| {
-                register_backward::<B>(Step::CompressedBackward, saved, grad, None, config)
+                register_backward::<B>(Step::CompressedBackward(*config), saved, grad, None)
             },
             selected: |saved, selected, grad, config| {
-                register_backward::<B>(Step::SelectedBackward, saved, grad, Some(selected), config)
+                let step = Step::SelectedBackward(*config);
+                register_backward::<B>(step, saved, grad, Some(selected))
             },
             window: |saved, grad, config| {
-                register_backward::<B>(Step::WindowBackward, saved, grad, None, config)
+                register_backward::<B>(Step::WindowBackward(*config), saved, grad, None)
             },
         })
     }
