@@ -3,12 +3,16 @@
 //! whole operator under autodiff (`--phase backward`).
 //!
 //! ```text
-//! nsa-bench --seq-lens 8192 16384 32768 65536 --dtype bf16 --phase forward
+//! nsa-bench --seq-lens 8192 16384 32768 65536 --dtype bf16 --phase forward --json forward.json
 //! ```
 //! Paper defaults (l = 32, d = 16, l' = 64, n = 16, w = 512), batch 1, H = 64, H_kv = 4,
 //! d_k = d_v = 128 unless given. Inputs are random normal; each number is the median of
 //! `--reps` synchronized runs after `--warmup` runs (the first compiles the kernels).
+//!
+//! The results go to standard output as a markdown table, one row per sequence length as it
+//! is measured, and with `--json` to a file as a [`Report`] (what `cargo xtask bench` reads).
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::backend::Autodiff;
@@ -16,6 +20,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor};
 use clap::Parser;
 use nsa_burn::{nsa_attention, BranchKv, BranchSaved, NsaAttentionConfig, NsaBackend, NsaInput};
+use serde::Serialize;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -43,6 +48,70 @@ struct Args {
     /// forward, or backward (backward kernels per branch, and forward + backward in total).
     #[arg(long, default_value = "forward")]
     phase: String,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// The results of one run, as written by `--json`: the run's settings and one measurement
+/// per (sequence length, series).
+#[derive(Debug, Serialize)]
+struct Report<'a> {
+    backend: &'a str,
+    dtype: &'a str,
+    phase: &'a str,
+    heads: usize,
+    kv_heads: usize,
+    d_k: usize,
+    d_v: usize,
+    warmup: usize,
+    reps: usize,
+    results: Vec<Measurement>,
+}
+
+/// One number of the table.
+#[derive(Debug, Serialize)]
+struct Measurement {
+    seq_len: usize,
+    /// The table column, e.g. `selected` or `NSA forward total`.
+    series: &'static str,
+    /// Median time in milliseconds.
+    ms: f64,
+}
+
+/// The table being measured: printed as markdown on standard output, a row as soon as it is
+/// measured, and kept for `--json`.
+struct Table {
+    series: [&'static str; 4],
+    results: Vec<Measurement>,
+}
+
+impl Table {
+    /// Prints the header of a table with a column per series.
+    fn new(series: [&'static str; 4]) -> Self {
+        let header: Vec<String> = series
+            .iter()
+            .map(|name| format!(" {name} (ms) |"))
+            .collect();
+        println!("| T |{}", header.concat());
+        println!("|---|{}", "---|".repeat(series.len()));
+        Self {
+            series,
+            results: Vec::new(),
+        }
+    }
+
+    /// Prints and keeps the row of one sequence length (`ms` in the order of the series).
+    fn push(&mut self, seq_len: usize, ms: [f64; 4]) {
+        let cells: Vec<String> = ms.iter().map(|ms| format!(" {ms:.2} |")).collect();
+        println!("| {seq_len} |{}", cells.concat());
+        self.results
+            .extend(self.series.iter().zip(ms).map(|(&series, ms)| Measurement {
+                seq_len,
+                series,
+                ms,
+            }));
+    }
 }
 
 fn main() {
@@ -83,10 +152,27 @@ fn time<B: Backend, T>(args: &Args, device: &B::Device, mut f: impl FnMut() -> T
 }
 
 fn run<B: NsaBackend>(args: &Args, dtype: DType) {
-    match args.phase.as_str() {
+    let table = match args.phase.as_str() {
         "forward" => forward::<B>(args, dtype),
         "backward" => backward::<B>(args, dtype),
         other => panic!("--phase must be forward or backward, got {other}"),
+    };
+    if let Some(path) = &args.json {
+        let report = Report {
+            backend: &args.backend,
+            dtype: &args.dtype,
+            phase: &args.phase,
+            heads: args.heads,
+            kv_heads: args.kv_heads,
+            d_k: args.d_k,
+            d_v: args.d_v,
+            warmup: args.warmup,
+            reps: args.reps,
+            results: table.results,
+        };
+        let json = serde_json::to_string_pretty(&report).expect("the report serializes");
+        std::fs::write(path, json + "\n")
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     }
 }
 
@@ -133,15 +219,16 @@ fn operator_input<B: Backend>([q, k, v, k_cmp, v_cmp, gates]: [Tensor<B, 4>; 6])
 }
 
 /// Backward kernels per branch, then forward + backward of the operator under autodiff.
-fn backward<B: NsaBackend>(args: &Args, dtype: DType) {
+fn backward<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
     let device = B::Device::default();
     let config = NsaAttentionConfig::new();
     let kernels = B::nsa_backward().expect("this backend has backward kernels");
-    println!(
-        "| T | compressed backward (ms) | selected backward (ms) | window backward (ms) | \
-         NSA forward + backward total (ms) |"
-    );
-    println!("|---|---|---|---|---|");
+    let mut table = Table::new([
+        "compressed backward",
+        "selected backward",
+        "window backward",
+        "NSA forward + backward total",
+    ]);
     for &seq in &args.seq_lens {
         let tensors = inputs::<B>(args, &config, seq, dtype, &device);
         let [q, k, v, k_cmp, v_cmp, _] = tensors.clone();
@@ -190,18 +277,21 @@ fn backward<B: NsaBackend>(args: &Args, dtype: DType) {
             let output = nsa_attention(operator_input(leaves), &config).output;
             output.sum().backward()
         });
-        println!("| {seq} | {compressed_ms:.2} | {selected_ms:.2} | {window_ms:.2} | {total:.2} |");
+        table.push(seq, [compressed_ms, selected_ms, window_ms, total]);
     }
+    table
 }
 
 /// Forward kernels per branch, then the whole operator.
-fn forward<B: NsaBackend>(args: &Args, dtype: DType) {
+fn forward<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
     let device = B::Device::default();
     let config = NsaAttentionConfig::new();
-    println!(
-        "| T | compressed + top-n (ms) | selected (ms) | window (ms) | NSA forward total (ms) |"
-    );
-    println!("|---|---|---|---|---|");
+    let mut table = Table::new([
+        "compressed + top-n",
+        "selected",
+        "window",
+        "NSA forward total",
+    ]);
     for &seq in &args.seq_lens {
         let tensors = inputs::<B>(args, &config, seq, dtype, &device);
         let [q, k, v, k_cmp, v_cmp, _] = tensors.clone();
@@ -219,6 +309,7 @@ fn forward<B: NsaBackend>(args: &Args, dtype: DType) {
         let total = time::<B, _>(args, &device, || {
             nsa_attention(operator_input(tensors.clone()), &config).output
         });
-        println!("| {seq} | {compressed:.2} | {selected_ms:.2} | {window:.2} | {total:.2} |");
+        table.push(seq, [compressed, selected_ms, window, total]);
     }
+    table
 }

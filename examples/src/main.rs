@@ -1,11 +1,17 @@
-//! The NSA layer with the paper's defaults on the best device available: forward and
-//! backward on a random sequence, with shapes, timings and the sparsity achieved.
+//! The NSA layer on the best device available: forward and backward on a random sequence,
+//! with the device, shapes, timings and the sparsity achieved.
+//!
+//! On a GPU the layer has the paper's sizes; on a CPU (flex, or a wgpu CPU adapter such as
+//! Mesa's lavapipe) a small layer, so that the example finishes in seconds. `--preset`
+//! picks either anywhere, and the size flags override single sizes of the preset.
 //!
 //! ```text
-//! cargo run -p nsa-examples -- --seq-len 1024
+//! cargo run -p nsa-examples
+//! cargo run -p nsa-examples -- --preset paper --seq-len 4096
 //! cargo run -p nsa-examples -- --device flex --seq-len 16384 --forward-only
 //! ```
 
+use std::io::Write;
 use std::time::Instant;
 
 use burn::backend::{Autodiff, Flex};
@@ -17,112 +23,272 @@ use nsa_burn::{Nsa, NsaAttentionConfig, NsaBackend, NsaConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DeviceChoice {
-    /// CUDA if a GPU answers, else wgpu if an adapter answers, else flex (CPU).
+    /// CUDA if a GPU answers, else wgpu if a GPU adapter answers, else flex (CPU). A wgpu
+    /// CPU adapter (Mesa's lavapipe) runs the kernels far slower than flex runs the
+    /// reference, so it runs only when asked for.
     Auto,
     Cuda,
     Wgpu,
     Flex,
 }
 
-/// Runs the NSA layer (paper defaults: l = 32, d = 16, l' = 64, n = 16, w = 512; H = 64,
-/// H_kv = 4, d_k = 192, d_v = 128) on a random sequence.
+/// The layer's sizes and blocks, before the size flags override them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Preset {
+    /// The paper's layer: d_model = 1024, H = 64, H_kv = 4, d_k = 192, d_v = 128; blocks
+    /// l = 32, d = 16, l' = 64, n = 16, w = 512.
+    Paper,
+    /// A layer for a CPU: d_model = 256, H = 8, H_kv = 2, d_k = d_v = 32; blocks l = 16,
+    /// d = 8, l' = 32, n = 8, w = 128, which suit sequences of about a thousand tokens.
+    Small,
+}
+
+impl Preset {
+    /// The preset on a device: the paper's layer on a GPU, the small one on a CPU.
+    fn for_device(device: &PickedDevice) -> Self {
+        if device.on_cpu {
+            Preset::Small
+        } else {
+            Preset::Paper
+        }
+    }
+
+    fn config(self) -> NsaConfig {
+        match self {
+            Preset::Paper => NsaConfig::new(1024, 64, 4, 192, 128),
+            Preset::Small => NsaConfig::new(256, 8, 2, 32, 32)
+                .with_compress_block(16)
+                .with_compress_stride(8)
+                .with_select_block(32)
+                .with_n_selected(8)
+                .with_window(128),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Preset::Paper => "paper",
+            Preset::Small => "small",
+        }
+    }
+
+    /// Why this preset runs when none is asked for, and how to get the other.
+    fn default_note(self) -> &'static str {
+        match self {
+            Preset::Paper => "the default on a GPU; --preset small for a small layer",
+            Preset::Small => "the default on a CPU; --preset paper for the paper's layer",
+        }
+    }
+}
+
+/// Runs the NSA layer on a random sequence: the paper's layer on a GPU, a small one on a CPU
+/// (see `--preset`).
 #[derive(Debug, Parser)]
 struct Args {
     /// Device to run on.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
+    /// Layer sizes and blocks [default: paper on a GPU, small on a CPU].
+    #[arg(long, value_enum)]
+    preset: Option<Preset>,
     /// Sequence length T.
     #[arg(long, default_value_t = 1024)]
     seq_len: usize,
     /// Batch size.
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Model width d_model.
-    #[arg(long, default_value_t = 1024)]
-    d_model: usize,
-    /// Query heads H.
-    #[arg(long, default_value_t = 64)]
-    heads: usize,
-    /// Key/value heads H_kv.
-    #[arg(long, default_value_t = 4)]
-    kv_heads: usize,
-    /// Query/key head dimension d_k.
-    #[arg(long, default_value_t = 192)]
-    d_k: usize,
-    /// Value head dimension d_v.
-    #[arg(long, default_value_t = 128)]
-    d_v: usize,
+    /// Model width d_model [default: the preset's].
+    #[arg(long)]
+    d_model: Option<usize>,
+    /// Query heads H [default: the preset's].
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Key/value heads H_kv [default: the preset's].
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// Query/key head dimension d_k [default: the preset's].
+    #[arg(long)]
+    d_k: Option<usize>,
+    /// Value head dimension d_v [default: the preset's].
+    #[arg(long)]
+    d_v: Option<usize>,
     /// Skip the backward pass (the reference keeps every chunk's activations for it, see
     /// the `nsa_burn::reference` docs; forward alone runs long sequences in little memory).
     #[arg(long)]
     forward_only: bool,
 }
 
+impl Args {
+    /// The layer to run: the preset's, with the sizes given on the command line.
+    fn layer_config(&self, preset: Preset) -> NsaConfig {
+        let base = preset.config();
+        NsaConfig {
+            d_model: self.d_model.unwrap_or(base.d_model),
+            n_heads: self.heads.unwrap_or(base.n_heads),
+            n_kv_heads: self.kv_heads.unwrap_or(base.n_kv_heads),
+            d_k: self.d_k.unwrap_or(base.d_k),
+            d_v: self.d_v.unwrap_or(base.d_v),
+            ..base
+        }
+    }
+}
+
 fn main() {
     let args = Args::parse();
-    let config = NsaConfig::new(args.d_model, args.heads, args.kv_heads, args.d_k, args.d_v);
+    let device = pick_device(args.device);
+    println!("device: {}", device.description);
+    let preset = match args.preset {
+        Some(preset) => {
+            println!("preset: {}", preset.name());
+            preset
+        }
+        None => {
+            let preset = Preset::for_device(&device);
+            println!("preset: {} ({})", preset.name(), preset.default_note());
+            preset
+        }
+    };
+    let config = args.layer_config(preset);
     if let Err(error) = config.validate() {
         eprintln!("invalid configuration: {error}");
         std::process::exit(2);
     }
-    match resolve(args.device) {
+    match device.backend {
         #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda => {
-            run::<Autodiff<burn::backend::Cuda>>(&args, &config, "cuda", &Default::default())
+        CompiledBackend::Cuda => {
+            run::<Autodiff<burn::backend::Cuda>>(&args, &config, &Default::default())
         }
         #[cfg(feature = "wgpu")]
-        DeviceChoice::Wgpu => {
-            run::<Autodiff<burn::backend::Wgpu>>(&args, &config, "wgpu", &Default::default())
+        CompiledBackend::Wgpu => {
+            run::<Autodiff<burn::backend::Wgpu>>(&args, &config, &Default::default())
         }
-        DeviceChoice::Flex => run::<Autodiff<Flex>>(&args, &config, "flex", &Default::default()),
-        other => {
-            eprintln!(
-                "{other:?} is not compiled in: enable the `{other:?}` feature of nsa-examples"
-            );
-            std::process::exit(2);
-        }
+        CompiledBackend::Flex => run::<Autodiff<Flex>>(&args, &config, &Default::default()),
     }
 }
 
-/// Picks the device: the one asked for, or for `Auto` the first that answers.
-fn resolve(choice: DeviceChoice) -> DeviceChoice {
-    if choice != DeviceChoice::Auto {
-        return choice;
-    }
+/// A backend this binary is built with.
+enum CompiledBackend {
     #[cfg(feature = "cuda")]
-    if answers::<burn::backend::Cuda>() {
-        return DeviceChoice::Cuda;
-    }
+    Cuda,
     #[cfg(feature = "wgpu")]
-    if answers::<burn::backend::Wgpu>() {
-        return DeviceChoice::Wgpu;
-    }
-    DeviceChoice::Flex
+    Wgpu,
+    Flex,
 }
 
-/// Whether a backend's default device can run a tiny computation (its runtime panics when
-/// no driver or adapter is present).
-#[allow(dead_code)]
-fn answers<B: Backend>() -> bool {
+/// The device the layer runs on.
+struct PickedDevice {
+    backend: CompiledBackend,
+    /// What the user is told about it.
+    description: String,
+    /// Whether it computes on the CPU: flex, or a wgpu CPU adapter such as Mesa's lavapipe.
+    on_cpu: bool,
+}
+
+/// Picks the device asked for, or for `Auto` the first that answers, and starts it.
+fn pick_device(choice: DeviceChoice) -> PickedDevice {
+    match choice {
+        DeviceChoice::Auto => {
+            #[cfg(feature = "cuda")]
+            if let Some(device) = quietly(cuda_device) {
+                return device;
+            }
+            #[cfg(feature = "wgpu")]
+            match quietly(wgpu_device) {
+                Some(device) if !device.on_cpu => return device,
+                Some(cpu_adapter) => {
+                    let mut flex = flex_device();
+                    flex.description += &format!(
+                        "\n  skipped {}: a CPU adapter runs the kernels slower than flex runs \
+                         the reference (--device wgpu runs it anyway)",
+                        cpu_adapter.description
+                    );
+                    return flex;
+                }
+                None => {}
+            }
+            flex_device()
+        }
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda => cuda_device(),
+        #[cfg(feature = "wgpu")]
+        DeviceChoice::Wgpu => wgpu_device(),
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda => not_compiled("cuda"),
+        #[cfg(not(feature = "wgpu"))]
+        DeviceChoice::Wgpu => not_compiled("wgpu"),
+        DeviceChoice::Flex => flex_device(),
+    }
+}
+
+#[cfg(not(all(feature = "cuda", feature = "wgpu")))]
+fn not_compiled(feature: &str) -> ! {
+    eprintln!("{feature} is not compiled in: enable the `{feature}` feature of nsa-examples");
+    std::process::exit(2);
+}
+
+/// Runs `start`, or returns `None` if it panics (a backend's runtime panics when no driver
+/// or adapter is present), without printing the panic.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn quietly<T>(start: fn() -> T) -> Option<T> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let ok = std::panic::catch_unwind(|| {
-        let device = B::Device::default();
-        Tensor::<B, 1>::ones([4], &device).sum().into_data();
-    })
-    .is_ok();
+    let started = std::panic::catch_unwind(start).ok();
     std::panic::set_hook(hook);
-    ok
+    started
 }
 
-fn run<B>(args: &Args, config: &NsaConfig, name: &str, device: &B::Device)
+/// Runs a tiny computation on a backend's default device (panics if it cannot).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn compute_on<B: Backend>() {
+    let device = B::Device::default();
+    Tensor::<B, 1>::ones([4], &device).sum().into_data();
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device() -> PickedDevice {
+    compute_on::<burn::backend::Cuda>();
+    PickedDevice {
+        backend: CompiledBackend::Cuda,
+        description: format!("cuda, {:?}", burn::backend::cuda::CudaDevice::default()),
+        on_cpu: false,
+    }
+}
+
+/// Starts wgpu's default device the way its runtime would, keeping the adapter's name and
+/// type to print.
+#[cfg(feature = "wgpu")]
+fn wgpu_device() -> PickedDevice {
+    use burn::backend::wgpu::{graphics::AutoGraphicsApi, init_setup, RuntimeOptions};
+
+    let setup = init_setup::<AutoGraphicsApi>(&Default::default(), RuntimeOptions::default());
+    compute_on::<burn::backend::Wgpu>();
+    let adapter = setup.adapter.get_info();
+    PickedDevice {
+        backend: CompiledBackend::Wgpu,
+        description: format!(
+            "wgpu, adapter {} ({:?}, {:?})",
+            adapter.name, adapter.device_type, adapter.backend
+        ),
+        on_cpu: adapter.device_type == wgpu::DeviceType::Cpu,
+    }
+}
+
+fn flex_device() -> PickedDevice {
+    PickedDevice {
+        backend: CompiledBackend::Flex,
+        description: "flex (the reference implementation on the CPU)".into(),
+        on_cpu: true,
+    }
+}
+
+fn run<B>(args: &Args, config: &NsaConfig, device: &B::Device)
 where
     B: AutodiffBackend + NsaBackend,
     B::InnerBackend: NsaBackend,
 {
     let nsa: Nsa<B> = config.init(device);
     let [batch, seq] = [args.batch, args.seq_len];
-    println!("device: {name}");
+    println!("backend: {}", B::name(device));
     println!(
         "layer: d_model={} H={} H_kv={} d_k={} d_v={} l={} d={} l'={} n={} w={} ({} parameters)",
         config.d_model,
@@ -142,39 +308,22 @@ where
         Distribution::Normal(0.0, 1.0),
         device,
     );
-    println!("input x: {:?}", x.dims());
+    println!("input x: {:?} (batch, T, d_model)", x.dims());
 
     let selected = if args.forward_only {
         let inner = nsa.valid();
-        let start = Instant::now();
-        let out = inner.forward_detailed(x.inner());
-        B::InnerBackend::sync(device).expect("device sync");
-        println!(
-            "output: {:?}, forward: {:.3} s",
-            out.output.dims(),
-            seconds(start)
-        );
-        branch_times::<B::InnerBackend>(args, &config.attention_config(), device);
+        let out =
+            step::<B::InnerBackend, _>("forward", device, || inner.forward_detailed(x.inner()));
+        println!("output: {:?}", out.output.dims());
+        branch_times::<B::InnerBackend>(args, config, device);
         out.selected_blocks
     } else {
         let x = x.require_grad();
-        let start = Instant::now();
-        let out = nsa.forward_detailed(x.clone());
-        B::sync(device).expect("device sync");
-        println!(
-            "output: {:?}, forward: {:.3} s",
-            out.output.dims(),
-            seconds(start)
-        );
-        let start = Instant::now();
-        let grads = out.output.sum().backward();
-        B::sync(device).expect("device sync");
+        let out = step::<B, _>("forward", device, || nsa.forward_detailed(x.clone()));
+        println!("output: {:?}", out.output.dims());
+        let grads = step::<B, _>("backward", device, || out.output.sum().backward());
         let grad = x.grad(&grads).expect("input gradient");
-        println!(
-            "backward: {:.3} s (input gradient {:?})",
-            seconds(start),
-            grad.dims()
-        );
+        println!("input gradient: {:?}", grad.dims());
         out.selected_blocks.inner()
     };
     println!(
@@ -187,9 +336,22 @@ where
     }
 }
 
+/// Runs one step of the example, announced before and timed (synchronized) after, so that a
+/// slow device does not look hung.
+fn step<B: Backend, T>(name: &str, device: &B::Device, run: impl FnOnce() -> T) -> T {
+    print!("{name} ... ");
+    std::io::stdout().flush().expect("stdout");
+    let start = Instant::now();
+    let out = run();
+    B::sync(device).expect("device sync");
+    println!("done in {:.3} s", seconds(start));
+    out
+}
+
 /// Times each branch of the attention operator on random heads of the layer's shapes (the
 /// CubeCL kernels on CUDA and wgpu, the reference elsewhere), after one untimed call.
-fn branch_times<B: NsaBackend>(args: &Args, config: &NsaAttentionConfig, device: &B::Device) {
+fn branch_times<B: NsaBackend>(args: &Args, layer: &NsaConfig, device: &B::Device) {
+    let config = &layer.attention_config();
     let blocks = config.num_compressed_blocks(args.seq_len);
     let random = |heads, len, dim| {
         Tensor::<B, 4>::random(
@@ -201,9 +363,9 @@ fn branch_times<B: NsaBackend>(args: &Args, config: &NsaAttentionConfig, device:
         .tensor()
     };
     let (q, k, v) = (
-        random(args.heads, args.seq_len, args.d_k),
-        random(args.kv_heads, args.seq_len, args.d_k),
-        random(args.kv_heads, args.seq_len, args.d_v),
+        random(layer.n_heads, args.seq_len, layer.d_k),
+        random(layer.n_kv_heads, args.seq_len, layer.d_k),
+        random(layer.n_kv_heads, args.seq_len, layer.d_v),
     );
     let timed = |name: &str, run: &dyn Fn()| {
         run();
@@ -215,8 +377,8 @@ fn branch_times<B: NsaBackend>(args: &Args, config: &NsaAttentionConfig, device:
     };
     println!("branch times at T = {} (second call):", args.seq_len);
     if blocks > 0 {
-        let k_cmp = random(args.kv_heads, blocks, args.d_k);
-        let v_cmp = random(args.kv_heads, blocks, args.d_v);
+        let k_cmp = random(layer.n_kv_heads, blocks, layer.d_k);
+        let v_cmp = random(layer.n_kv_heads, blocks, layer.d_v);
         timed("compressed + top-n", &|| {
             B::nsa_compressed(q.clone(), k_cmp.clone(), v_cmp.clone(), config);
         });

@@ -1,7 +1,8 @@
-//! `cargo xtask bench`: runs the `nsa-bench` binary (`benches/`) once per (backend, dtype,
-//! phase) of the matrix and collects its tables.
+//! `cargo xtask bench`: builds the `nsa-bench` binary (`benches/`) in release mode, runs it
+//! once per (backend, dtype, phase) of the matrix and collects the JSON each run writes
+//! (`nsa-bench --json`).
 //!
-//! Each run prints one row per sequence length: per-branch times and the whole operator's
+//! Each run measures every sequence length: per-branch times and the whole operator's
 //! (forward: compressed + top-n, selected, window, NSA forward total; backward: the backward
 //! kernels per branch and the operator's forward + backward under autodiff). Every number
 //! is a median of synchronized runs (`--reps`, after `--warmup`). The dense baseline
@@ -9,10 +10,10 @@
 //! Python anchors, side by side with ours, in `benches/gpu_compare.sh`. Token-by-token
 //! decoding is not measured: the layer has no decode path yet.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::report;
 
@@ -41,9 +42,40 @@ pub struct BenchArgs {
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
     /// A prebuilt `nsa-bench` binary (for a machine without cargo, e.g. the GPU machine);
-    /// without it the task builds one with the backends' features.
+    /// without it the task builds one in release mode with the backends' features.
     #[arg(long)]
     pub bench_bin: Option<PathBuf>,
+}
+
+/// What `nsa-bench --json` writes, as far as the matrix needs it.
+#[derive(Debug, Deserialize)]
+struct BenchReport {
+    backend: String,
+    dtype: String,
+    phase: String,
+    results: Vec<BenchResult>,
+}
+
+/// One number of an `nsa-bench` run.
+#[derive(Debug, Deserialize)]
+struct BenchResult {
+    seq_len: usize,
+    series: String,
+    ms: f64,
+}
+
+impl BenchReport {
+    /// The run's numbers as measurements of the matrix.
+    fn into_measurements(self) -> impl Iterator<Item = Measurement> {
+        self.results.into_iter().map(move |result| Measurement {
+            backend: self.backend.clone(),
+            dtype: self.dtype.clone(),
+            phase: self.phase.clone(),
+            seq_len: result.seq_len,
+            series: result.series,
+            ms: result.ms,
+        })
+    }
 }
 
 /// One number of the matrix.
@@ -78,8 +110,12 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         for dtype in &args.dtypes {
             for phase in &args.phases {
                 eprintln!("cargo xtask bench: {backend} {dtype} {phase}");
-                let table = run_bench(&bin, args, backend, dtype, phase)?;
-                results.extend(parse_table(&table, backend, dtype, phase)?);
+                let run = BenchRun {
+                    backend,
+                    dtype,
+                    phase,
+                };
+                results.extend(run.execute(&bin, args)?.into_measurements());
             }
         }
     }
@@ -92,12 +128,21 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Builds `nsa-bench` with the features of `backends` and returns its path.
+/// The workspace's root folder (this crate's parent).
+fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lies in the workspace")
+}
+
+/// Builds `nsa-bench` in release mode with the features of `backends` and returns its path.
 fn build_bench(backends: &[String]) -> Result<PathBuf, String> {
     let features = backends.join(",");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace_root())
         .args([
             "build",
+            "--release",
             "-p",
             "nsa-benches",
             "--no-default-features",
@@ -111,87 +156,61 @@ fn build_bench(backends: &[String]) -> Result<PathBuf, String> {
             "building nsa-bench with features `{features}` failed"
         ));
     }
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    Ok(PathBuf::from(target).join("debug").join("nsa-bench"))
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    Ok(target.join("release").join("nsa-bench"))
 }
 
-/// Runs one (backend, dtype, phase) of the matrix and returns its standard output.
-fn run_bench(
-    bin: &PathBuf,
-    args: &BenchArgs,
-    backend: &str,
-    dtype: &str,
-    phase: &str,
-) -> Result<String, String> {
-    let output = Command::new(bin)
-        .args(["--backend", backend, "--dtype", dtype, "--phase", phase])
-        .args([
-            "--warmup",
-            &args.warmup.to_string(),
-            "--reps",
-            &args.reps.to_string(),
-        ])
-        .arg("--seq-lens")
-        .args(args.seq_lens.iter().map(usize::to_string))
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
-        return Err(format!(
-            "{} failed for {backend} {dtype} {phase}:\n{}",
-            bin.display(),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+/// One (backend, dtype, phase) of the matrix.
+struct BenchRun<'a> {
+    backend: &'a str,
+    dtype: &'a str,
+    phase: &'a str,
+}
+
+impl BenchRun<'_> {
+    /// Runs `bin` on this part of the matrix and reads the JSON it writes.
+    fn execute(&self, bin: &Path, args: &BenchArgs) -> Result<BenchReport, String> {
+        let BenchRun {
+            backend,
+            dtype,
+            phase,
+        } = *self;
+        let json = std::env::temp_dir().join(format!(
+            "nsa-bench-{}-{backend}-{dtype}-{phase}.json",
+            std::process::id()
         ));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// The rows of `nsa-bench`'s markdown table: a header `| T | <series> (ms) | ...`, a rule,
-/// then one row per sequence length.
-fn parse_table(
-    table: &str,
-    backend: &str,
-    dtype: &str,
-    phase: &str,
-) -> Result<Vec<Measurement>, String> {
-    let cells = |line: &str| -> Vec<String> {
-        line.trim()
-            .trim_matches('|')
-            .split('|')
-            .map(|cell| cell.trim().to_string())
-            .collect()
-    };
-    let mut lines = table.lines().filter(|line| line.starts_with('|'));
-    let header = lines
-        .next()
-        .ok_or_else(|| format!("nsa-bench printed no table for {backend} {dtype} {phase}"))?;
-    let series: Vec<String> = cells(header)
-        .into_iter()
-        .skip(1)
-        .map(|name| name.trim_end_matches("(ms)").trim().to_string())
-        .collect();
-    let mut results = Vec::new();
-    for line in lines.filter(|line| !line.starts_with("|-")) {
-        let row = cells(line);
-        let seq_len = row[0]
-            .parse()
-            .map_err(|_| format!("unexpected row from nsa-bench: {line}"))?;
-        for (name, cell) in series.iter().zip(&row[1..]) {
-            let ms = cell
-                .parse()
-                .map_err(|_| format!("unexpected number `{cell}` from nsa-bench: {line}"))?;
-            results.push(Measurement {
-                backend: backend.to_string(),
-                dtype: dtype.to_string(),
-                phase: phase.to_string(),
-                seq_len,
-                series: name.clone(),
-                ms,
-            });
+        let output = Command::new(bin)
+            .args(["--backend", backend, "--dtype", dtype, "--phase", phase])
+            .args([
+                "--warmup",
+                &args.warmup.to_string(),
+                "--reps",
+                &args.reps.to_string(),
+            ])
+            .arg("--seq-lens")
+            .args(args.seq_lens.iter().map(usize::to_string))
+            .arg("--json")
+            .arg(&json)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
+            return Err(format!(
+                "{} failed for {backend} {dtype} {phase}:\n{}",
+                bin.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
         }
+        let text = std::fs::read_to_string(&json)
+            .map_err(|e| format!("cannot read {}: {e}", json.display()))?;
+        // The numbers are read: the file is of no further use.
+        let _ = std::fs::remove_file(&json);
+        serde_json::from_str(&text)
+            .map_err(|e| format!("unexpected JSON from nsa-bench in {}: {e}", json.display()))
     }
-    Ok(results)
 }
 
 #[cfg(test)]
@@ -199,28 +218,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_the_bench_table() {
-        let table = "\
-| T | compressed + top-n (ms) | selected (ms) | window (ms) | NSA forward total (ms) |
-|---|---|---|---|---|
-| 8192 | 1.41 | 3.36 | 0.99 | 6.63 |
-| 16384 | 3.66 | 6.77 | 1.84 | 14.34 |
-";
-        let rows = parse_table(table, "cuda", "bf16", "forward").unwrap();
-        assert_eq!(rows.len(), 8);
-        assert_eq!(rows[1].series, "selected");
-        assert_eq!(rows[1].seq_len, 8192);
-        assert_eq!(rows[1].ms, 3.36);
-        assert_eq!(rows[7].series, "NSA forward total");
-        assert_eq!(rows[7].seq_len, 16384);
+    fn reads_the_bench_report() {
+        let json = r#"{
+  "backend": "cuda",
+  "dtype": "bf16",
+  "phase": "forward",
+  "heads": 64,
+  "kv_heads": 4,
+  "d_k": 128,
+  "d_v": 128,
+  "warmup": 1,
+  "reps": 3,
+  "results": [
+    { "seq_len": 8192, "series": "selected", "ms": 3.36 },
+    { "seq_len": 16384, "series": "NSA forward total", "ms": 14.34 }
+  ]
+}"#;
+        let report: BenchReport = serde_json::from_str(json).unwrap();
+        let rows: Vec<Measurement> = report.into_measurements().collect();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].backend, "cuda");
+        assert_eq!(rows[0].phase, "forward");
+        assert_eq!(rows[0].series, "selected");
+        assert_eq!(rows[0].seq_len, 8192);
+        assert_eq!(rows[0].ms, 3.36);
+        assert_eq!(rows[1].series, "NSA forward total");
+        assert_eq!(rows[1].seq_len, 16384);
     }
 
     #[test]
-    fn a_table_without_rows_is_an_error_only_without_a_header() {
-        assert!(parse_table("no table", "cuda", "bf16", "forward").is_err());
-        let header_only = "| T | selected (ms) |\n|---|---|\n";
-        assert!(parse_table(header_only, "cuda", "bf16", "forward")
-            .unwrap()
-            .is_empty());
+    fn a_report_without_results_is_an_error() {
+        let json = r#"{ "backend": "cuda", "dtype": "bf16", "phase": "forward" }"#;
+        assert!(serde_json::from_str::<BenchReport>(json).is_err());
     }
 }
