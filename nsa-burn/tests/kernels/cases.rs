@@ -1,0 +1,153 @@
+//! The parity cases: head layouts, sizes and block settings across every edge the
+//! reference tests cover.
+
+use nsa_burn::NsaAttentionConfig;
+
+/// One parity case: head layout, sizes and block settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub d_k: usize,
+    pub d_v: usize,
+    pub config: NsaAttentionConfig,
+}
+
+/// Small blocks so short sequences hit every branch: l = 8, d = 4, l' = 16, n = 4, w = 24.
+pub fn small() -> NsaAttentionConfig {
+    NsaAttentionConfig::new()
+        .with_compress_block(8)
+        .with_compress_stride(4)
+        .with_select_block(16)
+        .with_n_selected(4)
+        .with_window(24)
+}
+
+pub fn cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    // G in {1, 2, 16}, d_k != d_v, batch 2, T across the block edges.
+    for (heads, kv_heads) in [(2, 2), (4, 2), (16, 1)] {
+        for seq in [1, 7, 8, 9, 100, 300] {
+            cases.push(Case {
+                batch: 2,
+                seq,
+                heads,
+                kv_heads,
+                d_k: 16,
+                d_v: 8,
+                config: small(),
+            });
+        }
+    }
+    // Fewer blocks than n, l = d = l', forced-block variants, the paper's block sizes and
+    // head dims, G = 64.
+    let base = Case {
+        batch: 1,
+        seq: 200,
+        heads: 4,
+        kv_heads: 1,
+        d_k: 32,
+        d_v: 32,
+        config: small(),
+    };
+    cases.push(Case {
+        seq: 40,
+        config: small().with_n_selected(8),
+        ..base
+    });
+    cases.push(Case {
+        config: small().with_compress_block(16).with_compress_stride(16),
+        ..base
+    });
+    cases.push(Case {
+        config: small()
+            .with_n_initial_blocks(2)
+            .with_n_local_blocks(0)
+            .with_n_selected(5),
+        ..base
+    });
+    cases.push(Case {
+        seq: 700,
+        heads: 8,
+        kv_heads: 2,
+        d_k: 64,
+        d_v: 128,
+        config: NsaAttentionConfig::new().with_window(96),
+        ..base
+    });
+    cases.push(Case {
+        config: small().with_select_block(64),
+        ..base
+    });
+    cases.push(Case {
+        heads: 64,
+        kv_heads: 1,
+        d_k: 16,
+        d_v: 16,
+        seq: 70,
+        ..base
+    });
+    // Head dims the tensor-core kernels take, at G = 1, 8 and 12: the compression
+    // branch's scoring pass sums groups over lanes (G dividing 16) or over segments of
+    // four rows spanning planes (G = 12).
+    for (heads, kv_heads) in [(2, 2), (8, 1), (12, 1)] {
+        cases.push(Case {
+            heads,
+            kv_heads,
+            d_k: 32,
+            d_v: 16,
+            seq: 300,
+            ..base
+        });
+    }
+    // The widest head dims, d_k != d_v both ways (G = 4 and G = 16).
+    cases.push(Case {
+        seq: 150,
+        d_k: 192,
+        d_v: 256,
+        ..base
+    });
+    cases.push(Case {
+        seq: 150,
+        heads: 16,
+        d_k: 256,
+        d_v: 192,
+        ..base
+    });
+    // G = 16 on the paper's blocks, T not a multiple of the positions a tensor-core
+    // selection cube holds: neighbouring positions share their forced blocks' tiles.
+    cases.push(Case {
+        seq: 1111,
+        heads: 16,
+        d_k: 32,
+        d_v: 16,
+        config: NsaAttentionConfig::new(),
+        ..base
+    });
+    // Long enough (T > 2048) that the tensor-core key-side backward splits the queries of
+    // the compressed keys and of the initial selection block over several cubes.
+    cases.push(Case {
+        batch: 2,
+        seq: 4500,
+        heads: 16,
+        kv_heads: 1,
+        d_k: 32,
+        d_v: 16,
+        config: small(),
+    });
+    cases
+}
+
+/// [`cases`], or only case `i` when `NSA_KERNEL_CASE=i` is set (to debug one).
+pub fn selected_cases() -> Vec<Case> {
+    let cases = cases();
+    match std::env::var("NSA_KERNEL_CASE") {
+        Ok(index) => {
+            let index: usize = index.parse().expect("NSA_KERNEL_CASE is a case index");
+            vec![cases[index]]
+        }
+        Err(_) => cases,
+    }
+}

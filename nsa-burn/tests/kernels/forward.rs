@@ -1,0 +1,163 @@
+//! Forward parity: the whole operator and each branch on its own (output, row
+//! log-sum-exp, selected blocks) against the reference.
+
+use burn::backend::Flex;
+use burn::tensor::{DType, Distribution, Int, Tensor, TensorData, TensorPrimitive};
+use nsa_burn::reference::{
+    compressed_attention, selected_attention, window_attention, EMPTY_ROW_LSE,
+};
+use nsa_burn::{nsa_attention, NsaBackend};
+
+use crate::cases::Case;
+use crate::common::relative_error;
+use crate::data::{back, floats, ints, on, operator_input, random, reference, tensor};
+
+/// Runs every branch of `case` on `B` in `dtype` and on the reference; returns the worst
+/// relative error, and panics if the selected blocks differ.
+pub fn check_case<B: NsaBackend>(case: &Case, dtype: DType, device: &B::Device) -> f64 {
+    let Case {
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        d_k,
+        d_v,
+        config,
+    } = *case;
+    let blocks = config.num_compressed_blocks(seq);
+    let q = random([batch, seq, heads, d_k], dtype);
+    let k = random([batch, seq, kv_heads, d_k], dtype);
+    let v = random([batch, seq, kv_heads, d_v], dtype);
+    let k_cmp = random([batch, blocks, kv_heads, d_k], dtype);
+    let v_cmp = random([batch, blocks, kv_heads, d_v], dtype);
+    let gates = Tensor::<Flex, 4>::random(
+        [batch, seq, heads, 3],
+        Distribution::Uniform(0.0, 1.0),
+        &Default::default(),
+    )
+    .into_data();
+
+    // The whole operator, gates included (with `compressed: None` when T < l).
+    // Empty tensors stay on the host: the CUDA runtime rejects zero-byte uploads.
+    let all = [&q, &k, &v, &k_cmp, &v_cmp, &gates];
+    let upload = |d: &TensorData| (d.num_elements() > 0).then(|| tensor::<B>(d, dtype, device));
+    let got = nsa_attention(operator_input(all.map(upload)), &config);
+    let want = nsa_attention(
+        operator_input(all.map(|d| (d.num_elements() > 0).then(|| reference(d)))),
+        &config,
+    );
+    assert_eq!(
+        ints(got.selected_blocks.into_data()),
+        ints(want.selected_blocks.into_data()),
+        "{case:?} {dtype:?}: selected blocks differ (whole operator)"
+    );
+    let mut worst = compare(
+        case,
+        dtype,
+        "whole operator",
+        got.output.cast(DType::F32).into_data(),
+        want.output.into_data(),
+    );
+    if blocks == 0 {
+        return worst;
+    }
+
+    // Each branch on its own, log-sum-exp included.
+    let (o_cmp, lse_cmp, selected) = B::nsa_compressed(
+        on::<B>(&q, dtype, device),
+        on::<B>(&k_cmp, dtype, device),
+        on::<B>(&v_cmp, dtype, device),
+        &config,
+    );
+    let selected_data = Tensor::<B, 4, Int>::from_primitive(selected.clone()).into_data();
+    let (o_slc, lse_slc) = B::nsa_selected(
+        on::<B>(&q, dtype, device),
+        on::<B>(&k, dtype, device),
+        on::<B>(&v, dtype, device),
+        selected,
+        &config,
+    );
+    let (o_win, lse_win) = B::nsa_window(
+        on::<B>(&q, dtype, device),
+        on::<B>(&k, dtype, device),
+        on::<B>(&v, dtype, device),
+        &config,
+    );
+
+    let (ref_cmp, ref_selected) =
+        compressed_attention(reference(&q), reference(&k_cmp), reference(&v_cmp), &config);
+    assert_eq!(
+        ints(selected_data),
+        ints(ref_selected.clone().into_data()),
+        "{case:?} {dtype:?}: selected blocks differ"
+    );
+    let ref_slc = selected_attention(
+        reference(&q),
+        reference(&k),
+        reference(&v),
+        ref_selected,
+        &config,
+    );
+    let ref_win = window_attention(reference(&q), reference(&k), reference(&v), &config);
+    for (name, (kernel, kernel_lse), expected) in [
+        ("compressed", (o_cmp, lse_cmp), ref_cmp),
+        ("selected", (o_slc, lse_slc), ref_slc),
+        ("window", (o_win, lse_win), ref_win),
+    ] {
+        let error = compare(
+            case,
+            dtype,
+            name,
+            back::<B>(kernel),
+            expected.output.into_data(),
+        );
+        let lse = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(kernel_lse)).into_data();
+        let lse_error = compare_lse(case, dtype, name, lse, expected.lse.into_data());
+        worst = worst.max(error).max(lse_error);
+    }
+    worst
+}
+
+/// Relative error of `got` against `want`, asserted below the dtype's tolerance.
+pub fn compare(case: &Case, dtype: DType, name: &str, got: TensorData, want: TensorData) -> f64 {
+    let error = relative_error(&floats(got), &floats(want));
+    let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+    assert!(
+        error < tolerance,
+        "{case:?} {dtype:?}: {name} relative error {error:e} (tolerance {tolerance:e})"
+    );
+    error
+}
+
+/// [`compare`] for row log-sum-exps, over the rows that attend some key; rows that attend
+/// none must be [`EMPTY_ROW_LSE`] on both sides (they would swamp the norm).
+pub fn compare_lse(
+    case: &Case,
+    dtype: DType,
+    name: &str,
+    got: TensorData,
+    want: TensorData,
+) -> f64 {
+    let (got, want) = (floats(got), floats(want));
+    let empty = |x: f32| x <= EMPTY_ROW_LSE / 2.0;
+    for (row, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            empty(g),
+            empty(w),
+            "{case:?} {dtype:?}: {name} row {row} lse {g} vs reference {w}"
+        );
+    }
+    let (got, want): (Vec<f32>, Vec<f32>) = got
+        .into_iter()
+        .zip(want)
+        .filter(|&(_, w)| !empty(w))
+        .unzip();
+    let shape = [got.len()];
+    compare(
+        case,
+        dtype,
+        &format!("{name} log-sum-exp"),
+        TensorData::new(got, shape),
+        TensorData::new(want, shape),
+    )
+}
