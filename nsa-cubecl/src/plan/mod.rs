@@ -401,3 +401,71 @@ pub fn plan_branch_backward<R: Runtime, F: Float + CubeElement>(
         key,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_tensor_cores() -> Result<u32, TensorCoreUnavailable> {
+        Err(TensorCoreUnavailable::HeadDim { d_k: 24, d_v: 24 })
+    }
+
+    #[test]
+    fn auto_takes_tensor_cores_where_they_fit_else_portable() {
+        assert_eq!(
+            choose(Strategy::Auto, || Ok(1u32), || 2u8),
+            Ok(Path::TensorCore(1))
+        );
+        assert_eq!(
+            choose(Strategy::Auto, no_tensor_cores, || 2u8),
+            Ok(Path::Portable(2))
+        );
+    }
+
+    #[test]
+    fn a_forced_strategy_runs_its_path_or_says_why_not() {
+        let forced = choose(Strategy::TensorCore, no_tensor_cores, || 2u8);
+        assert_eq!(
+            forced,
+            Err(PlanError::TensorCoreUnavailable(
+                TensorCoreUnavailable::HeadDim { d_k: 24, d_v: 24 }
+            ))
+        );
+        let message = forced.unwrap_err().to_string();
+        assert!(message.contains("d_k = 24"), "{message}");
+        let portable = choose(
+            Strategy::Portable,
+            || -> Result<u32, _> { panic!("not asked") },
+            || 2u8,
+        );
+        assert_eq!(portable, Ok(Path::Portable(2)));
+    }
+
+    #[test]
+    fn only_long_sequences_split_the_keys_every_query_sees() {
+        let shape = |seq| AttentionShape {
+            batch: 2,
+            seq,
+            heads: 64,
+            kv_heads: 4,
+            d_k: 128,
+            d_v: 64,
+        };
+        let compressed = KeySet::Compressed {
+            block: 32,
+            stride: 16,
+        };
+        let short = tensor_core::key_grad_split(&shape(2048), 127, compressed, 1);
+        assert_eq!(short.keys, 0);
+        assert_eq!(short.buffer_shape(&shape(2048)), None);
+        let window =
+            tensor_core::key_grad_split(&shape(65536), 65536, KeySet::Window { size: 512 }, 1);
+        assert_eq!(window.keys, 0);
+        let long = tensor_core::key_grad_split(&shape(65536), 4095, compressed, 1);
+        assert_eq!((long.splits, long.positions, long.keys), (16, 4096, 4095));
+        assert_eq!(long.buffer_shape(&shape(65536)), Some([32, 4095, 4, 192]));
+        let selected = KeySet::Selected { block: 64 };
+        let initial = tensor_core::key_grad_split(&shape(65536), 65536, selected, 1);
+        assert_eq!(initial.keys, 64);
+    }
+}
