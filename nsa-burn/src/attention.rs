@@ -2,7 +2,7 @@
 //! function the CubeCL kernels slot in beneath.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{DType, Int, Tensor};
 use core::fmt;
 
 use burn::tensor::TensorPrimitive;
@@ -76,6 +76,31 @@ pub enum NsaError {
     Config(NsaConfigError),
     /// An input tensor has the wrong shape.
     Shape(NsaShapeError),
+    /// A float input's dtype differs from the queries'.
+    MixedDType {
+        /// Which tensor, e.g. `window.v`.
+        tensor: &'static str,
+        /// Its dtype.
+        dtype: DType,
+        /// The queries' dtype, which every float input must have.
+        q_dtype: DType,
+    },
+    /// The backend's NSA operations do not take this dtype (the CubeCL kernels take f32,
+    /// f16 and bf16; see [`NsaBackend::nsa_supports_dtype`]).
+    UnsupportedDType {
+        /// The inputs' dtype.
+        dtype: DType,
+    },
+    /// The layer loaded a record saved with other attention settings (see
+    /// [`crate::NsaSettings`]).
+    SettingsMismatch {
+        /// The first setting that differs, e.g. `n_selected`.
+        field: &'static str,
+        /// The layer's value (from its [`crate::NsaConfig`]).
+        layer: String,
+        /// The value in the loaded record.
+        saved: String,
+    },
 }
 
 impl fmt::Display for NsaError {
@@ -83,6 +108,26 @@ impl fmt::Display for NsaError {
         match self {
             Self::Config(error) => write!(f, "invalid NSA configuration: {error}"),
             Self::Shape(error) => error.fmt(f),
+            Self::MixedDType {
+                tensor,
+                dtype,
+                q_dtype,
+            } => write!(
+                f,
+                "NSA attention: `{tensor}` is {dtype:?}, but every float input must have `q`'s dtype {q_dtype:?}"
+            ),
+            Self::UnsupportedDType { dtype } => write!(
+                f,
+                "NSA attention: this backend's NSA operations do not take {dtype:?} tensors"
+            ),
+            Self::SettingsMismatch {
+                field,
+                layer,
+                saved,
+            } => write!(
+                f,
+                "NSA layer: the loaded record was saved with `{field}` = {saved}, but the layer was built with {layer}"
+            ),
         }
     }
 }
@@ -118,12 +163,71 @@ fn expect_shape(
     }
 }
 
-impl<B: Backend> NsaInput<B> {
+/// A shape error unless every dimension of `tensor` is at least 1.
+fn expect_nonempty<const D: usize>(
+    tensor: &'static str,
+    actual: [usize; D],
+    names: &str,
+) -> Result<(), NsaShapeError> {
+    if actual.contains(&0) {
+        Err(NsaShapeError {
+            tensor,
+            actual: actual.to_vec(),
+            expected: format!("{names} with every dimension at least 1"),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+impl<B: NsaBackend> NsaInput<B> {
+    /// Every float input with its name.
+    fn float_tensors(&self) -> Vec<(&'static str, &Tensor<B, 4>)> {
+        let mut tensors = vec![("q", &self.q)];
+        if let Some(compressed) = &self.compressed {
+            tensors.extend([
+                ("compressed.k", &compressed.k),
+                ("compressed.v", &compressed.v),
+            ]);
+        }
+        tensors.extend([
+            ("selected.k", &self.selected.k),
+            ("selected.v", &self.selected.v),
+            ("window.k", &self.window.k),
+            ("window.v", &self.window.v),
+            ("gates", &self.gates),
+        ]);
+        tensors
+    }
+
+    /// Checks that every float input has `q`'s dtype and that the backend takes it.
+    fn check_dtypes(&self) -> Result<(), NsaError> {
+        let q_dtype = self.q.dtype();
+        if let Some((tensor, other)) = self
+            .float_tensors()
+            .into_iter()
+            .find(|(_, tensor)| tensor.dtype() != q_dtype)
+        {
+            return Err(NsaError::MixedDType {
+                tensor,
+                dtype: other.dtype(),
+                q_dtype,
+            });
+        }
+        if B::nsa_supports_dtype(q_dtype) {
+            Ok(())
+        } else {
+            Err(NsaError::UnsupportedDType { dtype: q_dtype })
+        }
+    }
+
     /// Checks every shape against `q`, `selected.v` (for `H_kv` and `d_v`) and `config`.
     fn check(&self, config: &NsaAttentionConfig) -> Result<(), NsaShapeError> {
+        expect_nonempty("q", self.q.dims(), "[B, T, H, d_k]")?;
+        expect_nonempty("selected.v", self.selected.v.dims(), "[B, T, H_kv, d_v]")?;
         let [batch, seq, heads, d_k] = self.q.dims();
         let [_, _, kv_heads, d_v] = self.selected.v.dims();
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if heads % kv_heads != 0 {
             return Err(NsaShapeError {
                 tensor: "q",
                 actual: self.q.dims().to_vec(),
@@ -203,9 +307,10 @@ impl<B: Backend> NsaInput<B> {
 ///
 /// Runs on the backend's [`NsaBackend`] implementation: the CubeCL kernels on Burn's CubeCL
 /// backends, the reference in Burn tensor ops elsewhere (see [`crate::reference`] for its
-/// memory use). Panics with a message naming the tensor and the expected shape when
-/// the inputs disagree, or when `config` is invalid; [`try_nsa_attention`] returns those
-/// errors instead.
+/// memory use). Panics with a message naming the tensor and the rule when the inputs
+/// disagree (a shape, an empty dimension, a dtype other than `q`'s, a dtype the backend
+/// does not take) or when `config` is invalid; [`try_nsa_attention`] returns those errors
+/// instead.
 ///
 /// Shapes: `q: [B, T, H, d_k]`; `compressed: [B, N_cmp, H_kv, d_k | d_v]` (or `None` when
 /// `T < l`);
@@ -218,13 +323,15 @@ pub fn nsa_attention<B: NsaBackend>(
     try_nsa_attention(input, config).unwrap_or_else(|error| panic!("{error}"))
 }
 
-/// [`nsa_attention`] returning a typed error for an invalid configuration or shape.
+/// [`nsa_attention`] returning a typed error ([`NsaError`]) for an invalid configuration,
+/// shape or dtype.
 pub fn try_nsa_attention<B: NsaBackend>(
     input: NsaInput<B>,
     config: &NsaAttentionConfig,
 ) -> Result<NsaOutput<B>, NsaError> {
     config.validate()?;
     input.check(config)?;
+    input.check_dtypes()?;
     let NsaInput {
         q,
         compressed,

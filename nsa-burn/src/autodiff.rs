@@ -13,6 +13,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::DType;
 
 use crate::backend::{
     reference_compressed, reference_gated_sum, reference_selected, reference_window,
@@ -153,6 +154,10 @@ where
 }
 
 impl<B: NsaBackend, C: CheckpointStrategy> NsaBackend for Autodiff<B, C> {
+    fn nsa_supports_dtype(dtype: DType) -> bool {
+        B::nsa_supports_dtype(dtype)
+    }
+
     fn nsa_compressed(
         q: FloatTensor<Self>,
         k_cmp: FloatTensor<Self>,

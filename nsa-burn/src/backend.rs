@@ -8,7 +8,7 @@
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{Int, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Int, Tensor, TensorPrimitive};
 
 use crate::reference::{compressed_attention, selected_attention, window_attention, Attended};
 use crate::NsaAttentionConfig;
@@ -178,6 +178,13 @@ pub type SelectedBackwardFn<B> =
 /// row log-sum-exp `[B, H, T]` (f32) of the branch's scaled scores, which its backward
 /// method reads.
 pub trait NsaBackend: Backend {
+    /// Whether this backend's NSA operations take float tensors of `dtype`. The default
+    /// (the reference in Burn ops) takes every float dtype the backend has; the CubeCL
+    /// kernels take f32, f16 and bf16. [`crate::try_nsa_attention`] asks before it runs.
+    fn nsa_supports_dtype(dtype: DType) -> bool {
+        dtype.is_float()
+    }
+
     /// Compressed attention and top-n selection (see [`compressed_attention`]).
     ///
     /// `q: [B, T, H, d_k]`, `k_cmp: [B, N_cmp, H_kv, d_k]`, `v_cmp: [B, N_cmp, H_kv, d_v]`

@@ -64,7 +64,8 @@ pub struct NsaConfig {
     /// before it. Default: 2.
     #[config(default = 2)]
     pub n_local_blocks: usize,
-    /// Sliding window `w`: query `t` attends keys `t - w + 1 ..= t`. Default: 512.
+    /// Sliding window `w`: query `t` attends keys `t - w + 1 ..= t`; `w >= T` is full causal
+    /// attention. Default: 512.
     #[config(default = 512)]
     pub window: usize,
     /// Compressor of the compression branch. Default: the paper's MLP.
@@ -121,7 +122,7 @@ pub struct NsaAttentionConfig {
     /// Forced local blocks (the query's block and those before it). Default: 2.
     #[config(default = 2)]
     pub n_local_blocks: usize,
-    /// Sliding window `w`. Default: 512.
+    /// Sliding window `w` (`w >= T`: the whole causal prefix). Default: 512.
     #[config(default = 512)]
     pub window: usize,
     /// Softmax scale; `None` means `1 / sqrt(d_k)`.
@@ -173,7 +174,8 @@ pub enum NsaConfigError {
         /// n
         n_selected: usize,
     },
-    /// `softmax_scale` is not a finite positive number.
+    /// `softmax_scale` is not a finite positive number once rounded to f32 (the kernels'
+    /// precision): NaN, infinite, at most 0, above `f32::MAX` or below the smallest f32.
     InvalidSoftmaxScale {
         /// The value given.
         value: f64,
@@ -209,7 +211,10 @@ impl fmt::Display for NsaConfigError {
                 "`n_initial_blocks` + `n_local_blocks` ({n_initial_blocks} + {n_local_blocks}) must not exceed `n_selected` ({n_selected})"
             ),
             Self::InvalidSoftmaxScale { value } => {
-                write!(f, "`softmax_scale` must be finite and positive, got {value}")
+                write!(
+                    f,
+                    "`softmax_scale` must be finite and positive as an f32, got {value}"
+                )
             }
         }
     }
@@ -253,7 +258,9 @@ pub(crate) fn compressed_blocks(seq_len: usize, block: usize, stride: usize) -> 
 
 impl NsaAttentionConfig {
     /// Checks every rule of the spec: positive sizes, `d | l`, `d | l'`, `l <= l'`, forced
-    /// blocks within `n`, a finite positive scale.
+    /// blocks within `n` (their sum computed without overflow), a scale finite and positive
+    /// in f32. A `window` of `T` or more keys is the whole causal prefix; any `usize` is
+    /// valid.
     pub fn validate(&self) -> Result<(), NsaConfigError> {
         nonzero("compress_block", self.compress_block)?;
         nonzero("compress_stride", self.compress_stride)?;
@@ -270,7 +277,8 @@ impl NsaAttentionConfig {
                 select_block: self.select_block,
             });
         }
-        if self.n_initial_blocks + self.n_local_blocks > self.n_selected {
+        let forced = self.n_initial_blocks.checked_add(self.n_local_blocks);
+        if forced.is_none_or(|forced| forced > self.n_selected) {
             return Err(NsaConfigError::ForcedBlocksExceedSelected {
                 n_initial_blocks: self.n_initial_blocks,
                 n_local_blocks: self.n_local_blocks,
@@ -278,7 +286,9 @@ impl NsaAttentionConfig {
             });
         }
         if let Some(value) = self.softmax_scale {
-            if !(value.is_finite() && value > 0.0) {
+            // The kernels compute in f32: the scale must stay finite and positive there.
+            let single = value as f32;
+            if !(single.is_finite() && single > 0.0) {
                 return Err(NsaConfigError::InvalidSoftmaxScale { value });
             }
         }
@@ -302,8 +312,18 @@ impl NsaAttentionConfig {
             .unwrap_or_else(|| 1.0 / (d_k as f64).sqrt())
     }
 
-    /// What the `nsa-cubecl` kernels read of this configuration, for head dimension `d_k`.
-    pub fn kernel_config(&self, d_k: usize) -> NsaKernelConfig {
+    /// The keys the window branch reaches back over for a sequence of `seq_len` keys: `w`,
+    /// or `T` when the window covers the whole causal prefix (equal results, and no index
+    /// arithmetic on a huge `w`).
+    pub fn window_span(&self, seq_len: usize) -> usize {
+        self.window.min(seq_len)
+    }
+
+    /// What the `nsa-cubecl` kernels read of this configuration, for head dimension `d_k`
+    /// and `seq_len` positions. A window of `T` or more keys goes to the kernels as
+    /// `usize::MAX` (unbounded), so that every such window compiles to the one causal
+    /// kernel and no 32-bit index arithmetic wraps.
+    pub fn kernel_config(&self, d_k: usize, seq_len: usize) -> NsaKernelConfig {
         NsaKernelConfig {
             compress_block: self.compress_block,
             compress_stride: self.compress_stride,
@@ -311,7 +331,11 @@ impl NsaAttentionConfig {
             n_selected: self.n_selected,
             n_initial_blocks: self.n_initial_blocks,
             n_local_blocks: self.n_local_blocks,
-            window: self.window,
+            window: if self.window >= seq_len {
+                usize::MAX
+            } else {
+                self.window
+            },
             softmax_scale: self.scale(d_k) as f32,
             kernel_strategy: self.kernel_strategy,
         }

@@ -150,7 +150,7 @@ where
     );
     let shape = attention_shape(&q, &v);
     let key_rows = dims(&k)[1];
-    let kernel_config = config.kernel_config(shape.d_k);
+    let kernel_config = config.kernel_config(shape.d_k, shape.seq);
     let keys = keys(&kernel_config);
     let client = q.client.clone();
     let plan = with_float_type!(q.dtype, Fl => planned(plan_branch_backward::<R, Fl>(
@@ -266,6 +266,10 @@ where
     I: IntElement,
     BT: BoolElement,
 {
+    fn nsa_supports_dtype(dtype: DType) -> bool {
+        matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+    }
+
     fn nsa_compressed(
         q: CubeTensor<R>,
         k_cmp: CubeTensor<R>,
@@ -282,7 +286,7 @@ where
         };
         let selected = empty(&q, &selected_shape, I::dtype());
         let (shape, args, o, lse) = attention_args(q, k_cmp, v_cmp);
-        let kernel_config = config.kernel_config(shape.d_k);
+        let kernel_config = config.kernel_config(shape.d_k, shape.seq);
         with_float_type!(dtype, Fl => with_int_type!(selected.dtype, In => {
             let plan = planned(plan_compressed::<R, Fl>(
                 &client, shape, num_compressed, &kernel_config,
@@ -303,7 +307,7 @@ where
         let dtype = q.dtype;
         let selected = into_contiguous(selected);
         let (shape, args, o, lse) = attention_args(q, k, v);
-        let kernel_config = config.kernel_config(shape.d_k);
+        let kernel_config = config.kernel_config(shape.d_k, shape.seq);
         with_float_type!(dtype, Fl => with_int_type!(selected.dtype, In => {
             let plan = planned(plan_selected::<R, Fl>(&client, shape, &kernel_config));
             launch_selected::<R, Fl, In>(&client, &plan, args, selected.into_tensor_arg())
@@ -321,7 +325,7 @@ where
     ) -> CubeTensor<R> {
         let shape = attention_shape(&q, &v);
         let client = q.client.clone();
-        let kernel_config = config.kernel_config(shape.d_k);
+        let kernel_config = config.kernel_config(shape.d_k, shape.seq);
         let plan = with_float_type!(q.dtype, Fl => planned(plan_selected::<R, Fl>(
             &client, shape, &kernel_config,
         )));
@@ -357,7 +361,7 @@ where
         let client = q.client.clone();
         let dtype = q.dtype;
         let (shape, args, o, lse) = attention_args(q, k, v);
-        let kernel_config = config.kernel_config(shape.d_k);
+        let kernel_config = config.kernel_config(shape.d_k, shape.seq);
         with_float_type!(dtype, Fl => {
             let plan = planned(plan_window::<R, Fl>(&client, shape, &kernel_config));
             launch_window::<R, Fl>(&client, &plan, args)

@@ -250,6 +250,10 @@ fn register_gated_sum<B: FusionBackend + NsaBackend>(
 }
 
 impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
+    fn nsa_supports_dtype(dtype: DType) -> bool {
+        B::nsa_supports_dtype(dtype)
+    }
+
     fn nsa_compressed(
         q: FloatTensor<Self>,
         k_cmp: FloatTensor<Self>,

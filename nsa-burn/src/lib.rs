@@ -20,6 +20,7 @@ mod fusion;
 mod gate;
 mod module;
 pub mod reference;
+mod settings;
 
 pub use attention::{
     nsa_attention, try_nsa_attention, BranchKv, NsaError, NsaInput, NsaOutput, NsaShapeError,
@@ -33,6 +34,7 @@ pub use config::{CompressorKind, KvSharing, NsaAttentionConfig, NsaConfig, NsaCo
 pub use gate::Gate;
 pub use module::{KvProjection, Nsa, NsaForward, NsaRecord};
 pub use nsa_cubecl::Strategy as KernelStrategy;
+pub use settings::{NsaSettings, NsaSettingsRecord};
 
 /// The README's code compiles and runs as a doctest, so its snippet cannot rot.
 #[cfg(doctest)]

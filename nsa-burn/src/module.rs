@@ -6,8 +6,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::{
-    nsa_attention, BranchKv, Compressor, Gate, KvSharing, NsaAttentionConfig, NsaBackend,
-    NsaConfig, NsaConfigError, NsaInput,
+    try_nsa_attention, BranchKv, Compressor, Gate, KvSharing, NsaAttentionConfig, NsaBackend,
+    NsaConfig, NsaConfigError, NsaError, NsaInput, NsaSettings, NsaShapeError,
 };
 
 /// Key and value projections of one branch (or of all three when shared).
@@ -49,6 +49,8 @@ pub struct Nsa<B: Backend> {
     n_kv_heads: usize,
     d_k: usize,
     d_v: usize,
+    /// The attention settings, saved in the record and compared on load.
+    pub settings: NsaSettings<B>,
     #[module(skip)]
     attention: NsaAttentionConfig,
 }
@@ -94,6 +96,7 @@ impl NsaConfig {
             n_kv_heads: self.n_kv_heads,
             d_k: self.d_k,
             d_v: self.d_v,
+            settings: NsaSettings::new(&self.attention_config()),
             attention: self.attention_config(),
         })
     }
@@ -125,23 +128,46 @@ impl<B: NsaBackend> Nsa<B> {
     ///
     /// # Panics
     ///
-    /// If `x`'s last dimension is not `d_model`.
+    /// Where [`Nsa::try_forward`] returns an error, with its message.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.forward_detailed(x).output
+    }
+
+    /// [`Nsa::forward`] returning a typed error instead of panicking: `x` must be
+    /// `[B, T, d_model]` with every dimension at least 1, in a float dtype the backend's NSA
+    /// operations take (see [`NsaBackend::nsa_supports_dtype`]), and a loaded record must
+    /// have been saved with the layer's attention settings
+    /// ([`NsaError::SettingsMismatch`]).
+    pub fn try_forward(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, NsaError> {
+        self.try_forward_detailed(x).map(|forward| forward.output)
     }
 
     /// [`Nsa::forward`] that also returns the selected blocks and the gates.
     ///
     /// `x: [B, T, d_model]`.
+    ///
+    /// # Panics
+    ///
+    /// Where [`Nsa::try_forward_detailed`] returns an error, with its message.
     pub fn forward_detailed(&self, x: Tensor<B, 3>) -> NsaForward<B> {
+        self.try_forward_detailed(x)
+            .unwrap_or_else(|error| panic!("Nsa::forward: {error}"))
+    }
+
+    /// [`Nsa::forward_detailed`] returning a typed error instead of panicking.
+    pub fn try_forward_detailed(&self, x: Tensor<B, 3>) -> Result<NsaForward<B>, NsaError> {
+        self.settings.check()?;
         let [batch, seq, width] = x.dims();
         let d_model = self.query.weight.dims()[0];
-        assert_eq!(
-            width,
-            d_model,
-            "Nsa::forward: x must be [batch, T, d_model] with d_model = {d_model}, got {:?}",
-            x.dims()
-        );
+        if width != d_model || x.dims().contains(&0) {
+            return Err(NsaError::Shape(NsaShapeError {
+                tensor: "x",
+                actual: x.dims().to_vec(),
+                expected: format!(
+                    "[B, T, d_model] with d_model = {d_model} and every dimension at least 1"
+                ),
+            }));
+        }
         let heads = |t: Tensor<B, 3>, n: usize, d: usize| t.reshape([batch, seq, n, d]);
         let project = |branch: Branch| {
             let kv = &self.kv[(branch as usize).min(self.kv.len() - 1)];
@@ -157,7 +183,7 @@ impl<B: NsaBackend> Nsa<B> {
             .zip(self.compress_value.forward(raw.v))
             .map(|(k, v)| BranchKv { k, v });
         let gates = self.gate.forward(x.clone());
-        let attention = nsa_attention(
+        let attention = try_nsa_attention(
             NsaInput {
                 q: heads(self.query.forward(x.clone()), self.n_heads, self.d_k),
                 compressed,
@@ -166,15 +192,15 @@ impl<B: NsaBackend> Nsa<B> {
                 gates: gates.clone(),
             },
             &self.attention,
-        );
+        )?;
         let output = attention
             .output
             .reshape([batch, seq, self.n_heads * self.d_v]);
-        NsaForward {
+        Ok(NsaForward {
             output: self.output.forward(output),
             selected_blocks: attention.selected_blocks,
             gates,
-        }
+        })
     }
 
     /// The attention operator's configuration.

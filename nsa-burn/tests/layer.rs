@@ -3,7 +3,9 @@
 //! (The comparison with an independent naive implementation lives in `naive.rs`.)
 //!
 //! Files: `layer/causality.rs`, `layer/selection.rs` (the selection rules),
-//! `layer/errors.rs` (configuration and shape errors), `layer/gradients.rs` (autodiff);
+//! `layer/errors.rs` (configuration and shape errors), `layer/inputs.rs` (inputs at the
+//! edges: empty, mixed dtypes, overflowing settings, saved records), `layer/gradients.rs`
+//! (autodiff);
 //! the helpers they share are here.
 
 #[path = "layer/causality.rs"]
@@ -12,6 +14,8 @@ mod causality;
 mod errors;
 #[path = "layer/gradients.rs"]
 mod gradients;
+#[path = "layer/inputs.rs"]
+mod inputs;
 #[path = "layer/selection.rs"]
 mod selection;
 

@@ -26,7 +26,7 @@ pub fn window_attention<B: Backend>(
     let group = heads / kv_heads;
     let device = q.device();
     let scale = config.scale(d_k);
-    let window = config.window;
+    let window = config.window_span(seq);
 
     let q = group_heads(q, kv_heads);
     let k = heads_first(k);

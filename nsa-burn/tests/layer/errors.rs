@@ -174,7 +174,7 @@ fn wrong_shapes_are_errors_naming_the_tensor() {
 }
 
 #[test]
-#[should_panic(expected = "x must be [batch, T, d_model] with d_model = 24")]
+#[should_panic(expected = "expected [B, T, d_model] with d_model = 24")]
 fn forward_rejects_the_wrong_model_width() {
     small_config()
         .init::<B>(&device())
