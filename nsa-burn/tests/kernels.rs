@@ -2,8 +2,11 @@
 //! configurations and edge cases of the reference tests.
 //!
 //! - Forward: each branch's output and row log-sum-exp, the selected blocks, and the whole
-//!   operator. Backward: the gradient of every operator input under `Autodiff<B>` (the
-//!   backward kernels) against `Autodiff<Flex>` (the reference's autodiff).
+//!   operator; tied block scores (equal keys) select alike; large inputs stay finite,
+//!   saturated gates match, a NaN query stays at its position. Backward: the gradient of every operator input under `Autodiff<B>` (the
+//!   backward kernels) against `Autodiff<Flex>` (the reference's autodiff), and two
+//!   identical backward runs bitwise equal. A randomized sweep of configurations, forward
+//!   and backward.
 //! - wgpu: always built. When the build finds no Vulkan driver the wgpu tests are marked
 //!   ignored (see `nsa-burn/build.rs`), unless `NSA_REQUIRE_GPU_ADAPTER` is set (CI sets it,
 //!   with Mesa lavapipe installed); a test that gets no working adapter fails.
@@ -15,7 +18,9 @@
 //!
 //! Files: `kernels/cases.rs` (the cases), `kernels/data.rs` (moving data between backends),
 //! `kernels/forward.rs`, `kernels/gradients.rs`, `kernels/gated_sum.rs` (the checks) and
-//! `kernels/long_sequences.rs` (64-bit offsets, CUDA only); the tests are here.
+//! `kernels/long_sequences.rs` (64-bit offsets, CUDA only), `kernels/sweep.rs` (random
+//! configurations from a printed seed), `kernels/numerics.rs` (large inputs, saturated
+//! gates, a NaN query); the tests are here.
 
 mod common;
 
@@ -32,26 +37,35 @@ mod gradients;
 #[cfg(feature = "test-cuda")]
 #[path = "kernels/long_sequences.rs"]
 mod long_sequences;
+#[path = "kernels/numerics.rs"]
+mod numerics;
+#[path = "kernels/sweep.rs"]
+mod sweep;
 
 use burn::backend::{Autodiff, Wgpu};
 use burn::tensor::DType;
 #[cfg(feature = "test-cuda")]
 use burn::tensor::{Distribution, Tensor};
 use cases::selected_cases;
-use forward::check_case;
+use forward::{check_case, check_tied_selection};
 use gated_sum::check_gated_sum;
-use gradients::check_gradient_cases;
+use gradients::{check_deterministic, check_gradient_cases};
 #[cfg(feature = "test-cuda")]
 use long_sequences::{branch_results, mismatch, LongInputs};
 #[cfg(feature = "test-cuda")]
 use nsa_burn::NsaAttentionConfig;
 use nsa_burn::NsaBackend;
+use sweep::{sweep, SweepLimits};
 
 fn check_all<B: NsaBackend>(device: &B::Device, dtype: DType) {
     let mut worst = 0.0f64;
     for case in selected_cases() {
         worst = worst.max(check_case::<B>(&case, dtype, device));
     }
+    for case in cases::tied_cases() {
+        check_tied_selection::<B>(&case, dtype, device);
+    }
+    numerics::check_numerics::<B>(dtype, device);
     println!(
         "{dtype:?}: {} cases, worst relative error {worst:e}",
         selected_cases().len()
@@ -82,6 +96,50 @@ fn wgpu_kernels_match_the_reference() {
 fn wgpu_kernel_gradients_match_the_reference() {
     let device = common::wgpu_device();
     check_gradient_cases::<Autodiff<Wgpu>>(selected_cases(), &device, DType::F32);
+}
+
+/// Random valid configurations (a few here; `NSA_SWEEP_CASES` for more), forward and
+/// backward, small enough for lavapipe.
+#[test]
+#[cfg_attr(
+    nsa_no_gpu_adapter,
+    ignore = "no Vulkan driver found at build time (e.g. install mesa-vulkan-drivers; see nsa-burn/build.rs)"
+)]
+fn wgpu_random_configurations_match_the_reference() {
+    let device = common::wgpu_device();
+    let limits = SweepLimits {
+        max_seq: 300,
+        max_heads: 16,
+        max_batch: 2,
+    };
+    sweep::<Autodiff<Wgpu>>(4, limits, &[DType::F32], &device);
+}
+
+/// A key tile seen by 163,840 query rows (see [`cases::long_key_walk`]).
+#[test]
+#[cfg_attr(
+    nsa_no_gpu_adapter,
+    ignore = "no Vulkan driver found at build time (e.g. install mesa-vulkan-drivers; see nsa-burn/build.rs)"
+)]
+fn wgpu_long_key_walks_match_the_reference() {
+    let device = common::wgpu_device();
+    check_gradient_cases::<Autodiff<Wgpu>>(vec![cases::long_key_walk()], &device, DType::F32);
+}
+
+/// Bitwise-equal gradients from two identical runs, on a case where every branch has
+/// several query groups per key (G = 16) and batch 2.
+#[test]
+#[cfg_attr(
+    nsa_no_gpu_adapter,
+    ignore = "no Vulkan driver found at build time (e.g. install mesa-vulkan-drivers; see nsa-burn/build.rs)"
+)]
+fn wgpu_kernel_gradients_are_deterministic() {
+    let device = common::wgpu_device();
+    let case = cases::cases()
+        .into_iter()
+        .find(|case| case.heads == 16 && case.seq == 300)
+        .expect("a G = 16, T = 300 case");
+    check_deterministic::<Autodiff<Wgpu>>(&case, DType::F32, &device);
 }
 
 #[test]
@@ -120,6 +178,37 @@ fn cuda_kernels_match_the_reference() {
     assert!(common::device_answers::<B>(&device), "no CUDA device");
     for dtype in cuda_dtypes() {
         check_all::<B>(&device, dtype);
+    }
+}
+
+/// Random valid configurations up to `T = 2000` and `H = 64`, in each dtype
+/// (`NSA_SWEEP_CASES`, default 30; `NSA_SWEEP_SEED` reruns a sweep).
+#[cfg(feature = "test-cuda")]
+#[test]
+fn cuda_random_configurations_match_the_reference() {
+    type B = burn::backend::Cuda;
+    let device = Default::default();
+    assert!(common::device_answers::<B>(&device), "no CUDA device");
+    let limits = SweepLimits {
+        max_seq: 2000,
+        max_heads: 64,
+        max_batch: 2,
+    };
+    sweep::<Autodiff<B>>(30, limits, &cuda_dtypes(), &device);
+}
+
+/// Bitwise-equal gradients from two identical runs, every case, in each dtype.
+#[cfg(feature = "test-cuda")]
+#[test]
+fn cuda_kernel_gradients_are_deterministic() {
+    type B = burn::backend::Cuda;
+    let device = Default::default();
+    assert!(common::device_answers::<B>(&device), "no CUDA device");
+    for dtype in cuda_dtypes() {
+        for case in selected_cases() {
+            check_deterministic::<Autodiff<B>>(&case, dtype, &device);
+        }
+        println!("{dtype:?}: {} cases deterministic", selected_cases().len());
     }
 }
 

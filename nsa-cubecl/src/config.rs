@@ -27,15 +27,6 @@ impl AttentionShape {
     pub fn group(&self) -> usize {
         self.heads / self.kv_heads
     }
-
-    /// Whether some tensor of the call has more elements than 32-bit offsets reach, with
-    /// `kv_rows` rows of keys and values.
-    pub(crate) fn needs_64_bit_offsets(&self, kv_rows: usize) -> bool {
-        let d = self.d_k.max(self.d_v);
-        let largest =
-            (self.batch * self.seq * self.heads * d).max(self.batch * kv_rows * self.kv_heads * d);
-        largest > u32::MAX as usize
-    }
 }
 
 /// The NSA settings the kernels read, with the field names of the layer's attention config

@@ -4,7 +4,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use super::{
-    block_overlap, group_heads, grouped_masked_attention, heads_first, lse_heads, position_grid,
+    block_scores, group_heads, grouped_masked_attention, heads_first, lse_heads, position_grid,
     query_chunks, top_n_blocks, ungroup_heads, Attended, EMPTY_ROW_LSE,
 };
 use crate::NsaAttentionConfig;
@@ -15,7 +15,7 @@ use crate::NsaAttentionConfig;
 /// Queries with `t < l - 1` see none: their output is exactly 0 and their selection falls
 /// back to the forced blocks. The attention probabilities `p_cmp` (Eq. 8) are summed over
 /// the `G` heads of each group (Eq. 10) and over the compression blocks overlapping each
-/// selection block ([`block_overlap`], Eq. 9) to score the selection blocks, which then go
+/// selection block ([`block_scores`], Eq. 9) to score the selection blocks, which then go
 /// through [`top_n_blocks`]. Scores are computed chunk by chunk and never stored whole.
 ///
 /// `q: [B, T, H, d_k]`, `k_cmp: [B, N_cmp, H_kv, d_k]`, `v_cmp: [B, N_cmp, H_kv, d_v]` with
@@ -35,8 +35,6 @@ pub fn compressed_attention<B: Backend>(
     let scale = config.scale(d_k);
     let num_selection = config.num_selection_blocks(seq);
     let (block, stride) = (config.compress_block, config.compress_stride);
-    let overlap = (num_compressed > 0)
-        .then(|| block_overlap::<B>(num_compressed, num_selection, config, &device).cast(dtype));
 
     let q = group_heads(q, kv_heads);
     let k_cmp = heads_first(k_cmp);
@@ -103,14 +101,12 @@ pub fn compressed_attention<B: Backend>(
                 )
                 .sum_dim(3)
                 .reshape([batch * kv_heads * len, visible]);
-            let scores = group_probs
-                .matmul(
-                    overlap
-                        .clone()
-                        .expect("visible > 0 implies N_cmp > 0")
-                        .narrow(0, 0, visible),
-                )
-                .reshape([batch, kv_heads, len, num_selection]);
+            let scores = block_scores(group_probs, num_selection, config).reshape([
+                batch,
+                kv_heads,
+                len,
+                num_selection,
+            ]);
             (o, lse, scores)
         };
         outputs.push(o);

@@ -27,7 +27,7 @@ mod select;
 mod window;
 
 pub use compress::compressed_attention;
-pub use scoring::{block_overlap, top_n_blocks};
+pub use scoring::{block_scores, top_n_blocks};
 pub use select::selected_attention;
 pub use window::window_attention;
 

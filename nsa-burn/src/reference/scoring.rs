@@ -1,37 +1,84 @@
 //! Block scoring (Eq. 9-10) and top-n block selection (Eq. 11).
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use super::position_grid;
 use crate::NsaAttentionConfig;
 
-/// Which compression blocks overlap which selection blocks (Eq. 9, overlap reading).
+/// The compression blocks `first..=last` that overlap selection block `j` (Eq. 9, overlap
+/// reading), among the first `visible`; `None` when none of them does.
 ///
 /// The paper prints the index `(l'/d) * j - m - n`, which mostly points at the previous
 /// selection block. This project reads Eq. 9 as: selection block `j` (keys
 /// `[j*l', (j+1)*l')`) scores the sum of `p_cmp[i]` over every compression block `i` (keys
 /// `[i*d, i*d + l)`) whose span intersects it. With `l = d = l'` this is `p_slc = p_cmp`.
+fn overlapping_blocks(
+    j: usize,
+    visible: usize,
+    config: &NsaAttentionConfig,
+) -> Option<(usize, usize)> {
+    let (block, stride, select) = (
+        config.compress_block,
+        config.compress_stride,
+        config.select_block,
+    );
+    let start = j * select;
+    // i * d + l > start and i * d < start + l'.
+    let first = if start >= block {
+        (start - block) / stride + 1
+    } else {
+        0
+    };
+    let last = ((start + select - 1) / stride).min(visible.checked_sub(1)?);
+    (first <= last).then_some((first, last))
+}
+
+/// Selection-block scores (Eq. 9, overlap reading): `probs: [R, N]`, the group-summed
+/// probabilities of the first `N` compression blocks -> `[R, N_slc]`, block `j` scoring
+/// `((p[i0] + p[i1]) + ..)` over the compression blocks `i0 < i1 < ..` that overlap it
+/// (see [`overlapping_blocks`]).
 ///
-/// Returns `[N_cmp, N_slc]`, 1.0 where compression block `i` overlaps selection block `j`.
-pub fn block_overlap<B: Backend>(
-    num_compressed: usize,
+/// The sum runs left to right, one compression block at a time, as the kernels add them: so
+/// blocks whose overlapping compression blocks have equal probabilities (equal keys) tie
+/// exactly, in every implementation, and the tie rule of [`top_n_blocks`] decides them
+/// alike everywhere.
+pub fn block_scores<B: Backend>(
+    probs: Tensor<B, 2>,
     num_selection: usize,
     config: &NsaAttentionConfig,
-    device: &B::Device,
 ) -> Tensor<B, 2> {
-    let (i, j) = position_grid::<B>((0, num_compressed), (0, num_selection), device);
-    let cmp_start = i.mul_scalar(config.compress_stride as i64);
-    let slc_start = j.mul_scalar(config.select_block as i64);
-    cmp_start
-        .clone()
-        .lower(slc_start.clone().add_scalar(config.select_block as i64))
-        .bool_and(
-            cmp_start
-                .add_scalar(config.compress_block as i64)
-                .greater(slc_start),
-        )
-        .float()
+    let [rows, visible] = probs.dims();
+    let device = probs.device();
+    let spans: Vec<Option<(usize, usize)>> = (0..num_selection)
+        .map(|j| overlapping_blocks(j, visible, config))
+        .collect();
+    let widest = spans
+        .iter()
+        .flatten()
+        .map(|(first, last)| last - first + 1)
+        .max()
+        .unwrap_or(0);
+    let mut scores = Tensor::<B, 2>::zeros([rows, num_selection], (&device, probs.dtype()));
+    for offset in 0..widest {
+        // Block j's `offset`-th overlapping compression block, or none.
+        let (index, valid): (Vec<i64>, Vec<bool>) = spans
+            .iter()
+            .map(|span| match span {
+                Some((first, last)) if first + offset <= *last => ((first + offset) as i64, true),
+                _ => (0, false),
+            })
+            .unzip();
+        let index =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(index, [num_selection]), &device);
+        let unused: Vec<bool> = valid.iter().map(|valid| !valid).collect();
+        let unused =
+            Tensor::<B, 1, Bool>::from_data(TensorData::new(unused, [num_selection]), &device)
+                .reshape([1, num_selection])
+                .expand([rows, num_selection]);
+        scores = scores + probs.clone().select(1, index).mask_fill(unused, 0.0);
+    }
+    scores
 }
 
 /// Top-n selection blocks for the queries `start..start + C` (Eq. 11).

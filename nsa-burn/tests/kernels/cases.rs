@@ -137,7 +137,77 @@ pub fn cases() -> Vec<Case> {
         d_v: 16,
         config: small(),
     });
+    // Large groups (G = 128) and many selected blocks (n = 64 of 69).
+    cases.push(Case {
+        seq: 100,
+        heads: 128,
+        kv_heads: 1,
+        d_k: 16,
+        d_v: 16,
+        ..base
+    });
+    cases.push(Case {
+        seq: 1100,
+        heads: 2,
+        kv_heads: 1,
+        d_k: 16,
+        d_v: 16,
+        config: small().with_n_selected(64),
+        ..base
+    });
+    // A window far beyond the sequence (`u32::MAX`) is full causal attention: no index
+    // arithmetic may wrap in 32 bits.
+    cases.push(Case {
+        config: small().with_window(u32::MAX as usize),
+        ..base
+    });
     cases
+}
+
+/// A key-side walk of thousands of steps: every compressed key and the first selection
+/// block are seen by all 2560 positions of 64 query heads (163,840 query rows). Its loops
+/// once passed llvmpipe's cap of 65,535 iterations per invocation, and lavapipe returned
+/// wrong `dK`/`dV` without an error.
+pub fn long_key_walk() -> Case {
+    Case {
+        batch: 1,
+        seq: 2560,
+        heads: 64,
+        kv_heads: 1,
+        d_k: 16,
+        d_v: 16,
+        config: small(),
+    }
+}
+
+/// The tie cases of [`crate::forward::check_tied_selection`]: overlapping small blocks at
+/// G = 4 (portable scoring everywhere) and G = 12 (tensor-core scoring over segments of
+/// four rows), and the paper's blocks at G = 16.
+pub fn tied_cases() -> Vec<Case> {
+    let base = Case {
+        batch: 2,
+        seq: 300,
+        heads: 4,
+        kv_heads: 1,
+        d_k: 16,
+        d_v: 16,
+        config: small(),
+    };
+    vec![
+        base,
+        Case {
+            heads: 12,
+            d_k: 32,
+            ..base
+        },
+        Case {
+            seq: 1111,
+            heads: 16,
+            d_k: 32,
+            config: NsaAttentionConfig::new(),
+            ..base
+        },
+    ]
 }
 
 /// [`cases`], or only case `i` when `NSA_KERNEL_CASE=i` is set (to debug one).

@@ -118,6 +118,44 @@ pub fn check_case<B: NsaBackend>(case: &Case, dtype: DType, device: &B::Device) 
     worst
 }
 
+/// Ties: every compressed key equal, so that for each query every visible compressed key
+/// has the same probability and the selection blocks with as many overlapping keys score
+/// exactly alike. The kernels and the reference must pick the same blocks (the lower index
+/// among equal scores), with overlapping blocks (`l = 8`, `d = 4`, `l' = 16`: each block
+/// sums five compressed keys, split over two key tiles for some blocks).
+pub fn check_tied_selection<B: NsaBackend>(case: &Case, dtype: DType, device: &B::Device) {
+    let Case {
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        d_k,
+        d_v,
+        config,
+    } = *case;
+    let blocks = config.num_compressed_blocks(seq);
+    let q = random([batch, seq, heads, d_k], dtype);
+    let key = Tensor::<Flex, 4>::from_data(
+        random([batch, 1, kv_heads, d_k], dtype),
+        &Default::default(),
+    );
+    let k_cmp = key.expand([batch, blocks, kv_heads, d_k]).into_data();
+    let v_cmp = random([batch, blocks, kv_heads, d_v], dtype);
+    let (_, _, selected) = B::nsa_compressed(
+        on::<B>(&q, dtype, device),
+        on::<B>(&k_cmp, dtype, device),
+        on::<B>(&v_cmp, dtype, device),
+        &config,
+    );
+    let (_, want) =
+        compressed_attention(reference(&q), reference(&k_cmp), reference(&v_cmp), &config);
+    assert_eq!(
+        ints(Tensor::<B, 4, Int>::from_primitive(selected).into_data()),
+        ints(want.into_data()),
+        "{case:?} {dtype:?}: tied block scores select different blocks"
+    );
+}
+
 /// Relative error of `got` against `want`, asserted below the dtype's tolerance.
 pub fn compare(case: &Case, dtype: DType, name: &str, got: TensorData, want: TensorData) -> f64 {
     let error = relative_error(&floats(got), &floats(want));

@@ -82,13 +82,9 @@ pub fn branch_gradients<B: AutodiffBackend + NsaBackend>(
     })
 }
 
-/// Gradients of every operator input of `case` on `B` (the backward kernels) against the
-/// reference's autodiff on Flex; returns the worst relative error.
-pub fn check_gradients<B: AutodiffBackend + NsaBackend>(
-    case: &Case,
-    dtype: DType,
-    device: &B::Device,
-) -> f64 {
+/// Fresh random operator inputs `[q, k, v, k_cmp, v_cmp, gates]` of `case` (`k_cmp` and
+/// `v_cmp` empty when `T < l`) and loss weights `[B, T, H, d_v]`, rounded to `dtype`.
+pub fn gradient_inputs(case: &Case, dtype: DType) -> ([TensorData; 6], TensorData) {
     let Case {
         batch,
         seq,
@@ -112,7 +108,19 @@ pub fn check_gradients<B: AutodiffBackend + NsaBackend>(
         )
         .into_data(),
     ];
-    let weights = random([batch, seq, heads, d_v], dtype);
+    (inputs, random([batch, seq, heads, d_v], dtype))
+}
+
+/// Gradients of every operator input of `case` on `B` (the backward kernels) against the
+/// reference's autodiff on Flex; returns the worst relative error.
+pub fn check_gradients<B: AutodiffBackend + NsaBackend>(
+    case: &Case,
+    dtype: DType,
+    device: &B::Device,
+) -> f64 {
+    let config = case.config;
+    let blocks = config.num_compressed_blocks(case.seq);
+    let (inputs, weights) = gradient_inputs(case, dtype);
     let inputs = [0, 1, 2, 3, 4, 5].map(|i| &inputs[i]);
     let got = operator_gradients::<B>(inputs, &weights, &config, dtype, device);
     let want = operator_gradients::<Autodiff<Flex>>(
@@ -191,4 +199,29 @@ pub fn check_gradient_cases<B: AutodiffBackend + NsaBackend>(
         "{dtype:?} gradients: {} cases, worst relative error {worst:e}",
         cases.len()
     );
+}
+
+/// Two identical backward runs of `case` on `B` give bitwise-equal gradients (the kernels
+/// reduce in a fixed order, with no atomics).
+pub fn check_deterministic<B: AutodiffBackend + NsaBackend>(
+    case: &Case,
+    dtype: DType,
+    device: &B::Device,
+) {
+    let (inputs, weights) = gradient_inputs(case, dtype);
+    let inputs = [0, 1, 2, 3, 4, 5].map(|i| &inputs[i]);
+    let run = || operator_gradients::<B>(inputs, &weights, &case.config, dtype, device);
+    let (first, second) = (run(), run());
+    let names = ["q", "k", "v", "k_cmp", "v_cmp", "gates"];
+    for (name, pair) in names.into_iter().zip(first.into_iter().zip(second)) {
+        if let (Some(first), Some(second)) = pair {
+            let bits = |data: TensorData| -> Vec<u32> {
+                floats(data).into_iter().map(f32::to_bits).collect()
+            };
+            assert!(
+                bits(first) == bits(second),
+                "{case:?} {dtype:?}: the gradient of {name} differs between two identical runs"
+            );
+        }
+    }
 }

@@ -108,22 +108,26 @@ pub fn load_row_stats(
     #[comptime] group: usize,
     #[comptime] units: usize,
 ) {
-    let mut r = UNIT_POS as usize;
-    while r < step_rows {
-        let row = first_row + r;
-        let mut position = 0u32;
-        let mut value_lse = 0.0f32;
-        let mut value_delta = 0.0f32;
-        if row < rows {
-            let t = positions[row / group] as usize;
-            let h = kv_head * group + row % group;
-            position = (t + 1) as u32;
-            value_lse = lse[lse_at(lse, b, h, t)];
-            value_delta = delta[delta_at(delta, b, t, h)];
+    // Unrolled: a loop iteration per step counts towards llvmpipe's cap (see
+    // `crate::portable::grad_key`).
+    #[unroll]
+    for i in 0..comptime!(step_rows.div_ceil(units)) {
+        let r = UNIT_POS as usize + i * units;
+        if r < step_rows {
+            let row = first_row + r;
+            let mut position = 0u32;
+            let mut value_lse = 0.0f32;
+            let mut value_delta = 0.0f32;
+            if row < rows {
+                let t = positions[row / group] as usize;
+                let h = kv_head * group + row % group;
+                position = (t + 1) as u32;
+                value_lse = lse[lse_at(lse, b, h, t)];
+                value_delta = delta[delta_at(delta, b, t, h)];
+            }
+            row_position[r] = position;
+            row_lse[r] = value_lse;
+            row_delta[r] = value_delta;
         }
-        row_position[r] = position;
-        row_lse[r] = value_lse;
-        row_delta[r] = value_delta;
-        r += units;
     }
 }

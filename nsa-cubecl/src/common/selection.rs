@@ -59,18 +59,15 @@ pub fn tile_blocks(
     (first, last)
 }
 
-/// Eq. 9 (overlap reading) for one selection block `j` and one tile: the sum of the
-/// group-summed probabilities `probs[at + r]` of the tile's compressed keys `row + r`
-/// (`r < valid`) whose span overlaps block `j`.
+/// Eq. 9 (overlap reading) for one selection block `j` and one tile: the tile's compressed
+/// keys `lo..hi` (within `row..row + valid`) whose span overlaps block `j`.
 #[cube]
-pub fn tile_block_score(
-    probs: &SharedMemory<f32>,
-    at: usize,
+pub fn tile_block_keys(
     row: usize,
     valid: usize,
     j: usize,
     #[comptime] sel: SelectionConfig,
-) -> f32 {
+) -> (usize, usize) {
     // Key i overlaps the block iff i * d < block_start + l' and i * d + l > block_start.
     let block_start = j * sel.select_block;
     let mut lo = row;
@@ -84,9 +81,33 @@ pub fn tile_block_score(
         row + valid,
         (block_start + sel.select_block - 1) / sel.compress_stride + 1,
     );
-    let mut total = 0.0f32;
+    (lo, hi)
+}
+
+/// `start` plus the group-summed probabilities of the tile's keys `lo..hi` (counted from
+/// the tile's first key), added left to right one key at a time: the order every
+/// implementation sums a block's score in (the reference's `block_scores`), so that
+/// blocks whose keys have equal probabilities tie exactly everywhere. Key `i`'s
+/// probability is the sum of its `parts` partial group sums
+/// `sums[at + part * part_stride + i]`, in part order.
+#[cube]
+pub fn add_key_probabilities(
+    start: f32,
+    sums: &SharedMemory<f32>,
+    at: usize,
+    lo: usize,
+    hi: usize,
+    #[comptime] parts: usize,
+    #[comptime] part_stride: usize,
+) -> f32 {
+    let mut total = start;
     for i in lo..hi {
-        total += probs[at + i - row];
+        let mut p = 0.0f32;
+        #[unroll]
+        for part in 0..parts {
+            p += sums[at + part * part_stride + i];
+        }
+        total += p;
     }
     total
 }

@@ -112,13 +112,14 @@ pub fn launch_branch_backward<R: Runtime, F: Float + CubeElement, I: Int + CubeE
             let cubes =
                 split.splits * shape.batch * shape.kv_heads * query.key_rows.div_ceil(tile.rows());
             let count = calculate_cube_count_elemwise(client, cubes * tile.units(), cube_dim);
+            let addresses = address_type(&inputs.with(&[&bitmap, &dk, &dv, &partial]));
             // SAFETY: as for the forward tensor-core kernels.
             unsafe {
                 grad_key_value_mma_kernel::launch_unchecked::<F, I, R>(
                     client,
                     count,
                     cube_dim,
-                    address_type(shape, query.key_rows),
+                    addresses,
                     MMA_VECTOR,
                     inputs.q,
                     inputs.k,
@@ -143,11 +144,12 @@ pub fn launch_branch_backward<R: Runtime, F: Float + CubeElement, I: Int + CubeE
             let cube_dim = CubeDim::new_1d(tile.units as u32);
             let cubes = shape.batch * shape.kv_heads * query.key_rows.div_ceil(tile.tile_keys);
             let count = calculate_cube_count_elemwise(client, cubes * tile.units, cube_dim);
+            let addresses = address_type(&inputs.with(&[&bitmap, &args.dk, &args.dv]));
             grad_key_value_kernel::launch::<F, I, R>(
                 client,
                 count,
                 cube_dim,
-                address_type(shape, query.key_rows),
+                addresses,
                 inputs.q,
                 inputs.k,
                 inputs.v,
@@ -175,6 +177,15 @@ struct QueryInputs<R: Runtime> {
     lse: TensorArg<R>,
 }
 
+impl<R: Runtime> QueryInputs<R> {
+    /// These tensors and `others`, for [`address_type`].
+    fn with<'a>(&'a self, others: &[&'a TensorArg<R>]) -> Vec<&'a TensorArg<R>> {
+        let mut all = vec![&self.q, &self.k, &self.v, &self.d_o, &self.delta, &self.lse];
+        all.extend_from_slice(others);
+        all
+    }
+}
+
 /// A one-element tensor of `E` for a kernel argument that the plan's branch never reads
 /// (the selection of the compression and window branches, an unsplit key side's partial
 /// sums).
@@ -194,14 +205,8 @@ fn launch_selection_bitmap<R: Runtime, I: Int + CubeElement>(
 ) {
     let units = shape.batch * shape.kv_heads * shape.seq.div_ceil(WORD_BITS);
     let (count, cube_dim) = elementwise_grid(client, units);
-    selection_bitmap_kernel::launch::<I, R>(
-        client,
-        count,
-        cube_dim,
-        address_type(shape, shape.seq),
-        selected,
-        bitmap,
-    );
+    let addresses = address_type(&[&selected, &bitmap]);
+    selection_bitmap_kernel::launch::<I, R>(client, count, cube_dim, addresses, selected, bitmap);
 }
 
 /// The query side: `dq: [B, T, H, d_k]`.
@@ -213,7 +218,7 @@ fn launch_grad_query<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
     dq: TensorArg<R>,
 ) {
     let shape = &plan.shape;
-    let addresses = address_type(shape, plan.key_rows);
+    let addresses = address_type(&inputs.with(&[&selected, &dq]));
     match plan.path {
         Path::TensorCore(tile) => {
             let (count, dim) = mma_grid(client, shape, &tile);
@@ -278,16 +283,8 @@ fn launch_sum_key_splits<R: Runtime, F: Float + CubeElement>(
     let shape = &plan.shape;
     let outputs = shape.batch * split.keys * shape.kv_heads * (shape.d_k + shape.d_v);
     let (count, cube_dim) = elementwise_grid(client, outputs);
+    let addresses = address_type(&[&partial, &dk, &dv]);
     sum_key_splits_kernel::launch::<F, R>(
-        client,
-        count,
-        cube_dim,
-        address_type(shape, plan.key_rows),
-        partial,
-        dk,
-        dv,
-        plan.scale,
-        shape.d_k,
-        shape.d_v,
+        client, count, cube_dim, addresses, partial, dk, dv, plan.scale, shape.d_k, shape.d_v,
     );
 }

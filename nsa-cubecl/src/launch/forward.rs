@@ -30,6 +30,18 @@ pub struct AttentionArgs<R: Runtime> {
     pub lse: TensorArg<R>,
 }
 
+impl<R: Runtime> AttentionArgs<R> {
+    /// Every tensor, for [`address_type`].
+    fn all(&self) -> [&TensorArg<R>; 5] {
+        [&self.q, &self.k, &self.v, &self.o, &self.lse]
+    }
+
+    /// Every tensor and `selected`, for [`address_type`].
+    fn with<'a>(&'a self, selected: &'a TensorArg<R>) -> [&'a TensorArg<R>; 6] {
+        [&self.q, &self.k, &self.v, &self.o, &self.lse, selected]
+    }
+}
+
 /// What the selection kernel sums its own output with in the gated sum (Eq. 5): the
 /// compression and window branches' outputs `[B, T, H, d_v]` and the gates `[B, T, H, 3]`
 /// in the outputs' type, contiguous.
@@ -50,23 +62,13 @@ fn launch_range<R: Runtime, F: Float + CubeElement>(
     args: AttentionArgs<R>,
 ) {
     let (count, dim) = mma_grid(client, &plan.shape, &tile);
+    let addresses = address_type(&args.all());
     // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
     // past `valid` and padding rows are never read), as the parity tests check.
     unsafe {
         range_attention_mma_kernel::launch_unchecked::<F, R>(
-            client,
-            count,
-            dim,
-            address_type(&plan.shape, plan.key_rows),
-            MMA_VECTOR,
-            args.q,
-            args.k,
-            args.v,
-            args.o,
-            args.lse,
-            plan.scale,
-            tile,
-            plan.keys,
+            client, count, dim, addresses, MMA_VECTOR, args.q, args.k, args.v, args.o, args.lse,
+            plan.scale, tile, plan.keys,
         );
     }
 }
@@ -88,7 +90,7 @@ pub fn launch_window<R: Runtime, F: Float + CubeElement>(
                 client,
                 count,
                 dim,
-                address_type(&plan.shape, plan.key_rows),
+                address_type(&args.all()),
                 args.q,
                 args.k,
                 args.v,
@@ -126,7 +128,7 @@ pub fn launch_selected<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>
                 client,
                 count,
                 dim,
-                address_type(&plan.shape, plan.key_rows),
+                address_type(&args.with(&selected)),
                 args.q,
                 args.k,
                 args.v,
@@ -172,6 +174,8 @@ fn launch_selected_mma<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>
     rest: ComptimeOptionArgs<GatedRest<F>, R>,
 ) {
     let (count, dim) = mma_grid(client, &plan.shape, &tile);
+    // The gated sum's operands (`rest`) have the shape of `o` or fewer elements.
+    let addresses = address_type(&args.with(&selected));
     // SAFETY: every index the kernel forms stays inside its tensors for these shapes (rows
     // past `valid` and padding rows are never read), as the parity tests check.
     unsafe {
@@ -179,7 +183,7 @@ fn launch_selected_mma<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>
             client,
             count,
             dim,
-            address_type(&plan.shape, plan.key_rows),
+            addresses,
             MMA_VECTOR,
             args.q,
             args.k,
@@ -204,7 +208,7 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
     args: AttentionArgs<R>,
     selected: TensorArg<R>,
 ) {
-    let addresses = address_type(&plan.shape, plan.key_rows);
+    let addresses = address_type(&args.with(&selected));
     match plan.path {
         Path::TensorCore(tiles) => {
             let (q, q_again) = twice(args.q);

@@ -51,19 +51,12 @@ pub(super) fn launch_delta<R: Runtime, F: Float + CubeElement>(
     delta: TensorArg<R>,
 ) {
     let (layout, vector, count, cube_dim) = row_grid(client, shape);
+    let addresses = address_type(&[&d_o, &o, &delta]);
     // SAFETY: `layout.units_per_row` units per row of `[B, T, H]`, guarded by the row count;
     // each reads vectors of its own row of `d_o` and `o`.
     unsafe {
         delta_kernel::launch_unchecked::<F, R>(
-            client,
-            count,
-            cube_dim,
-            address_type(shape, shape.seq),
-            vector,
-            d_o,
-            o,
-            delta,
-            layout,
+            client, count, cube_dim, addresses, vector, d_o, o, delta, layout,
         );
     }
 }
@@ -81,21 +74,12 @@ pub fn launch_gated_sum<R: Runtime, F: Float + CubeElement>(
     let (count, cube_dim) =
         elementwise_grid(client, shape.batch * shape.seq * shape.heads * vectors);
     let [o_cmp, o_slc, o_win] = args.outputs;
+    let addresses = address_type(&[&o_cmp, &o_slc, &o_win, &args.gates, &o]);
     // SAFETY: one unit per vector of `o`, guarded by its length; the inputs have its shape
     // and `gates` three elements per row.
     unsafe {
         gated_sum_kernel::launch_unchecked::<F, R>(
-            client,
-            count,
-            cube_dim,
-            address_type(shape, shape.seq),
-            vector,
-            o_cmp,
-            o_slc,
-            o_win,
-            args.gates,
-            o,
-            vectors,
+            client, count, cube_dim, addresses, vector, o_cmp, o_slc, o_win, args.gates, o, vectors,
         );
     }
 }
@@ -114,24 +98,22 @@ pub fn launch_gated_sum_backward<R: Runtime, F: Float + CubeElement>(
     let (layout, vector, count, cube_dim) = row_grid(client, shape);
     let [o_cmp, o_slc, o_win] = args.outputs;
     let [d_cmp, d_slc, d_win] = grads;
+    let addresses = address_type(&[
+        &d_o,
+        &o_cmp,
+        &o_slc,
+        &o_win,
+        &args.gates,
+        &d_cmp,
+        &d_slc,
+        &d_win,
+        &d_gates,
+    ]);
     // SAFETY: as for `launch_delta`; every tensor has the shape of `d_o` or of `gates`.
     unsafe {
         gated_sum_backward_kernel::launch_unchecked::<F, R>(
-            client,
-            count,
-            cube_dim,
-            address_type(shape, shape.seq),
-            vector,
-            d_o,
-            o_cmp,
-            o_slc,
-            o_win,
-            args.gates,
-            d_cmp,
-            d_slc,
-            d_win,
-            d_gates,
-            layout,
+            client, count, cube_dim, addresses, vector, d_o, o_cmp, o_slc, o_win, args.gates,
+            d_cmp, d_slc, d_win, d_gates, layout,
         );
     }
 }

@@ -11,8 +11,8 @@ use crate::common::geometry::{
 };
 use crate::common::keys::{index_min, key_range};
 use crate::common::selection::{
-    ascending_slot, beats, force_blocks, strided_best, tile_block_score, tile_blocks,
-    SelectionConfig,
+    add_key_probabilities, ascending_slot, beats, force_blocks, strided_best, tile_block_keys,
+    tile_blocks, SelectionConfig,
 };
 use crate::portable::tile::{
     attend_range, load_rows, state_finish, state_new, tile_scores, TileConfig,
@@ -134,7 +134,17 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
             let (first_block, last_block) = tile_blocks(row, valid, candidates, sel);
             let mut j = first_block + unit;
             while j <= last_block {
-                block_scores[j] += tile_block_score(&probs, 0, row, valid, j, sel);
+                let (lo, hi) = tile_block_keys(row, valid, j, sel);
+                let (first, end) = (lo - row, hi - row);
+                block_scores[j] = add_key_probabilities(
+                    block_scores[j],
+                    &probs,
+                    0usize,
+                    first,
+                    end,
+                    comptime!(1usize),
+                    comptime!(0usize),
+                );
                 j += units;
             }
             sync_cube();

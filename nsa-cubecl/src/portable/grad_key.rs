@@ -7,6 +7,12 @@
 //! position), and the list's `(position, head)` rows go through in steps of `rows` rows:
 //! `P = exp(S - lse)`, `dS = P * (dP - delta)`, `dV += P^T dO`, `dK += scale * dS^T Q`.
 //! Every output is a fixed-order sum (deterministic).
+//!
+//! Every loop inside a step is unrolled, so that a step costs one iteration of the step
+//! loop: Mesa's llvmpipe (lavapipe) ends all loops of an invocation once they have run
+//! 65,535 iterations together, returning wrong values without an error, and a key tile
+//! seen by many query rows (all compressed keys, with `G = 64` and a few thousand
+//! positions) walks thousands of steps.
 
 use cubecl::prelude::*;
 
@@ -85,21 +91,26 @@ fn load_step_rows<F: Float>(
     #[comptime] dim: usize,
     #[comptime] cfg: KeyTileConfig,
 ) {
-    let mut idx = UNIT_POS as usize;
-    while idx < comptime!(cfg.rows * dim) {
-        let r = idx / dim;
-        let c = idx % dim;
-        let row = first_row + r;
-        let mut value = 0.0f32;
-        if row < rows {
-            let t = positions[row / cfg.group] as usize;
-            let h = kv_head * cfg.group + row % cfg.group;
-            value = f32::cast_from(
-                src[b * src.stride(0) + t * src.stride(1) + h * src.stride(2) + c * src.stride(3)],
-            );
+    #[unroll]
+    for i in 0..comptime!((cfg.rows * dim).div_ceil(cfg.units)) {
+        let idx = UNIT_POS as usize + i * cfg.units;
+        if idx < comptime!(cfg.rows * dim) {
+            let r = idx / dim;
+            let c = idx % dim;
+            let row = first_row + r;
+            let mut value = 0.0f32;
+            if row < rows {
+                let t = positions[row / cfg.group] as usize;
+                let h = kv_head * cfg.group + row % cfg.group;
+                value = f32::cast_from(
+                    src[b * src.stride(0)
+                        + t * src.stride(1)
+                        + h * src.stride(2)
+                        + c * src.stride(3)],
+                );
+            }
+            dst[r * (dim + 1) + c] = value;
         }
-        dst[r * (dim + 1) + c] = value;
-        idx += cfg.units;
     }
 }
 
@@ -293,38 +304,12 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
                 sync_cube();
                 // P and dS of every (row, key) pair of the step.
                 if first_row < rows {
-                    let mut idx = unit;
-                    while idx < comptime!(cfg.rows * cfg.tile_keys) {
-                        let r = idx / cfg.tile_keys;
-                        let key = idx % cfg.tile_keys;
-                        let position = tile.row_position[r] as usize;
-                        let mut p = 0.0f32;
-                        let mut ds = 0.0f32;
-                        if position > 0 && key < n_keys {
-                            if query_sees(position - 1, first_key + key, keys) {
-                                // Unrolled (here and in `accumulate`): Mesa's llvmpipe
-                                // (lavapipe) ends every loop of an invocation once all of
-                                // them together have run 65,535 iterations, and a key tile
-                                // seen by thousands of query rows got past that.
-                                let mut score = 0.0f32;
-                                #[unroll]
-                                for c in 0..cfg.d_k {
-                                    score += tile.queries[r * key_stride + c]
-                                        * tile.keys[key * key_stride + c];
-                                }
-                                let mut dp = 0.0f32;
-                                #[unroll]
-                                for c in 0..cfg.d_v {
-                                    dp += tile.grads[r * value_stride + c]
-                                        * tile.values[key * value_stride + c];
-                                }
-                                p = recomputed_probability(score * scale, tile.row_lse[r]);
-                                ds = p * (dp - tile.row_delta[r]);
-                            }
+                    #[unroll]
+                    for i in 0..comptime!((cfg.rows * cfg.tile_keys).div_ceil(cfg.units)) {
+                        let idx = unit + i * cfg.units;
+                        if idx < comptime!(cfg.rows * cfg.tile_keys) {
+                            score_pair(&mut tile, idx, first_key, n_keys, scale, cfg, keys);
                         }
-                        tile.probs[idx] = p;
-                        tile.score_grads[idx] = ds;
-                        idx += cfg.units;
                     }
                 }
                 sync_cube();
@@ -343,6 +328,45 @@ pub fn grad_key_value_kernel<F: Float, I: Int>(
         );
         store::<F>(dv, b, kv_head, first_key, n_keys, &acc_v, 1.0, cfg.d_v, cfg);
     }
+}
+
+/// `P` and `dS` of the step's pair `idx` (row `idx / tile_keys`, key `idx % tile_keys`),
+/// 0 where the row is empty or does not see the key.
+#[cube]
+fn score_pair(
+    tile: &mut KeyTile,
+    idx: usize,
+    first_key: usize,
+    n_keys: usize,
+    scale: f32,
+    #[comptime] cfg: KeyTileConfig,
+    #[comptime] keys: KeySet,
+) {
+    let key_stride = comptime!(cfg.d_k + 1);
+    let value_stride = comptime!(cfg.d_v + 1);
+    let r = idx / cfg.tile_keys;
+    let key = idx % cfg.tile_keys;
+    let position = tile.row_position[r] as usize;
+    let mut p = 0.0f32;
+    let mut ds = 0.0f32;
+    if position > 0 && key < n_keys {
+        if query_sees(position - 1, first_key + key, keys) {
+            let mut score = 0.0f32;
+            #[unroll]
+            for c in 0..cfg.d_k {
+                score += tile.queries[r * key_stride + c] * tile.keys[key * key_stride + c];
+            }
+            let mut dp = 0.0f32;
+            #[unroll]
+            for c in 0..cfg.d_v {
+                dp += tile.grads[r * value_stride + c] * tile.values[key * value_stride + c];
+            }
+            p = recomputed_probability(score * scale, tile.row_lse[r]);
+            ds = p * (dp - tile.row_delta[r]);
+        }
+    }
+    tile.probs[idx] = p;
+    tile.score_grads[idx] = ds;
 }
 
 /// A register array of `len` zeros.

@@ -9,8 +9,8 @@ use cubecl::prelude::*;
 use crate::common::geometry::{cube_positions, head_rows, recomputed_probability, NEG_BIG};
 use crate::common::keys::{index_min, key_range};
 use crate::common::selection::{
-    ascending_slot, beats, force_blocks, strided_best, tile_block_score, tile_blocks,
-    SelectionConfig,
+    add_key_probabilities, ascending_slot, beats, force_blocks, strided_best, tile_block_keys,
+    tile_blocks, SelectionConfig,
 };
 use crate::tensor_core::fragments::{
     entry_in_range, fast_exp, lane, lane_key_ranges, plane_has_rows, plane_score_tiles,
@@ -126,8 +126,8 @@ pub fn compressed_scores_mma_kernel<F: Float, I: Int, N: Size>(
                 }
             }
             team_sync(local);
-            // Each (position, selection block) the tile touches is summed by one worker,
-            // over the position's segments (Eq. 10) and the block's keys (Eq. 9).
+            // Each (position, selection block) the tile touches is summed by one worker, key
+            // by key (Eq. 9), each key over the position's segments (Eq. 10).
             let (first_block, last_block) = tile_blocks(first, valid, seq, sel);
             #[unroll]
             for round in 0..comptime!((owned * max_span).div_ceil(workers)) {
@@ -137,19 +137,17 @@ pub fn compressed_scores_mma_kernel<F: Float, I: Int, N: Size>(
                 // Nested: `&&` does not short-circuit.
                 if idx < comptime!(owned * max_span) && position < positions {
                     if j <= last_block && j * sel.select_block <= t0 + position {
-                        let mut total = 0.0f32;
-                        #[unroll]
-                        for part in 0..segments.per_position {
-                            total += tile_block_score(
-                                &sums,
-                                (position * segments.per_position + part) * cfg.tile_keys,
-                                first,
-                                valid,
-                                j,
-                                sel,
-                            );
-                        }
-                        block_scores[position * sel.max_blocks + j] += total;
+                        let (lo, hi) = tile_block_keys(first, valid, j, sel);
+                        let slot = position * sel.max_blocks + j;
+                        block_scores[slot] = add_key_probabilities(
+                            block_scores[slot],
+                            &sums,
+                            position * segments.per_position * cfg.tile_keys,
+                            lo - first,
+                            hi - first,
+                            segments.per_position,
+                            cfg.tile_keys,
+                        );
                     }
                 }
             }
