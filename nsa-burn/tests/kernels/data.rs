@@ -5,6 +5,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor, TensorData, TensorPrimitive};
 use nsa_burn::{BranchKv, NsaBackend, NsaInput};
 
+use crate::cases::Case;
+
 pub fn floats(data: TensorData) -> Vec<f32> {
     data.convert::<f32>().to_vec().unwrap()
 }
@@ -17,6 +19,34 @@ pub fn ints(data: TensorData) -> Vec<i64> {
 pub fn random(shape: [usize; 4], dtype: DType) -> TensorData {
     let x = Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &Default::default());
     x.cast(dtype).cast(DType::F32).into_data()
+}
+
+/// Fresh random operator inputs `[q, k, v, k_cmp, v_cmp, gates]` of `case`, rounded to
+/// `dtype` (`k_cmp` and `v_cmp` empty when `T < l`; the gates uniform in `[0, 1]`).
+pub fn case_inputs(case: &Case, dtype: DType) -> [TensorData; 6] {
+    let Case {
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        d_k,
+        d_v,
+        config,
+    } = *case;
+    let blocks = config.num_compressed_blocks(seq);
+    [
+        random([batch, seq, heads, d_k], dtype),
+        random([batch, seq, kv_heads, d_k], dtype),
+        random([batch, seq, kv_heads, d_v], dtype),
+        random([batch, blocks, kv_heads, d_k], dtype),
+        random([batch, blocks, kv_heads, d_v], dtype),
+        Tensor::<Flex, 4>::random(
+            [batch, seq, heads, 3],
+            Distribution::Uniform(0.0, 1.0),
+            &Default::default(),
+        )
+        .into_data(),
+    ]
 }
 
 /// The operator's input from `[q, k, v, k_cmp, v_cmp, gates]` (the same keys and values

@@ -1,8 +1,7 @@
 //! Forward parity: the whole operator and each branch on its own (output, row
 //! log-sum-exp, selected blocks) against the reference.
 
-use burn::backend::Flex;
-use burn::tensor::{DType, Distribution, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 use nsa_burn::reference::{
     compressed_attention, selected_attention, window_attention, EMPTY_ROW_LSE,
 };
@@ -10,32 +9,14 @@ use nsa_burn::{nsa_attention, NsaBackend};
 
 use crate::cases::Case;
 use crate::common::relative_error;
-use crate::data::{back, floats, ints, on, operator_input, random, reference, tensor};
+use crate::data::{back, case_inputs, floats, ints, on, operator_input, reference, tensor};
 
 /// Runs every branch of `case` on `B` in `dtype` and on the reference; returns the worst
 /// relative error, and panics if the selected blocks differ.
 pub fn check_case<B: NsaBackend>(case: &Case, dtype: DType, device: &B::Device) -> f64 {
-    let Case {
-        batch,
-        seq,
-        heads,
-        kv_heads,
-        d_k,
-        d_v,
-        config,
-    } = *case;
-    let blocks = config.num_compressed_blocks(seq);
-    let q = random([batch, seq, heads, d_k], dtype);
-    let k = random([batch, seq, kv_heads, d_k], dtype);
-    let v = random([batch, seq, kv_heads, d_v], dtype);
-    let k_cmp = random([batch, blocks, kv_heads, d_k], dtype);
-    let v_cmp = random([batch, blocks, kv_heads, d_v], dtype);
-    let gates = Tensor::<Flex, 4>::random(
-        [batch, seq, heads, 3],
-        Distribution::Uniform(0.0, 1.0),
-        &Default::default(),
-    )
-    .into_data();
+    let config = case.config;
+    let blocks = config.num_compressed_blocks(case.seq);
+    let [q, k, v, k_cmp, v_cmp, gates] = case_inputs(case, dtype);
 
     // The whole operator, gates included (with `compressed: None` when T < l).
     // Empty tensors stay on the host: the CUDA runtime rejects zero-byte uploads.
@@ -124,23 +105,15 @@ pub fn check_case<B: NsaBackend>(case: &Case, dtype: DType, device: &B::Device) 
 /// among equal scores), with overlapping blocks (`l = 8`, `d = 4`, `l' = 16`: each block
 /// sums five compressed keys, split over two key tiles for some blocks).
 pub fn check_tied_selection<B: NsaBackend>(case: &Case, dtype: DType, device: &B::Device) {
-    let Case {
-        batch,
-        seq,
-        heads,
-        kv_heads,
-        d_k,
-        d_v,
-        config,
-    } = *case;
-    let blocks = config.num_compressed_blocks(seq);
-    let q = random([batch, seq, heads, d_k], dtype);
-    let key = Tensor::<Flex, 4>::from_data(
-        random([batch, 1, kv_heads, d_k], dtype),
-        &Default::default(),
-    );
-    let k_cmp = key.expand([batch, blocks, kv_heads, d_k]).into_data();
-    let v_cmp = random([batch, blocks, kv_heads, d_v], dtype);
+    let config = case.config;
+    let [q, _, _, k_cmp, v_cmp, _] = case_inputs(case, dtype);
+    // Every compressed key equal to the first.
+    let k_cmp = reference(&k_cmp);
+    let k_cmp = k_cmp
+        .clone()
+        .narrow(1, 0, 1)
+        .expand(k_cmp.dims())
+        .into_data();
     let (_, _, selected) = B::nsa_compressed(
         on::<B>(&q, dtype, device),
         on::<B>(&k_cmp, dtype, device),

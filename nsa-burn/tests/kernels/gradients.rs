@@ -3,13 +3,13 @@
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{DType, Distribution, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 use nsa_burn::reference::compressed_attention;
 use nsa_burn::{nsa_attention, NsaAttentionConfig, NsaBackend};
 
 use crate::cases::Case;
 use crate::common::relative_error;
-use crate::data::{floats, operator_input, random, reference};
+use crate::data::{case_inputs, floats, operator_input, random, reference};
 
 /// The gradients of the operator's inputs `[q, k, v, k_cmp, v_cmp, gates]` (`None` for an
 /// empty input) for the loss `sum(output * weights)`, computed on `B` in `dtype`.
@@ -85,30 +85,8 @@ pub fn branch_gradients<B: AutodiffBackend + NsaBackend>(
 /// Fresh random operator inputs `[q, k, v, k_cmp, v_cmp, gates]` of `case` (`k_cmp` and
 /// `v_cmp` empty when `T < l`) and loss weights `[B, T, H, d_v]`, rounded to `dtype`.
 pub fn gradient_inputs(case: &Case, dtype: DType) -> ([TensorData; 6], TensorData) {
-    let Case {
-        batch,
-        seq,
-        heads,
-        kv_heads,
-        d_k,
-        d_v,
-        config,
-    } = *case;
-    let blocks = config.num_compressed_blocks(seq);
-    let inputs = [
-        random([batch, seq, heads, d_k], dtype),
-        random([batch, seq, kv_heads, d_k], dtype),
-        random([batch, seq, kv_heads, d_v], dtype),
-        random([batch, blocks, kv_heads, d_k], dtype),
-        random([batch, blocks, kv_heads, d_v], dtype),
-        Tensor::<Flex, 4>::random(
-            [batch, seq, heads, 3],
-            Distribution::Uniform(0.0, 1.0),
-            &Default::default(),
-        )
-        .into_data(),
-    ];
-    (inputs, random([batch, seq, heads, d_v], dtype))
+    let weights = random([case.batch, case.seq, case.heads, case.d_v], dtype);
+    (case_inputs(case, dtype), weights)
 }
 
 /// Gradients of every operator input of `case` on `B` (the backward kernels) against the

@@ -2,12 +2,12 @@
 //! gates saturated at 0 and 1, and a NaN in one query position.
 
 use burn::backend::Flex;
-use burn::tensor::{DType, Distribution, Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 use nsa_burn::{nsa_attention, NsaBackend};
 
 use crate::cases::Case;
 use crate::common::relative_error;
-use crate::data::{floats, operator_input, random, reference, tensor};
+use crate::data::{case_inputs, floats, operator_input, reference, tensor};
 
 /// The operator's output `[B, T, H, d_v]` on `B` (in `dtype`) and on the reference, for
 /// inputs `[q, k, v, k_cmp, v_cmp, gates]`.
@@ -36,34 +36,14 @@ fn outputs<B: NsaBackend>(
     )
 }
 
+/// [`case_inputs`] with the queries, keys and values times `scale`.
 fn inputs(case: &Case, dtype: DType, scale: f32) -> [TensorData; 6] {
-    let Case {
-        batch,
-        seq,
-        heads,
-        kv_heads,
-        d_k,
-        d_v,
-        config,
-    } = *case;
-    let blocks = config.num_compressed_blocks(seq);
-    let scaled = |shape| {
-        let x = Tensor::<Flex, 4>::from_data(random(shape, dtype), &Default::default());
-        (x * scale).into_data()
-    };
-    [
-        scaled([batch, seq, heads, d_k]),
-        scaled([batch, seq, kv_heads, d_k]),
-        scaled([batch, seq, kv_heads, d_v]),
-        scaled([batch, blocks, kv_heads, d_k]),
-        scaled([batch, blocks, kv_heads, d_v]),
-        Tensor::<Flex, 4>::random(
-            [batch, seq, heads, 3],
-            Distribution::Uniform(0.0, 1.0),
-            &Default::default(),
-        )
-        .into_data(),
-    ]
+    let mut inputs = case_inputs(case, dtype);
+    for data in inputs.iter_mut().take(5) {
+        *data =
+            (Tensor::<Flex, 4>::from_data(data.clone(), &Default::default()) * scale).into_data();
+    }
+    inputs
 }
 
 /// Inputs scaled to 1e4 give finite outputs everywhere (scores near 1e8 go through the
