@@ -91,6 +91,8 @@ pub enum NsaError {
         /// The inputs' dtype.
         dtype: DType,
     },
+    /// Document boundaries of packed rows break a rule (see [`crate::Documents`]).
+    Documents(crate::DocumentsError),
     /// The layer loaded a record saved with other attention settings (see
     /// [`crate::NsaSettings`]).
     SettingsMismatch {
@@ -108,6 +110,7 @@ impl fmt::Display for NsaError {
         match self {
             Self::Config(error) => write!(f, "invalid NSA configuration: {error}"),
             Self::Shape(error) => error.fmt(f),
+            Self::Documents(error) => write!(f, "NSA attention: {error}"),
             Self::MixedDType {
                 tensor,
                 dtype,

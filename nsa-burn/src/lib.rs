@@ -4,6 +4,8 @@
 //! - [`NsaConfig`] / [`Nsa`]: the layer, used like `burn::nn` layers.
 //! - [`nsa_attention`]: the attention operator on projected heads (queries, per-branch
 //!   keys/values, gates), returning the output and the selected blocks.
+//! - [`nsa_attention_packed`] / [`Documents`]: the operator over packed documents
+//!   (`cu_seqlens`), each attended to as if it were alone.
 //! - [`reference`]: the operator in plain Burn tensor ops, differentiable on every backend.
 //! - [`NsaBackend`]: the backend extension trait the operator dispatches through; Burn's
 //!   CubeCL backends (`Cuda`, `Wgpu`, `Rocm`, fused or not) run the `nsa-cubecl` forward
@@ -19,6 +21,7 @@ mod cube_backend;
 mod fusion;
 mod gate;
 mod module;
+mod packed;
 pub mod reference;
 mod settings;
 
@@ -34,6 +37,7 @@ pub use config::{CompressorKind, KvSharing, NsaAttentionConfig, NsaConfig, NsaCo
 pub use gate::Gate;
 pub use module::{KvProjection, Nsa, NsaForward, NsaRecord};
 pub use nsa_cubecl::Strategy as KernelStrategy;
+pub use packed::{nsa_attention_packed, try_nsa_attention_packed, Documents, DocumentsError};
 pub use settings::{NsaSettings, NsaSettingsRecord};
 
 /// The README's code compiles and runs as a doctest, so its snippet cannot rot.

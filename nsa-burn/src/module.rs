@@ -6,8 +6,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::{
-    try_nsa_attention, BranchKv, Compressor, Gate, KvSharing, NsaAttentionConfig, NsaBackend,
-    NsaConfig, NsaConfigError, NsaError, NsaInput, NsaSettings, NsaShapeError,
+    try_nsa_attention, try_nsa_attention_packed, BranchKv, Compressor, Documents, Gate, KvSharing,
+    NsaAttentionConfig, NsaBackend, NsaConfig, NsaConfigError, NsaError, NsaInput, NsaSettings,
+    NsaShapeError,
 };
 
 /// Key and value projections of one branch (or of all three when shared).
@@ -156,6 +157,40 @@ impl<B: NsaBackend> Nsa<B> {
 
     /// [`Nsa::forward_detailed`] returning a typed error instead of panicking.
     pub fn try_forward_detailed(&self, x: Tensor<B, 3>) -> Result<NsaForward<B>, NsaError> {
+        self.attend(x, None)
+    }
+
+    /// Causal NSA self-attention over packed documents: each document of `documents` is
+    /// attended to as if it were alone (see [`crate::nsa_attention_packed`]).
+    ///
+    /// `x: [B, T, d_model]` with `documents` over its `B * T` positions (every row start a
+    /// boundary) -> `[B, T, d_model]`.
+    ///
+    /// # Panics
+    ///
+    /// Where [`Nsa::try_forward_packed`] returns an error, with its message.
+    pub fn forward_packed(&self, x: Tensor<B, 3>, documents: &Documents) -> Tensor<B, 3> {
+        self.try_forward_packed(x, documents)
+            .unwrap_or_else(|error| panic!("Nsa::forward_packed: {error}"))
+            .output
+    }
+
+    /// [`Nsa::forward_packed`] returning a typed error instead of panicking, and the selected
+    /// blocks (counted from each position's document start) and the gates.
+    pub fn try_forward_packed(
+        &self,
+        x: Tensor<B, 3>,
+        documents: &Documents,
+    ) -> Result<NsaForward<B>, NsaError> {
+        self.attend(x, Some(documents))
+    }
+
+    /// The forward pass, over packed `documents` when given.
+    fn attend(
+        &self,
+        x: Tensor<B, 3>,
+        documents: Option<&Documents>,
+    ) -> Result<NsaForward<B>, NsaError> {
         self.settings.check()?;
         let [batch, seq, width] = x.dims();
         let d_model = self.query.weight.dims()[0];
@@ -177,22 +212,22 @@ impl<B: NsaBackend> Nsa<B> {
             }
         };
         let raw = project(Branch::Compressed);
-        let compressed = self
-            .compress_key
-            .forward(raw.k)
-            .zip(self.compress_value.forward(raw.v))
-            .map(|(k, v)| BranchKv { k, v });
+        let compressed = match documents {
+            None => self.compress(raw),
+            Some(documents) => self.compress_documents(raw, documents),
+        };
         let gates = self.gate.forward(x.clone());
-        let attention = try_nsa_attention(
-            NsaInput {
-                q: heads(self.query.forward(x.clone()), self.n_heads, self.d_k),
-                compressed,
-                selected: project(Branch::Selected),
-                window: project(Branch::Window),
-                gates: gates.clone(),
-            },
-            &self.attention,
-        )?;
+        let input = NsaInput {
+            q: heads(self.query.forward(x.clone()), self.n_heads, self.d_k),
+            compressed,
+            selected: project(Branch::Selected),
+            window: project(Branch::Window),
+            gates: gates.clone(),
+        };
+        let attention = match documents {
+            None => try_nsa_attention(input, &self.attention)?,
+            Some(documents) => try_nsa_attention_packed(input, documents, &self.attention)?,
+        };
         let output = attention
             .output
             .reshape([batch, seq, self.n_heads * self.d_v]);
@@ -200,6 +235,43 @@ impl<B: NsaBackend> Nsa<B> {
             output: self.output.forward(output),
             selected_blocks: attention.selected_blocks,
             gates,
+        })
+    }
+
+    /// The compression branch's keys and values of one sequence per row.
+    fn compress(&self, raw: BranchKv<B>) -> Option<BranchKv<B>> {
+        self.compress_key
+            .forward(raw.k)
+            .zip(self.compress_value.forward(raw.v))
+            .map(|(k, v)| BranchKv { k, v })
+    }
+
+    /// The compression branch's keys and values of each document, one after another:
+    /// `[1, N_cmp, H_kv, d]` (`None` when no document holds a whole block). Documents that
+    /// break the rules are left for the operator to report.
+    fn compress_documents(&self, raw: BranchKv<B>, documents: &Documents) -> Option<BranchKv<B>> {
+        let [batch, seq, kv_heads, _] = raw.k.dims();
+        if documents.total() != batch * seq {
+            return None;
+        }
+        let flat = |t: Tensor<B, 4>, d: usize| t.reshape([1, batch * seq, kv_heads, d]);
+        let (k, v) = (flat(raw.k, self.d_k), flat(raw.v, self.d_v));
+        let parts: Vec<BranchKv<B>> = documents
+            .ranges()
+            .filter_map(|range| {
+                self.compress(BranchKv {
+                    k: k.clone().slice_dim(1, range.clone()),
+                    v: v.clone().slice_dim(1, range),
+                })
+            })
+            .collect();
+        if parts.is_empty() {
+            return None;
+        }
+        let (keys, values) = parts.into_iter().map(|kv| (kv.k, kv.v)).unzip();
+        Some(BranchKv {
+            k: Tensor::cat(keys, 1),
+            v: Tensor::cat(values, 1),
         })
     }
 

@@ -6,7 +6,7 @@
 //!   saturated gates match, a NaN query stays at its position. Backward: the gradient of every operator input under `Autodiff<B>` (the
 //!   backward kernels) against `Autodiff<Flex>` (the reference's autodiff), and two
 //!   identical backward runs bitwise equal. A randomized sweep of configurations, forward
-//!   and backward.
+//!   and backward. Packed documents against each document alone (`common/packed.rs`).
 //! - wgpu: always built. When the build finds no Vulkan driver the wgpu tests are marked
 //!   ignored (see `nsa-burn/build.rs`), unless `NSA_REQUIRE_GPU_ADAPTER` is set (CI sets it,
 //!   with Mesa lavapipe installed); a test that gets no working adapter fails.
@@ -46,7 +46,8 @@ use burn::backend::{Autodiff, Wgpu};
 use burn::tensor::DType;
 #[cfg(feature = "test-cuda")]
 use burn::tensor::{Distribution, Tensor};
-use cases::selected_cases;
+use cases::{selected_cases, Kernels};
+use common::packed::{check_packed, PackedCase};
 use forward::{check_case, check_tied_selection};
 use gated_sum::check_gated_sum;
 use gradients::{check_deterministic, check_gradient_cases};
@@ -57,10 +58,11 @@ use nsa_burn::NsaAttentionConfig;
 use nsa_burn::NsaBackend;
 use sweep::{sweep, SweepLimits};
 
-fn check_all<B: NsaBackend>(device: &B::Device, dtype: DType) {
+fn check_all<B: NsaBackend>(kernels: Kernels, device: &B::Device, dtype: DType) {
+    let cases = selected_cases(kernels);
     let mut worst = 0.0f64;
-    for case in selected_cases() {
-        worst = worst.max(check_case::<B>(&case, dtype, device));
+    for case in &cases {
+        worst = worst.max(check_case::<B>(case, dtype, device));
     }
     for case in cases::tied_cases() {
         check_tied_selection::<B>(&case, dtype, device);
@@ -68,7 +70,7 @@ fn check_all<B: NsaBackend>(device: &B::Device, dtype: DType) {
     numerics::check_numerics::<B>(dtype, device);
     println!(
         "{dtype:?}: {} cases, worst relative error {worst:e}",
-        selected_cases().len()
+        cases.len()
     );
 }
 
@@ -79,15 +81,17 @@ fn check_all<B: NsaBackend>(device: &B::Device, dtype: DType) {
 )]
 fn wgpu_kernels_match_the_reference() {
     let device = common::wgpu_device();
-    check_all::<Wgpu>(&device, DType::F32);
+    check_all::<Wgpu>(Kernels::Portable, &device, DType::F32);
 }
 
-/// Every case, the 700- and 4500-position ones included. Two lavapipe limits shaped the
+/// Every case the portable kernels run (the 700-position one included; the tensor-core
+/// tiling cases of [`cases::tensor_core_cases`] run on CUDA). Two lavapipe limits shaped the
 /// portable key-side kernel: it summed per-unit output arrays wrongly once they reached 16
 /// entries (the key-side cube takes more units instead, see `KEY_GRAD_WIDTH` in
 /// `nsa_cubecl::launch`), and llvmpipe ends all loops of an invocation after 65,535
 /// iterations in total, which the `d_k = 256, d_v = 192`, G = 16 case passed (its inner
-/// dot-product loops are unrolled now).
+/// dot-product loops are unrolled now; [`wgpu_long_key_walks_match_the_reference`] walks
+/// 163,840 query rows per key tile).
 #[test]
 #[cfg_attr(
     nsa_no_gpu_adapter,
@@ -95,7 +99,7 @@ fn wgpu_kernels_match_the_reference() {
 )]
 fn wgpu_kernel_gradients_match_the_reference() {
     let device = common::wgpu_device();
-    check_gradient_cases::<Autodiff<Wgpu>>(selected_cases(), &device, DType::F32);
+    check_gradient_cases::<Autodiff<Wgpu>>(selected_cases(Kernels::Portable), &device, DType::F32);
 }
 
 /// Random valid configurations (a few here; `NSA_SWEEP_CASES` for more), forward and
@@ -124,6 +128,46 @@ fn wgpu_random_configurations_match_the_reference() {
 fn wgpu_long_key_walks_match_the_reference() {
     let device = common::wgpu_device();
     check_gradient_cases::<Autodiff<Wgpu>>(vec![cases::long_key_walk()], &device, DType::F32);
+}
+
+/// Packed documents against each document alone on the reference: lengths off every block
+/// size, a document shorter than `l`, one-token documents, two rows, G = 3 and 16.
+fn packed_cases() -> Vec<PackedCase> {
+    let base = PackedCase {
+        rows: 2,
+        seq: 100,
+        lengths: vec![50, 1, 49, 7, 93],
+        heads: 6,
+        kv_heads: 2,
+        d_k: 16,
+        d_v: 8,
+        config: cases::small(),
+    };
+    vec![
+        base.clone(),
+        PackedCase {
+            rows: 1,
+            seq: 90,
+            lengths: vec![1, 1, 17, 33, 1, 2, 35],
+            heads: 16,
+            kv_heads: 1,
+            d_k: 32,
+            d_v: 16,
+            ..base
+        },
+    ]
+}
+
+#[test]
+#[cfg_attr(
+    nsa_no_gpu_adapter,
+    ignore = "no Vulkan driver found at build time (e.g. install mesa-vulkan-drivers; see nsa-burn/build.rs)"
+)]
+fn wgpu_packed_documents_match_each_document_alone() {
+    let device = common::wgpu_device();
+    for case in packed_cases() {
+        check_packed::<Autodiff<Wgpu>>(&case, DType::F32, &device);
+    }
 }
 
 /// Bitwise-equal gradients from two identical runs, on a case where every branch has
@@ -177,7 +221,7 @@ fn cuda_kernels_match_the_reference() {
     let device = Default::default();
     assert!(common::device_answers::<B>(&device), "no CUDA device");
     for dtype in cuda_dtypes() {
-        check_all::<B>(&device, dtype);
+        check_all::<B>(Kernels::All, &device, dtype);
     }
 }
 
@@ -205,10 +249,24 @@ fn cuda_kernel_gradients_are_deterministic() {
     let device = Default::default();
     assert!(common::device_answers::<B>(&device), "no CUDA device");
     for dtype in cuda_dtypes() {
-        for case in selected_cases() {
-            check_deterministic::<Autodiff<B>>(&case, dtype, &device);
+        let cases = selected_cases(Kernels::All);
+        for case in &cases {
+            check_deterministic::<Autodiff<B>>(case, dtype, &device);
         }
-        println!("{dtype:?}: {} cases deterministic", selected_cases().len());
+        println!("{dtype:?}: {} cases deterministic", cases.len());
+    }
+}
+
+#[cfg(feature = "test-cuda")]
+#[test]
+fn cuda_packed_documents_match_each_document_alone() {
+    type B = burn::backend::Cuda;
+    let device = Default::default();
+    assert!(common::device_answers::<B>(&device), "no CUDA device");
+    for dtype in cuda_dtypes() {
+        for case in packed_cases() {
+            check_packed::<Autodiff<B>>(&case, dtype, &device);
+        }
     }
 }
 
@@ -219,7 +277,7 @@ fn cuda_kernel_gradients_match_the_reference() {
     let device = Default::default();
     assert!(common::device_answers::<B>(&device), "no CUDA device");
     for dtype in cuda_dtypes() {
-        check_gradient_cases::<Autodiff<B>>(selected_cases(), &device, dtype);
+        check_gradient_cases::<Autodiff<B>>(selected_cases(Kernels::All), &device, dtype);
         check_gated_sum::<Autodiff<B>>(&device, dtype);
     }
 }

@@ -5,8 +5,10 @@
 //! Files: `layer/causality.rs`, `layer/selection.rs` (the selection rules),
 //! `layer/errors.rs` (configuration and shape errors), `layer/inputs.rs` (inputs at the
 //! edges: empty, mixed dtypes, overflowing settings, saved records), `layer/gradients.rs`
-//! (autodiff);
+//! (autodiff), `layer/packed.rs` (packed documents against each document alone);
 //! the helpers they share are here.
+
+mod common;
 
 #[path = "layer/causality.rs"]
 mod causality;
@@ -16,6 +18,8 @@ mod errors;
 mod gradients;
 #[path = "layer/inputs.rs"]
 mod inputs;
+#[path = "layer/packed.rs"]
+mod packed;
 #[path = "layer/selection.rs"]
 mod selection;
 

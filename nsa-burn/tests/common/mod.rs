@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod packed;
+
 use burn::backend::wgpu::WgpuDevice;
 use burn::backend::Wgpu;
 use burn::tensor::backend::Backend;

@@ -116,27 +116,6 @@ pub fn cases() -> Vec<Case> {
         d_v: 192,
         ..base
     });
-    // G = 16 on the paper's blocks, T not a multiple of the positions a tensor-core
-    // selection cube holds: neighbouring positions share their forced blocks' tiles.
-    cases.push(Case {
-        seq: 1111,
-        heads: 16,
-        d_k: 32,
-        d_v: 16,
-        config: NsaAttentionConfig::new(),
-        ..base
-    });
-    // Long enough (T > 2048) that the tensor-core key-side backward splits the queries of
-    // the compressed keys and of the initial selection block over several cubes.
-    cases.push(Case {
-        batch: 2,
-        seq: 4500,
-        heads: 16,
-        kv_heads: 1,
-        d_k: 32,
-        d_v: 16,
-        config: small(),
-    });
     // Large groups (G = 128) and many selected blocks (n = 64 of 69).
     cases.push(Case {
         seq: 100,
@@ -161,7 +140,47 @@ pub fn cases() -> Vec<Case> {
         config: small().with_window(u32::MAX as usize),
         ..base
     });
+    // Batch 2 on tensor cores (head dims of 16s) with no key side split (T <= 2048): the
+    // key-side kernel once took its split count from a stand-in buffer's shape and ran no
+    // cube at batch 2.
+    cases.push(Case {
+        batch: 2,
+        seq: 300,
+        heads: 8,
+        kv_heads: 2,
+        d_k: 32,
+        d_v: 32,
+        config: small(),
+    });
     cases
+}
+
+/// Cases for the tensor-core kernels' tiling alone, which the portable kernels (all that
+/// wgpu runs) have no counterpart of; long, and slow on a CPU adapter. Run on CUDA after
+/// [`cases`].
+pub fn tensor_core_cases() -> Vec<Case> {
+    let base = Case {
+        batch: 1,
+        seq: 1111,
+        heads: 16,
+        kv_heads: 1,
+        d_k: 32,
+        d_v: 16,
+        config: NsaAttentionConfig::new(),
+    };
+    vec![
+        // G = 16 on the paper's blocks, T not a multiple of the positions a tensor-core
+        // selection cube holds: neighbouring positions share their forced blocks' tiles.
+        base,
+        // Long enough (T > 2048) that the tensor-core key-side backward splits the queries
+        // of the compressed keys and of the initial selection block over several cubes.
+        Case {
+            batch: 2,
+            seq: 4500,
+            config: small(),
+            ..base
+        },
+    ]
 }
 
 /// A key-side walk of thousands of steps: every compressed key and the first selection
@@ -210,9 +229,22 @@ pub fn tied_cases() -> Vec<Case> {
     ]
 }
 
-/// [`cases`], or only case `i` when `NSA_KERNEL_CASE=i` is set (to debug one).
-pub fn selected_cases() -> Vec<Case> {
-    let cases = cases();
+/// Which kernels a test runs: wgpu runs the portable kernels only, CUDA both paths.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kernels {
+    /// [`cases`].
+    Portable,
+    /// [`cases`], then [`tensor_core_cases`].
+    All,
+}
+
+/// The cases for `kernels`, or only case `i` of them when `NSA_KERNEL_CASE=i` is set (to
+/// debug one).
+pub fn selected_cases(kernels: Kernels) -> Vec<Case> {
+    let mut cases = cases();
+    if kernels == Kernels::All {
+        cases.extend(tensor_core_cases());
+    }
     match std::env::var("NSA_KERNEL_CASE") {
         Ok(index) => {
             let index: usize = index.parse().expect("NSA_KERNEL_CASE is a case index");

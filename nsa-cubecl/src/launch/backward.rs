@@ -132,6 +132,7 @@ pub fn launch_branch_backward<R: Runtime, F: Float + CubeElement, I: Int + CubeE
                     dv,
                     partial,
                     query.scale,
+                    split.splits as u32,
                     split.positions as u32,
                     split.keys as u32,
                     tile,

@@ -68,10 +68,10 @@ fn load_step_vectors<F: Float, N: Size>(
 ///
 /// Key rows below `split_keys` (those every later query may see: all compressed keys, the
 /// forced initial selection blocks) would leave a few cubes with most of the work, so their
-/// queries are split: the grid repeats `splits` times, copy `s` walks only the query
-/// positions `s * split_positions ..` (`split_positions` of them) and writes its unscaled
-/// sums to `partial: [splits * B, split_keys, H_kv, d_k + d_v]` f32, which
-/// [`sum_key_splits_kernel()`] adds up in a fixed order. The other key rows run in copy 0
+/// queries are split: the grid repeats `splits` times (1 when nothing is split), copy `s`
+/// walks only the query positions `s * split_positions ..` (`split_positions` of them)
+/// and writes its unscaled sums to `partial: [splits * B, split_keys, H_kv, d_k + d_v]`
+/// f32, which [`sum_key_splits_kernel()`] adds up in a fixed order. The other key rows run in copy 0
 /// over all their queries and write `dk` and `dv` directly.
 #[cube(launch_unchecked, address_type = "dynamic", fast_math = fast_exp())]
 #[allow(clippy::too_many_arguments)]
@@ -87,6 +87,7 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
     dv: &mut Tensor<F>,
     partial: &mut Tensor<f32>,
     scale: f32,
+    splits: u32,
     split_positions: u32,
     split_keys: u32,
     #[comptime] cfg: MmaTileConfig,
@@ -118,7 +119,9 @@ pub fn grad_key_value_mma_kernel<F: Float, I: Int, N: Size>(
     let split_positions = usize::cast_from(split_positions);
     let split_keys = usize::cast_from(split_keys);
     let is_split = first_key < split_keys;
-    let splits = partial.shape(0) / batch;
+    // The grid's copies, given by the launch: when no key row is split, `partial` is a
+    // one-element stand-in whose shape says nothing.
+    let splits = usize::cast_from(splits);
     // Unsplit tiles run in copy 0 only.
     let active = inside && split < splits && (is_split || split == 0);
     if active {
