@@ -7,6 +7,8 @@ use core::fmt;
 
 use burn::tensor::TensorPrimitive;
 
+use nsa_cubecl::{AttentionShape, PlanError};
+
 use crate::{GatedRest, NsaAttentionConfig, NsaBackend, NsaConfigError};
 
 /// Keys and values of one branch.
@@ -93,6 +95,9 @@ pub enum NsaError {
     },
     /// Document boundaries of packed rows break a rule (see [`crate::Documents`]).
     Documents(crate::DocumentsError),
+    /// No kernel path fits a device limit for this call (see [`NsaBackend::nsa_plan`]):
+    /// units per cube or shared memory, with what was needed and what the device has.
+    Kernels(PlanError),
     /// The layer loaded a record saved with other attention settings (see
     /// [`crate::NsaSettings`]).
     SettingsMismatch {
@@ -111,6 +116,7 @@ impl fmt::Display for NsaError {
             Self::Config(error) => write!(f, "invalid NSA configuration: {error}"),
             Self::Shape(error) => error.fmt(f),
             Self::Documents(error) => write!(f, "NSA attention: {error}"),
+            Self::Kernels(error) => error.fmt(f),
             Self::MixedDType {
                 tensor,
                 dtype,
@@ -224,6 +230,24 @@ impl<B: NsaBackend> NsaInput<B> {
         }
     }
 
+    /// Plans every kernel of the call on the backend ([`NsaBackend::nsa_plan`]), so that a
+    /// call no kernel path fits is an error before anything runs.
+    fn plan(&self, config: &NsaAttentionConfig) -> Result<(), NsaError> {
+        let [batch, seq, heads, d_k] = self.q.dims();
+        let [_, _, kv_heads, d_v] = self.selected.v.dims();
+        let shape = AttentionShape {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            d_k,
+            d_v,
+        };
+        B::nsa_plan(&self.q.device(), self.q.dtype(), shape, config)
+            .map(|_| ())
+            .map_err(NsaError::Kernels)
+    }
+
     /// Checks every shape against `q`, `selected.v` (for `H_kv` and `d_v`) and `config`.
     fn check(&self, config: &NsaAttentionConfig) -> Result<(), NsaShapeError> {
         expect_nonempty("q", self.q.dims(), "[B, T, H, d_k]")?;
@@ -335,6 +359,7 @@ pub fn try_nsa_attention<B: NsaBackend>(
     config.validate()?;
     input.check(config)?;
     input.check_dtypes()?;
+    input.plan(config)?;
     let NsaInput {
         q,
         compressed,

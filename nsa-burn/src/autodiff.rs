@@ -14,6 +14,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::DType;
+use nsa_cubecl::{AttentionShape, CallPlan, PlanError};
 
 use crate::backend::{
     reference_compressed, reference_gated_sum, reference_selected, reference_window,
@@ -156,6 +157,15 @@ where
 impl<B: NsaBackend, C: CheckpointStrategy> NsaBackend for Autodiff<B, C> {
     fn nsa_supports_dtype(dtype: DType) -> bool {
         B::nsa_supports_dtype(dtype)
+    }
+
+    fn nsa_plan(
+        device: &Self::Device,
+        dtype: DType,
+        shape: AttentionShape,
+        config: &NsaAttentionConfig,
+    ) -> Result<Option<CallPlan>, PlanError> {
+        B::nsa_plan(device, dtype, shape, config)
     }
 
     fn nsa_compressed(

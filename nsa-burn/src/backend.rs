@@ -12,6 +12,7 @@ use burn::tensor::{DType, Int, Tensor, TensorPrimitive};
 
 use crate::reference::{compressed_attention, selected_attention, window_attention, Attended};
 use crate::NsaAttentionConfig;
+use nsa_cubecl::{AttentionShape, CallPlan, PlanError};
 
 fn float<B: Backend>(tensor: FloatTensor<B>) -> Tensor<B, 4> {
     Tensor::from_primitive(TensorPrimitive::Float(tensor))
@@ -183,6 +184,22 @@ pub trait NsaBackend: Backend {
     /// kernels take f32, f16 and bf16. [`crate::try_nsa_attention`] asks before it runs.
     fn nsa_supports_dtype(dtype: DType) -> bool {
         dtype.is_float()
+    }
+
+    /// Plans every kernel an operator call of `shape` in `dtype` would launch on `device`,
+    /// forward and backward, without launching any: `Ok(Some(plan))` says which path
+    /// (tensor-core or portable, with its tile) each kernel takes, `Err` names the device
+    /// limit that no path fits, and `Ok(None)` means the backend runs the reference (the
+    /// default). [`crate::try_nsa_attention`] plans before it runs; `dtype` must be one
+    /// [`NsaBackend::nsa_supports_dtype`] accepts.
+    fn nsa_plan(
+        device: &Self::Device,
+        dtype: DType,
+        shape: AttentionShape,
+        config: &NsaAttentionConfig,
+    ) -> Result<Option<CallPlan>, PlanError> {
+        let _ = (device, dtype, shape, config);
+        Ok(None)
     }
 
     /// Compressed attention and top-n selection (see [`compressed_attention`]).

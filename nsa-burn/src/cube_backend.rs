@@ -8,9 +8,9 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use nsa_cubecl::{
     launch_branch_backward, launch_compressed, launch_gated_sum, launch_gated_sum_backward,
-    launch_selected, launch_selected_gated_sum, launch_window, plan_branch_backward,
+    launch_selected, launch_selected_gated_sum, launch_window, plan_branch_backward, plan_call,
     plan_compressed, plan_selected, plan_window, AttentionArgs, AttentionShape, BranchBackwardArgs,
-    GatedRestArgs, GatedSumArgs, KeySet, NsaKernelConfig, PlanError, SelectionArgs,
+    CallPlan, GatedRestArgs, GatedSumArgs, KeySet, NsaKernelConfig, PlanError, SelectionArgs,
 };
 
 use crate::backend::selected_then_gated_sum;
@@ -56,8 +56,8 @@ macro_rules! with_int_type {
     };
 }
 
-/// The plan, or a panic naming why the requested kernels cannot run (only
-/// [`crate::KernelStrategy::TensorCore`] can fail to plan).
+/// The plan, or a panic naming why no kernel can run the call ([`crate::try_nsa_attention`]
+/// plans the whole call first and returns that as an error).
 fn planned<P>(plan: Result<P, PlanError>) -> P {
     plan.unwrap_or_else(|error| panic!("{error}"))
 }
@@ -268,6 +268,19 @@ where
 {
     fn nsa_supports_dtype(dtype: DType) -> bool {
         matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+    }
+
+    fn nsa_plan(
+        device: &Self::Device,
+        dtype: DType,
+        shape: AttentionShape,
+        config: &NsaAttentionConfig,
+    ) -> Result<Option<CallPlan>, PlanError> {
+        let client = R::client(device);
+        let kernel_config = config.kernel_config(shape.d_k, shape.seq);
+        let num_compressed = config.num_compressed_blocks(shape.seq);
+        with_float_type!(dtype, Fl => plan_call::<R, Fl>(&client, shape, num_compressed, &kernel_config))
+            .map(Some)
     }
 
     fn nsa_compressed(

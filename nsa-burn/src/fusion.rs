@@ -9,6 +9,7 @@ use burn::tensor::{DType, Element, Shape};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
+use nsa_cubecl::{AttentionShape, CallPlan, PlanError};
 
 use crate::{
     BranchGrads, BranchSaved, GatedRest, GatedSum, NsaAttentionConfig, NsaBackend, NsaBackward,
@@ -252,6 +253,15 @@ fn register_gated_sum<B: FusionBackend + NsaBackend>(
 impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
     fn nsa_supports_dtype(dtype: DType) -> bool {
         B::nsa_supports_dtype(dtype)
+    }
+
+    fn nsa_plan(
+        device: &Self::Device,
+        dtype: DType,
+        shape: AttentionShape,
+        config: &NsaAttentionConfig,
+    ) -> Result<Option<CallPlan>, PlanError> {
+        B::nsa_plan(device, dtype, shape, config)
     }
 
     fn nsa_compressed(

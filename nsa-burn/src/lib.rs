@@ -37,6 +37,10 @@ pub use config::{CompressorKind, KvSharing, NsaAttentionConfig, NsaConfig, NsaCo
 pub use gate::Gate;
 pub use module::{KvProjection, Nsa, NsaForward, NsaRecord};
 pub use nsa_cubecl::Strategy as KernelStrategy;
+pub use nsa_cubecl::{
+    AttentionShape, CallPlan, Path as KernelPath, PlanError, PortableUnavailable,
+    TensorCoreUnavailable,
+};
 pub use packed::{nsa_attention_packed, try_nsa_attention_packed, Documents, DocumentsError};
 pub use settings::{NsaSettings, NsaSettingsRecord};
 

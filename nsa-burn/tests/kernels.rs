@@ -45,7 +45,8 @@ mod sweep;
 use burn::backend::{Autodiff, Wgpu};
 use burn::tensor::DType;
 #[cfg(feature = "test-cuda")]
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::Distribution;
+use burn::tensor::Tensor;
 use cases::{selected_cases, Kernels};
 use common::packed::{check_packed, PackedCase};
 use forward::{check_case, check_tied_selection};
@@ -55,7 +56,9 @@ use gradients::{check_deterministic, check_gradient_cases};
 use long_sequences::{branch_results, mismatch, LongInputs};
 #[cfg(feature = "test-cuda")]
 use nsa_burn::NsaAttentionConfig;
-use nsa_burn::NsaBackend;
+use nsa_burn::{
+    try_nsa_attention, BranchKv, NsaBackend, NsaError, NsaInput, PlanError, PortableUnavailable,
+};
 use sweep::{sweep, SweepLimits};
 
 fn check_all<B: NsaBackend>(kernels: Kernels, device: &B::Device, dtype: DType) {
@@ -130,30 +133,74 @@ fn wgpu_long_key_walks_match_the_reference() {
     check_gradient_cases::<Autodiff<Wgpu>>(vec![cases::long_key_walk()], &device, DType::F32);
 }
 
-/// Packed documents against each document alone on the reference: lengths off every block
-/// size, a document shorter than `l`, one-token documents, two rows, G = 3 and 16.
-fn packed_cases() -> Vec<PackedCase> {
-    let base = PackedCase {
+/// A call no kernel path fits is a typed error naming the device limit, before anything
+/// runs: a group of 4096 query heads needs more units than one cube holds (the portable
+/// kernels give each head of a group a unit; head dims of 4 rule out tensor cores).
+#[test]
+#[cfg_attr(
+    nsa_no_gpu_adapter,
+    ignore = "no Vulkan driver found at build time (e.g. install mesa-vulkan-drivers; see nsa-burn/build.rs)"
+)]
+fn wgpu_calls_no_kernel_fits_are_typed_errors() {
+    let device = common::wgpu_device();
+    let (seq, heads, dim) = (4, 4096, 4);
+    let tensor = |shape: [usize; 4]| Tensor::<Wgpu, 4>::zeros(shape, &device);
+    let kv = || BranchKv {
+        k: tensor([1, seq, 1, dim]),
+        v: tensor([1, seq, 1, dim]),
+    };
+    let input = NsaInput {
+        q: tensor([1, seq, heads, dim]),
+        compressed: None,
+        selected: kv(),
+        window: kv(),
+        gates: tensor([1, seq, heads, 3]),
+    };
+    match try_nsa_attention(input, &cases::small()) {
+        Err(NsaError::Kernels(PlanError::PortableUnavailable {
+            portable: PortableUnavailable::UnitsPerCube { needed, max },
+            tensor_core,
+        })) => {
+            assert_eq!(needed, heads);
+            assert!(max < heads);
+            assert!(tensor_core.is_some());
+        }
+        other => panic!("expected a units-per-cube error, got {other:?}"),
+    }
+}
+
+/// Packed documents against each document alone on the reference: two rows, lengths off
+/// every block size, a document shorter than `l`, a one-token document, G = 3 and
+/// `d_k != d_v`. Few distinct lengths: each compiles kernels of its own, slow on a CPU
+/// adapter.
+fn packed_case() -> PackedCase {
+    PackedCase {
         rows: 2,
-        seq: 100,
-        lengths: vec![50, 1, 49, 7, 93],
+        seq: 50,
+        lengths: vec![25, 25, 1, 49],
         heads: 6,
         kv_heads: 2,
         d_k: 16,
         d_v: 8,
         config: cases::small(),
-    };
+    }
+}
+
+/// [`packed_case`], then hundreds of short documents at G = 16 with tensor-core head dims.
+#[cfg(feature = "test-cuda")]
+fn cuda_packed_cases() -> Vec<PackedCase> {
+    let lengths: Vec<usize> = (0..300).map(|i| 1 + (i * 7) % 23).collect();
     vec![
-        base.clone(),
+        packed_case(),
         PackedCase {
             rows: 1,
-            seq: 90,
-            lengths: vec![1, 1, 17, 33, 1, 2, 35],
+            seq: lengths.iter().sum(),
+            lengths,
             heads: 16,
             kv_heads: 1,
             d_k: 32,
             d_v: 16,
-            ..base
+            config: cases::small(),
         },
     ]
 }
@@ -165,9 +212,7 @@ fn packed_cases() -> Vec<PackedCase> {
 )]
 fn wgpu_packed_documents_match_each_document_alone() {
     let device = common::wgpu_device();
-    for case in packed_cases() {
-        check_packed::<Autodiff<Wgpu>>(&case, DType::F32, &device);
-    }
+    check_packed::<Autodiff<Wgpu>>(&packed_case(), DType::F32, &device);
 }
 
 /// Bitwise-equal gradients from two identical runs, on a case where every branch has
@@ -264,7 +309,7 @@ fn cuda_packed_documents_match_each_document_alone() {
     let device = Default::default();
     assert!(common::device_answers::<B>(&device), "no CUDA device");
     for dtype in cuda_dtypes() {
-        for case in packed_cases() {
+        for case in cuda_packed_cases() {
             check_packed::<Autodiff<B>>(&case, dtype, &device);
         }
     }

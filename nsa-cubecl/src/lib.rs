@@ -47,7 +47,7 @@ pub use launch::{
     GatedRestArgs, GatedSumArgs, SelectionArgs,
 };
 pub use plan::{
-    plan_branch_backward, plan_compressed, plan_selected, plan_window, AttentionPlan,
-    BranchBackwardPlan, CompressedPlan, GatedSelectionPlan, Path, PlanError, Strategy,
-    TensorCoreUnavailable, PORTABLE_KERNELS_VAR,
+    plan_branch_backward, plan_call, plan_compressed, plan_selected, plan_window, AttentionPlan,
+    BranchBackwardPlan, CallPlan, CompressedPlan, GatedSelectionPlan, Path, PlanError,
+    PortableUnavailable, Strategy, TensorCoreUnavailable, PORTABLE_KERNELS_VAR,
 };

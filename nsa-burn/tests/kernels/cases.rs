@@ -116,10 +116,18 @@ pub fn cases() -> Vec<Case> {
         d_v: 192,
         ..base
     });
-    // Large groups (G = 128) and many selected blocks (n = 64 of 69).
+    // Large groups (G = 128 and 256) and many selected blocks (n = 64 of 69).
     cases.push(Case {
         seq: 100,
         heads: 128,
+        kv_heads: 1,
+        d_k: 16,
+        d_v: 16,
+        ..base
+    });
+    cases.push(Case {
+        seq: 40,
+        heads: 256,
         kv_heads: 1,
         d_k: 16,
         d_v: 16,

@@ -13,6 +13,8 @@
 mod portable;
 mod tensor_core;
 
+use portable::Limits;
+
 use core::fmt;
 use std::sync::OnceLock;
 
@@ -27,6 +29,7 @@ use crate::portable::grad_key::KeyTileConfig;
 use crate::portable::tile::TileConfig;
 use crate::tensor_core::layout::MmaTileConfig;
 
+pub use portable::PortableUnavailable;
 pub use tensor_core::KeyGradSplit;
 
 /// Environment variable that, when set, makes [`Strategy::Auto`] run the portable kernels
@@ -128,6 +131,15 @@ pub enum PlanError {
     /// [`Strategy::TensorCore`] was asked for, and the tensor-core kernels cannot run the
     /// call.
     TensorCoreUnavailable(TensorCoreUnavailable),
+    /// [`Strategy::Portable`] was asked for, or [`Strategy::Auto`] found the tensor-core
+    /// kernels unable to run the call (`tensor_core` says why; `None` when the portable
+    /// kernels were asked for), and the portable kernels cannot run it either.
+    PortableUnavailable {
+        /// Why the portable kernels cannot run the call.
+        portable: PortableUnavailable,
+        /// Why the tensor-core kernels cannot, when they were tried.
+        tensor_core: Option<TensorCoreUnavailable>,
+    },
 }
 
 impl fmt::Display for PlanError {
@@ -138,6 +150,19 @@ impl fmt::Display for PlanError {
                     f,
                     "NSA kernels: the tensor-core path cannot run this call: {why}"
                 )
+            }
+            Self::PortableUnavailable {
+                portable,
+                tensor_core,
+            } => {
+                write!(
+                    f,
+                    "NSA kernels: no path can run this call: the portable kernels: {portable}"
+                )?;
+                match tensor_core {
+                    Some(why) => write!(f, "; the tensor-core kernels: {why}"),
+                    None => Ok(()),
+                }
             }
         }
     }
@@ -163,20 +188,29 @@ impl<T, P> Path<T, P> {
 
 /// Chooses the path for `strategy`: the tensor-core tile from `tensor_core` unless the
 /// portable kernels are asked for, or it has none and the strategy allows the portable
-/// path.
+/// path; an error naming each path's reason when none can run.
 fn choose<T, P>(
     strategy: Strategy,
     tensor_core: impl FnOnce() -> Result<T, TensorCoreUnavailable>,
-    portable: impl FnOnce() -> P,
+    portable: impl FnOnce() -> Result<P, PortableUnavailable>,
 ) -> Result<Path<T, P>, PlanError> {
+    let portable_or = |tensor_core| {
+        portable()
+            .map(Path::Portable)
+            .map_err(|portable| PlanError::PortableUnavailable {
+                portable,
+                tensor_core,
+            })
+    };
     match strategy.resolved() {
-        Strategy::Portable => Ok(Path::Portable(portable())),
+        Strategy::Portable => portable_or(None),
         Strategy::TensorCore => tensor_core()
             .map(Path::TensorCore)
             .map_err(PlanError::TensorCoreUnavailable),
-        Strategy::Auto => {
-            Ok(tensor_core().map_or_else(|_| Path::Portable(portable()), Path::TensorCore))
-        }
+        Strategy::Auto => match tensor_core() {
+            Ok(tile) => Ok(Path::TensorCore(tile)),
+            Err(why) => portable_or(Some(why)),
+        },
     }
 }
 
@@ -310,7 +344,7 @@ pub fn plan_window<R: Runtime, F: Float + CubeElement>(
     let path = choose(
         config.kernel_strategy,
         || tensor_core::forward_tile::<R, F>(client, &shape, tensor_core::WINDOW_ROWS),
-        || portable::tile_config(client, &shape, None, TileConfig::shared_words),
+        || portable::tile_config(Limits::of(client), &shape, None, TileConfig::shared_words),
     )?;
     Ok(AttentionPlan {
         shape,
@@ -332,7 +366,12 @@ pub fn plan_selected<R: Runtime, F: Float + CubeElement>(
         || tensor_core::selection_tile::<R, F>(client, &shape),
         || {
             let divides = Some(config.select_block);
-            portable::tile_config(client, &shape, divides, TileConfig::shared_words)
+            portable::tile_config(
+                Limits::of(client),
+                &shape,
+                divides,
+                TileConfig::shared_words,
+            )
         },
     )?;
     Ok(AttentionPlan {
@@ -355,7 +394,7 @@ pub fn plan_compressed<R: Runtime, F: Float + CubeElement>(
     let path = choose(
         config.kernel_strategy,
         || tensor_core::compressed_tiles::<R, F>(client, &shape, &selection),
-        || portable::compressed_tile(client, &shape, &selection),
+        || portable::compressed_tile(Limits::of(client), &shape, &selection),
     )?;
     Ok(CompressedPlan {
         shape,
@@ -378,7 +417,7 @@ pub fn plan_branch_backward<R: Runtime, F: Float + CubeElement>(
     let query = choose(
         config.kernel_strategy,
         || tensor_core::grad_query_tile::<R, F>(client, &shape, keys),
-        || portable::grad_query_tile(client, &shape, keys),
+        || portable::grad_query_tile(Limits::of(client), &shape, keys),
     )?;
     let key = choose(
         config.kernel_strategy,
@@ -388,7 +427,7 @@ pub fn plan_branch_backward<R: Runtime, F: Float + CubeElement>(
                 tensor_core::key_grad_split(&shape, key_rows, keys, config.n_initial_blocks);
             Ok((tile, split))
         },
-        || portable::key_tile_config(client, &shape, keys),
+        || portable::key_tile_config(Limits::of(client), &shape, keys),
     )?;
     Ok(BranchBackwardPlan {
         query: AttentionPlan {
@@ -399,6 +438,49 @@ pub fn plan_branch_backward<R: Runtime, F: Float + CubeElement>(
             path: query,
         },
         key,
+    })
+}
+
+/// Every plan of one operator call, forward and backward, made before anything is
+/// launched: which path each kernel takes, or the device limit that no path fits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CallPlan {
+    /// The compression branch's forward; `None` when there are no compressed keys.
+    pub compressed: Option<CompressedPlan>,
+    /// The selection branch's forward.
+    pub selected: AttentionPlan,
+    /// The sliding-window branch's forward.
+    pub window: AttentionPlan,
+    /// The compression branch's backward; `None` when there are no compressed keys.
+    pub compressed_backward: Option<BranchBackwardPlan>,
+    /// The selection branch's backward.
+    pub selected_backward: BranchBackwardPlan,
+    /// The sliding-window branch's backward.
+    pub window_backward: BranchBackwardPlan,
+}
+
+/// Plans every kernel of an operator call on `shape` with `num_compressed` compressed keys
+/// (0 when `T < l`), forward and backward, in the input type `F`.
+pub fn plan_call<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: AttentionShape,
+    num_compressed: usize,
+    config: &NsaKernelConfig,
+) -> Result<CallPlan, PlanError> {
+    let backward =
+        |key_rows, keys| plan_branch_backward::<R, F>(client, shape, key_rows, keys, config);
+    let has_compressed = num_compressed > 0;
+    Ok(CallPlan {
+        compressed: has_compressed
+            .then(|| plan_compressed::<R, F>(client, shape, num_compressed, config))
+            .transpose()?,
+        selected: plan_selected::<R, F>(client, shape, config)?,
+        window: plan_window::<R, F>(client, shape, config)?,
+        compressed_backward: has_compressed
+            .then(|| backward(num_compressed, config.compressed_keys()))
+            .transpose()?,
+        selected_backward: backward(shape.seq, config.selected_keys())?,
+        window_backward: backward(shape.seq, config.window_keys())?,
     })
 }
 
@@ -413,18 +495,53 @@ mod tests {
     #[test]
     fn auto_takes_tensor_cores_where_they_fit_else_portable() {
         assert_eq!(
-            choose(Strategy::Auto, || Ok(1u32), || 2u8),
+            choose(Strategy::Auto, || Ok(1u32), || Ok(2u8)),
             Ok(Path::TensorCore(1))
         );
         assert_eq!(
-            choose(Strategy::Auto, no_tensor_cores, || 2u8),
+            choose(Strategy::Auto, no_tensor_cores, || Ok(2u8)),
             Ok(Path::Portable(2))
         );
     }
 
     #[test]
+    fn when_no_path_fits_the_error_names_each_reason() {
+        let too_big = PortableUnavailable::UnitsPerCube {
+            needed: 512,
+            max: 256,
+        };
+        let none = choose(Strategy::Auto, no_tensor_cores, || -> Result<u8, _> {
+            Err(too_big.clone())
+        });
+        assert_eq!(
+            none,
+            Err(PlanError::PortableUnavailable {
+                portable: too_big.clone(),
+                tensor_core: Some(TensorCoreUnavailable::HeadDim { d_k: 24, d_v: 24 }),
+            })
+        );
+        let message = none.unwrap_err().to_string();
+        assert!(
+            message.contains("512 units") && message.contains("d_k = 24"),
+            "{message}"
+        );
+        let forced = choose(
+            Strategy::Portable,
+            || Ok(1u32),
+            || -> Result<u8, _> { Err(too_big.clone()) },
+        );
+        assert_eq!(
+            forced,
+            Err(PlanError::PortableUnavailable {
+                portable: too_big,
+                tensor_core: None,
+            })
+        );
+    }
+
+    #[test]
     fn a_forced_strategy_runs_its_path_or_says_why_not() {
-        let forced = choose(Strategy::TensorCore, no_tensor_cores, || 2u8);
+        let forced = choose(Strategy::TensorCore, no_tensor_cores, || Ok(2u8));
         assert_eq!(
             forced,
             Err(PlanError::TensorCoreUnavailable(
@@ -436,7 +553,7 @@ mod tests {
         let portable = choose(
             Strategy::Portable,
             || -> Result<u32, _> { panic!("not asked") },
-            || 2u8,
+            || Ok(2u8),
         );
         assert_eq!(portable, Ok(Path::Portable(2)));
     }
