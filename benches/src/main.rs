@@ -1,6 +1,9 @@
 //! Time of the NSA kernels per branch and in total, at several sequence lengths: the forward
 //! pass (`--phase forward`), or the backward kernels per branch and forward + backward of the
-//! whole operator under autodiff (`--phase backward`).
+//! whole operator under autodiff (`--phase backward`); or packed documents
+//! (`--phase packed-forward`, `--phase packed-backward`): documents of random lengths
+//! (`--doc-lens`, seeded by `--seed`) filling each sequence length, run packed, each alone,
+//! and padded to the longest one as a batch.
 //!
 //! ```text
 //! nsa-bench --seq-lens 8192 16384 32768 65536 --dtype bf16 --phase forward --json forward.json
@@ -19,7 +22,10 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor};
 use clap::Parser;
-use nsa_burn::{nsa_attention, BranchKv, BranchSaved, NsaAttentionConfig, NsaBackend, NsaInput};
+use nsa_burn::{
+    nsa_attention, nsa_attention_packed, BranchKv, BranchSaved, Documents, NsaAttentionConfig,
+    NsaBackend, NsaInput,
+};
 use serde::Serialize;
 
 #[derive(Debug, Parser)]
@@ -45,9 +51,16 @@ struct Args {
     /// Backend: cuda or wgpu.
     #[arg(long, default_value = "cuda")]
     backend: String,
-    /// forward, or backward (backward kernels per branch, and forward + backward in total).
+    /// forward, backward (backward kernels per branch, and forward + backward in total),
+    /// packed-forward or packed-backward (packed documents, forward or forward + backward).
     #[arg(long, default_value = "forward")]
     phase: String,
+    /// Shortest and longest document of the packed phases.
+    #[arg(long, num_args = 2, default_values_t = [1024usize, 16384])]
+    doc_lens: Vec<usize>,
+    /// Seed of the packed phases' document lengths.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -82,13 +95,13 @@ struct Measurement {
 /// The table being measured: printed as markdown on standard output, a row as soon as it is
 /// measured, and kept for `--json`.
 struct Table {
-    series: [&'static str; 4],
+    series: Vec<&'static str>,
     results: Vec<Measurement>,
 }
 
 impl Table {
     /// Prints the header of a table with a column per series.
-    fn new(series: [&'static str; 4]) -> Self {
+    fn new(series: Vec<&'static str>) -> Self {
         let header: Vec<String> = series
             .iter()
             .map(|name| format!(" {name} (ms) |"))
@@ -102,15 +115,19 @@ impl Table {
     }
 
     /// Prints and keeps the row of one sequence length (`ms` in the order of the series).
-    fn push(&mut self, seq_len: usize, ms: [f64; 4]) {
+    fn push(&mut self, seq_len: usize, ms: &[f64]) {
         let cells: Vec<String> = ms.iter().map(|ms| format!(" {ms:.2} |")).collect();
         println!("| {seq_len} |{}", cells.concat());
-        self.results
-            .extend(self.series.iter().zip(ms).map(|(&series, ms)| Measurement {
-                seq_len,
-                series,
-                ms,
-            }));
+        self.results.extend(
+            self.series
+                .iter()
+                .zip(ms)
+                .map(|(&series, &ms)| Measurement {
+                    seq_len,
+                    series,
+                    ms,
+                }),
+        );
     }
 }
 
@@ -155,7 +172,11 @@ fn run<B: NsaBackend>(args: &Args, dtype: DType) {
     let table = match args.phase.as_str() {
         "forward" => forward::<B>(args, dtype),
         "backward" => backward::<B>(args, dtype),
-        other => panic!("--phase must be forward or backward, got {other}"),
+        "packed-forward" => packed::<B>(args, dtype, false),
+        "packed-backward" => packed::<B>(args, dtype, true),
+        other => panic!(
+            "--phase must be forward, backward, packed-forward or packed-backward, got {other}"
+        ),
     };
     if let Some(path) = &args.json {
         let report = Report {
@@ -184,22 +205,40 @@ fn inputs<B: Backend>(
     dtype: DType,
     device: &B::Device,
 ) -> [Tensor<B, 4>; 6] {
+    batch_inputs(
+        args,
+        1,
+        seq,
+        config.num_compressed_blocks(seq),
+        dtype,
+        device,
+    )
+}
+
+/// Random operator inputs for `batch` rows of `seq` positions and `blocks` compressed keys.
+fn batch_inputs<B: Backend>(
+    args: &Args,
+    batch: usize,
+    seq: usize,
+    blocks: usize,
+    dtype: DType,
+    device: &B::Device,
+) -> [Tensor<B, 4>; 6] {
     let random = |shape: [usize; 4]| {
         Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype)
     };
-    let blocks = config.num_compressed_blocks(seq);
     let gates = Tensor::<B, 4>::random(
-        [1, seq, args.heads, 3],
+        [batch, seq, args.heads, 3],
         Distribution::Uniform(0.0, 1.0),
         device,
     )
     .cast(dtype);
     [
-        random([1, seq, args.heads, args.d_k]),
-        random([1, seq, args.kv_heads, args.d_k]),
-        random([1, seq, args.kv_heads, args.d_v]),
-        random([1, blocks, args.kv_heads, args.d_k]),
-        random([1, blocks, args.kv_heads, args.d_v]),
+        random([batch, seq, args.heads, args.d_k]),
+        random([batch, seq, args.kv_heads, args.d_k]),
+        random([batch, seq, args.kv_heads, args.d_v]),
+        random([batch, blocks, args.kv_heads, args.d_k]),
+        random([batch, blocks, args.kv_heads, args.d_v]),
         gates,
     ]
 }
@@ -223,7 +262,7 @@ fn backward<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
     let device = B::Device::default();
     let config = NsaAttentionConfig::new();
     let kernels = B::nsa_backward().expect("this backend has backward kernels");
-    let mut table = Table::new([
+    let mut table = Table::new(vec![
         "compressed backward",
         "selected backward",
         "window backward",
@@ -277,7 +316,7 @@ fn backward<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
             let output = nsa_attention(operator_input(leaves), &config).output;
             output.sum().backward()
         });
-        table.push(seq, [compressed_ms, selected_ms, window_ms, total]);
+        table.push(seq, &[compressed_ms, selected_ms, window_ms, total]);
     }
     table
 }
@@ -286,7 +325,7 @@ fn backward<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
 fn forward<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
     let device = B::Device::default();
     let config = NsaAttentionConfig::new();
-    let mut table = Table::new([
+    let mut table = Table::new(vec![
         "compressed + top-n",
         "selected",
         "window",
@@ -309,7 +348,107 @@ fn forward<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
         let total = time::<B, _>(args, &device, || {
             nsa_attention(operator_input(tensors.clone()), &config).output
         });
-        table.push(seq, [compressed, selected_ms, window, total]);
+        table.push(seq, &[compressed, selected_ms, window, total]);
+    }
+    table
+}
+
+/// The operator's output over `documents`, or unpacked.
+fn attend<B: NsaBackend>(
+    input: NsaInput<B>,
+    documents: Option<&Documents>,
+    config: &NsaAttentionConfig,
+) -> Tensor<B, 4> {
+    match documents {
+        Some(documents) => nsa_attention_packed(input, documents, config).output,
+        None => nsa_attention(input, config).output,
+    }
+}
+
+/// Document lengths between `--doc-lens` drawn from `--seed` until they fill `total`
+/// positions (the last one takes the rest when less than the shortest would remain).
+fn document_lengths(args: &Args, total: usize) -> Vec<usize> {
+    let (shortest, longest) = (args.doc_lens[0], args.doc_lens[1].max(args.doc_lens[0]));
+    let mut state = args
+        .seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut lengths = Vec::new();
+    let mut left = total;
+    while left > 0 {
+        // xorshift64*: a fixed sequence per seed, no dependency.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        let draw = state.wrapping_mul(2685821657736338717) >> 11;
+        let mut len = (shortest + (draw as usize) % (longest - shortest + 1)).min(left);
+        if left - len < shortest {
+            len = left;
+        }
+        lengths.push(len);
+        left -= len;
+    }
+    lengths
+}
+
+/// Packed documents: each document alone (the sum of their medians), the documents packed
+/// into one row, and the documents padded to the longest one as a batch; forward, or
+/// forward + backward under autodiff when `backward`.
+fn packed<B: NsaBackend>(args: &Args, dtype: DType, backward: bool) -> Table {
+    let device = B::Device::default();
+    let config = NsaAttentionConfig::new();
+    let mut table = Table::new(vec![
+        "each document alone (sum)",
+        "packed",
+        "padded to the longest document",
+    ]);
+    // The operator, and with `backward` the gradients of `sum(output)` under autodiff.
+    let run = |tensors: [Tensor<B, 4>; 6], documents: Option<&Documents>| {
+        if backward {
+            let leaves = tensors.map(|t| Tensor::<Autodiff<B>, 4>::from_inner(t).require_grad());
+            attend(operator_input(leaves), documents, &config)
+                .sum()
+                .backward();
+        } else {
+            attend(operator_input(tensors), documents, &config);
+        }
+    };
+    for &seq in &args.seq_lens {
+        let lengths = document_lengths(args, seq);
+        let bounds: Vec<i64> = std::iter::once(0)
+            .chain(lengths.iter().scan(0i64, |end, &len| {
+                *end += len as i64;
+                Some(*end)
+            }))
+            .collect();
+        let documents = Documents::try_new(&bounds, 1, seq).expect("valid documents");
+        println!(
+            "T = {seq}: {} documents of {lengths:?} positions",
+            lengths.len()
+        );
+        let blocks = documents.num_compressed_blocks(&config);
+        let packed_inputs = batch_inputs::<B>(args, 1, seq, blocks, dtype, &device);
+        let alone: f64 = lengths
+            .iter()
+            .map(|&len| {
+                let tensors = inputs::<B>(args, &config, len, dtype, &device);
+                time::<B, _>(args, &device, || run(tensors.clone(), None))
+            })
+            .sum();
+        let packed = time::<B, _>(args, &device, || {
+            run(packed_inputs.clone(), Some(&documents))
+        });
+        let longest = lengths.iter().copied().max().unwrap_or(0);
+        let padded_inputs = batch_inputs::<B>(
+            args,
+            lengths.len(),
+            longest,
+            config.num_compressed_blocks(longest),
+            dtype,
+            &device,
+        );
+        let padded = time::<B, _>(args, &device, || run(padded_inputs.clone(), None));
+        table.push(seq, &[alone, packed, padded]);
     }
     table
 }

@@ -233,16 +233,7 @@ impl<B: NsaBackend> NsaInput<B> {
     /// Plans every kernel of the call on the backend ([`NsaBackend::nsa_plan`]), so that a
     /// call no kernel path fits is an error before anything runs.
     fn plan(&self, config: &NsaAttentionConfig) -> Result<(), NsaError> {
-        let [batch, seq, heads, d_k] = self.q.dims();
-        let [_, _, kv_heads, d_v] = self.selected.v.dims();
-        let shape = AttentionShape {
-            batch,
-            seq,
-            heads,
-            kv_heads,
-            d_k,
-            d_v,
-        };
+        let shape = AttentionShape::from_dims(self.q.dims(), self.selected.v.dims());
         B::nsa_plan(&self.q.device(), self.q.dtype(), shape, config)
             .map(|_| ())
             .map_err(NsaError::Kernels)

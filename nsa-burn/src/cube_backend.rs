@@ -69,16 +69,7 @@ fn dims<R: CubeRuntime>(tensor: &CubeTensor<R>) -> [usize; 4] {
 
 /// Call sizes from `q: [B, T, H, d_k]` and a value tensor `[B, L, H_kv, d_v]`.
 fn attention_shape<R: CubeRuntime>(q: &CubeTensor<R>, v: &CubeTensor<R>) -> AttentionShape {
-    let [batch, seq, heads, d_k] = dims(q);
-    let [_, _, kv_heads, d_v] = dims(v);
-    AttentionShape {
-        batch,
-        seq,
-        heads,
-        kv_heads,
-        d_k,
-        d_v,
-    }
+    AttentionShape::from_dims(dims(q), dims(v))
 }
 
 /// An uninitialised contiguous tensor of `shape` in `dtype` on `like`'s device.
@@ -195,6 +186,7 @@ where
         v: dv,
     }
 }
+
 /// The gated sum's operands, contiguous, the gates in the outputs' dtype, and the call
 /// sizes from them (`d_k` and `kv_heads` unused).
 fn gated_sum_operands<R: CubeRuntime>(

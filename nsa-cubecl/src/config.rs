@@ -23,6 +23,21 @@ pub struct AttentionShape {
 }
 
 impl AttentionShape {
+    /// The sizes of a call from the queries' shape `[B, T, H, d_k]` and a value tensor's
+    /// `[B, L, H_kv, d_v]`.
+    pub fn from_dims(q: [usize; 4], v: [usize; 4]) -> Self {
+        let [batch, seq, heads, d_k] = q;
+        let [_, _, kv_heads, d_v] = v;
+        Self {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            d_k,
+            d_v,
+        }
+    }
+
     /// Query heads per KV head.
     pub fn group(&self) -> usize {
         self.heads / self.kv_heads

@@ -209,8 +209,8 @@ pub fn long_key_walk() -> Case {
 
 /// The tie cases of [`crate::forward::check_tied_selection`]: overlapping small blocks at
 /// G = 4 (portable scoring everywhere) and G = 12 (tensor-core scoring over segments of
-/// four rows), and the paper's blocks at G = 16.
-pub fn tied_cases() -> Vec<Case> {
+/// four rows), and with [`Kernels::All`] the paper's blocks at G = 16.
+pub fn tied_cases(kernels: Kernels) -> Vec<Case> {
     let base = Case {
         batch: 2,
         seq: 300,
@@ -220,21 +220,24 @@ pub fn tied_cases() -> Vec<Case> {
         d_v: 16,
         config: small(),
     };
-    vec![
+    let mut cases = vec![
         base,
         Case {
             heads: 12,
             d_k: 32,
             ..base
         },
-        Case {
+    ];
+    if kernels == Kernels::All {
+        cases.push(Case {
             seq: 1111,
             heads: 16,
             d_k: 32,
             config: NsaAttentionConfig::new(),
             ..base
-        },
-    ]
+        });
+    }
+    cases
 }
 
 /// Which kernels a test runs: wgpu runs the portable kernels only, CUDA both paths.
