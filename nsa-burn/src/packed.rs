@@ -149,14 +149,29 @@ impl Documents {
         if usize::try_from(last) != Ok(total) {
             return Err(DocumentsError::LastNotTotal { last, total });
         }
-        let bounds: Vec<usize> = cu_seqlens.iter().map(|&b| b as usize).collect();
-        for row in 1..batch {
-            let row_start = row * seq;
-            if bounds.binary_search(&row_start).is_err() {
-                return Err(DocumentsError::CrossesRow { row_start });
-            }
+        let documents = Self {
+            bounds: cu_seqlens.iter().map(|&b| b as usize).collect(),
+        };
+        documents.check_rows(batch, seq)?;
+        Ok(documents)
+    }
+
+    /// Checks that the boundaries cover `batch` rows of `seq` positions with every row start
+    /// among them.
+    pub fn check_rows(&self, batch: usize, seq: usize) -> Result<(), DocumentsError> {
+        if self.total() != batch * seq {
+            return Err(DocumentsError::LastNotTotal {
+                last: self.total() as i64,
+                total: batch * seq,
+            });
         }
-        Ok(Self { bounds })
+        match (1..batch)
+            .map(|row| row * seq)
+            .find(|row_start| self.bounds.binary_search(row_start).is_err())
+        {
+            Some(row_start) => Err(DocumentsError::CrossesRow { row_start }),
+            None => Ok(()),
+        }
     }
 
     /// Checks boundaries held in a tensor's data (any integer dtype, one dimension).
@@ -290,8 +305,8 @@ pub fn nsa_attention_packed<B: NsaBackend>(
 }
 
 /// [`nsa_attention_packed`] returning a typed error ([`NsaError`]): the errors of
-/// [`try_nsa_attention`], documents that do not cover `B * T`
-/// ([`NsaError::Documents`]), or packed compressed keys of the wrong length.
+/// [`try_nsa_attention`], documents that do not cover the `B` rows of `T` positions or
+/// cross a row ([`NsaError::Documents`]), or packed compressed keys of the wrong length.
 pub fn try_nsa_attention_packed<B: NsaBackend>(
     input: NsaInput<B>,
     documents: &Documents,
@@ -299,13 +314,7 @@ pub fn try_nsa_attention_packed<B: NsaBackend>(
 ) -> Result<NsaOutput<B>, NsaError> {
     config.validate()?;
     let [batch, seq, heads, _] = input.q.dims();
-    if documents.total() != batch * seq {
-        return Err(DocumentsError::LastNotTotal {
-            last: documents.total() as i64,
-            total: batch * seq,
-        }
-        .into());
-    }
+    documents.check_rows(batch, seq)?;
     let num_compressed = documents.num_compressed_blocks(config);
     check_packed_compressed(&input, num_compressed)?;
     let rows = |t: Tensor<B, 4>| {

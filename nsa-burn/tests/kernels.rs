@@ -87,8 +87,8 @@ fn wgpu_kernels_match_the_reference() {
     check_all::<Wgpu>(Kernels::Portable, &device, DType::F32);
 }
 
-/// Every case the portable kernels run (the 700-position one included; the tensor-core
-/// tiling cases of [`cases::tensor_core_cases`] run on CUDA). Two lavapipe limits shaped the
+/// The gradient cases of [`cases::portable_gradient_cases`] (the 700-position one
+/// included; the tensor-core tiling cases of [`cases::tensor_core_cases`] run on CUDA). Two lavapipe limits shaped the
 /// portable key-side kernel: it summed per-unit output arrays wrongly once they reached 16
 /// entries (the key-side cube takes more units instead, see `KEY_GRAD_WIDTH` in
 /// `nsa_cubecl::launch`), and llvmpipe ends all loops of an invocation after 65,535
@@ -102,7 +102,7 @@ fn wgpu_kernels_match_the_reference() {
 )]
 fn wgpu_kernel_gradients_match_the_reference() {
     let device = common::wgpu_device();
-    check_gradient_cases::<Autodiff<Wgpu>>(selected_cases(Kernels::Portable), &device, DType::F32);
+    check_gradient_cases::<Autodiff<Wgpu>>(cases::portable_gradient_cases(), &device, DType::F32);
 }
 
 /// Random valid configurations (a few here; `NSA_SWEEP_CASES` for more), forward and

@@ -191,6 +191,25 @@ pub fn tensor_core_cases() -> Vec<Case> {
     ]
 }
 
+/// The cases whose gradients the wgpu test checks: [`cases`] less the head layouts at
+/// T = 7, 8 and 100 (T = 1, 9 and 300 keep one position, a length off the blocks and
+/// every branch in full) and the head dims of the tensor-core kernels at G = 1 and 8
+/// (G = 12 stays), which the portable kernels run like the cases around them. A CPU
+/// adapter compiles and runs each case slowly; CUDA checks the gradients of every case.
+/// With `NSA_KERNEL_CASE` set, that case.
+pub fn portable_gradient_cases() -> Vec<Case> {
+    let all = selected_cases(Kernels::Portable);
+    if std::env::var_os("NSA_KERNEL_CASE").is_some() {
+        return all;
+    }
+    let layout_repeat = |c: &Case| c.d_k == 16 && c.d_v == 8 && [7, 8, 100].contains(&c.seq);
+    let tensor_core_dims =
+        |c: &Case| c.seq == 300 && c.d_k == 32 && c.d_v == 16 && [2, 8].contains(&c.heads);
+    all.into_iter()
+        .filter(|c| !layout_repeat(c) && !tensor_core_dims(c))
+        .collect()
+}
+
 /// A key-side walk of thousands of steps: every compressed key and the first selection
 /// block are seen by all 2560 positions of 64 query heads (163,840 query rows). Its loops
 /// once passed llvmpipe's cap of 65,535 iterations per invocation, and lavapipe returned

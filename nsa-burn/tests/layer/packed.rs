@@ -184,6 +184,12 @@ fn bad_boundaries_are_typed_errors() {
         4,
         DocumentsError::CrossesRow { row_start: 4 },
     );
+    // Boundaries checked for one row of 8 do not serve two rows of 4.
+    let one_row = Documents::try_new(&[0, 6, 8], 1, 8).unwrap();
+    assert_eq!(
+        one_row.check_rows(2, 4),
+        Err(DocumentsError::CrossesRow { row_start: 4 })
+    );
     let floats = TensorData::new(vec![0.0f32, 4.0], [2]);
     assert_eq!(
         Documents::try_from_data(floats, 1, 4),
