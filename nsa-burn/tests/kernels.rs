@@ -87,22 +87,44 @@ fn wgpu_kernels_match_the_reference() {
     check_all::<Wgpu>(Kernels::Portable, &device, DType::F32);
 }
 
-/// The gradient cases of [`cases::portable_gradient_cases`] (the 700-position one
-/// included; the tensor-core tiling cases of [`cases::tensor_core_cases`] run on CUDA). Two lavapipe limits shaped the
-/// portable key-side kernel: it summed per-unit output arrays wrongly once they reached 16
-/// entries (the key-side cube takes more units instead, see `KEY_GRAD_WIDTH` in
-/// `nsa_cubecl::launch`), and llvmpipe ends all loops of an invocation after 65,535
-/// iterations in total, which the `d_k = 256, d_v = 192`, G = 16 case passed (its inner
-/// dot-product loops are unrolled now; [`wgpu_long_key_walks_match_the_reference`] walks
-/// 163,840 query rows per key tile).
+/// The gradients of [`cases::portable_gradient_cases`] (the 700-position one included; the
+/// tensor-core tiling cases of [`cases::tensor_core_cases`] run on CUDA), in two tests that
+/// the test harness runs side by side. Two lavapipe limits shaped the portable key-side
+/// kernel: it summed per-unit output arrays wrongly once they reached 16 entries (the
+/// key-side cube takes more units instead, see `KEY_GRAD_WIDTH` in `nsa_cubecl::launch`),
+/// and llvmpipe ends all loops of an invocation after 65,535 iterations in total, which the
+/// `d_k = 256, d_v = 192`, G = 16 case passed (its inner dot-product loops are unrolled now;
+/// [`wgpu_long_key_walks_match_the_reference`] walks 163,840 query rows per key tile).
+fn check_wgpu_gradients(half: usize) {
+    let device = common::wgpu_device();
+    let cases = cases::portable_gradient_cases();
+    let middle = cases.len().div_ceil(2);
+    let cases = if half == 0 {
+        cases[..middle].to_vec()
+    } else {
+        cases[middle..].to_vec()
+    };
+    check_gradient_cases::<Autodiff<Wgpu>>(cases, &device, DType::F32);
+}
+
+/// The first half of [`check_wgpu_gradients`].
 #[test]
 #[cfg_attr(
     nsa_no_gpu_adapter,
     ignore = "no Vulkan driver found at build time (e.g. install mesa-vulkan-drivers; see nsa-burn/build.rs)"
 )]
 fn wgpu_kernel_gradients_match_the_reference() {
-    let device = common::wgpu_device();
-    check_gradient_cases::<Autodiff<Wgpu>>(cases::portable_gradient_cases(), &device, DType::F32);
+    check_wgpu_gradients(0);
+}
+
+/// The second half of [`check_wgpu_gradients`].
+#[test]
+#[cfg_attr(
+    nsa_no_gpu_adapter,
+    ignore = "no Vulkan driver found at build time (e.g. install mesa-vulkan-drivers; see nsa-burn/build.rs)"
+)]
+fn wgpu_kernel_gradients_match_the_reference_second_half() {
+    check_wgpu_gradients(1);
 }
 
 /// Random valid configurations (a few here; `NSA_SWEEP_CASES` for more), forward and
