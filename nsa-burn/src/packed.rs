@@ -113,7 +113,7 @@ impl std::error::Error for DocumentsError {}
 /// // Three documents of 5, 2 and 9 positions in one row of 16.
 /// let documents = Documents::try_new(&[0, 5, 7, 16], 1, 16).unwrap();
 /// assert_eq!(documents.lengths().collect::<Vec<_>>(), [5, 2, 9]);
-/// // Two rows of 8 with one document each, the second split in two.
+/// // Two rows of 8: one document in the first, two in the second.
 /// assert!(Documents::try_new(&[0, 8, 12, 16], 2, 8).is_ok());
 /// assert!(Documents::try_new(&[0, 12, 16], 2, 8).is_err()); // crosses the row start 8
 /// ```
