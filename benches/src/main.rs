@@ -415,13 +415,7 @@ fn packed<B: NsaBackend>(args: &Args, dtype: DType, backward: bool) -> Table {
     };
     for &seq in &args.seq_lens {
         let lengths = document_lengths(args, seq);
-        let bounds: Vec<i64> = std::iter::once(0)
-            .chain(lengths.iter().scan(0i64, |end, &len| {
-                *end += len as i64;
-                Some(*end)
-            }))
-            .collect();
-        let documents = Documents::try_new(&bounds, 1, seq).expect("valid documents");
+        let documents = Documents::try_from_lengths(&lengths, 1, seq).expect("valid documents");
         println!(
             "T = {seq}: {} documents of {lengths:?} positions",
             lengths.len()

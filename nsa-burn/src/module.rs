@@ -211,6 +211,9 @@ impl<B: NsaBackend> Nsa<B> {
                 v: heads(kv.value.forward(x.clone()), self.n_kv_heads, self.d_v),
             }
         };
+        if let Some(documents) = documents {
+            documents.check_rows(batch, seq)?;
+        }
         let raw = project(Branch::Compressed);
         let compressed = match documents {
             None => self.compress(raw),
@@ -247,13 +250,10 @@ impl<B: NsaBackend> Nsa<B> {
     }
 
     /// The compression branch's keys and values of each document, one after another:
-    /// `[1, N_cmp, H_kv, d]` (`None` when no document holds a whole block). Documents that
-    /// break the rules are left for the operator to report.
+    /// `[1, N_cmp, H_kv, d]` (`None` when no document holds a whole block). `documents`
+    /// cover the rows of `raw`.
     fn compress_documents(&self, raw: BranchKv<B>, documents: &Documents) -> Option<BranchKv<B>> {
         let [batch, seq, kv_heads, _] = raw.k.dims();
-        if documents.total() != batch * seq {
-            return None;
-        }
         let flat = |t: Tensor<B, 4>, d: usize| t.reshape([1, batch * seq, kv_heads, d]);
         let (k, v) = (flat(raw.k, self.d_k), flat(raw.v, self.d_v));
         let parts: Vec<BranchKv<B>> = documents

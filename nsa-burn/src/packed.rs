@@ -125,9 +125,8 @@ pub struct Documents {
 impl Documents {
     /// Checks `cu_seqlens` for `batch` packed rows of `seq` positions each.
     pub fn try_new(cu_seqlens: &[i64], batch: usize, seq: usize) -> Result<Self, DocumentsError> {
-        let total = batch * seq;
-        let (&first, &last) = match (cu_seqlens.first(), cu_seqlens.last()) {
-            (Some(first), Some(last)) if cu_seqlens.len() >= 2 => (first, last),
+        let first = match cu_seqlens {
+            [first, _, ..] => *first,
             _ => {
                 return Err(DocumentsError::TooFew {
                     len: cu_seqlens.len(),
@@ -146,9 +145,7 @@ impl Documents {
                 });
             }
         }
-        if usize::try_from(last) != Ok(total) {
-            return Err(DocumentsError::LastNotTotal { last, total });
-        }
+        // From 0 and strictly increasing, every boundary is positive.
         let documents = Self {
             bounds: cu_seqlens.iter().map(|&b| b as usize).collect(),
         };
@@ -172,6 +169,22 @@ impl Documents {
             Some(row_start) => Err(DocumentsError::CrossesRow { row_start }),
             None => Ok(()),
         }
+    }
+
+    /// Checks documents of `lengths` positions, one after another, for `batch` packed rows
+    /// of `seq` positions each: the boundaries are their cumulative sums.
+    pub fn try_from_lengths(
+        lengths: &[usize],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Self, DocumentsError> {
+        let bounds: Vec<i64> = std::iter::once(0)
+            .chain(lengths.iter().scan(0i64, |end, &len| {
+                *end += len as i64;
+                Some(*end)
+            }))
+            .collect();
+        Self::try_new(&bounds, batch, seq)
     }
 
     /// Checks boundaries held in a tensor's data (any integer dtype, one dimension).
@@ -267,9 +280,9 @@ impl Documents {
 
     /// Number of packed compression blocks, the sum over documents.
     pub fn num_compressed_blocks(&self, config: &NsaAttentionConfig) -> usize {
-        self.lengths()
-            .map(|len| config.num_compressed_blocks(len))
-            .sum()
+        self.compressed_ranges(config)
+            .last()
+            .map_or(0, |range| range.end)
     }
 }
 

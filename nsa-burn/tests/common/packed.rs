@@ -30,13 +30,8 @@ pub struct PackedCase {
 impl PackedCase {
     /// The boundaries of [`PackedCase::lengths`].
     pub fn documents(&self) -> Documents {
-        let bounds: Vec<i64> = std::iter::once(0)
-            .chain(self.lengths.iter().scan(0i64, |end, &len| {
-                *end += len as i64;
-                Some(*end)
-            }))
-            .collect();
-        Documents::try_new(&bounds, self.rows, self.seq).expect("valid test documents")
+        Documents::try_from_lengths(&self.lengths, self.rows, self.seq)
+            .expect("valid test documents")
     }
 }
 
