@@ -18,68 +18,10 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Int, Tensor};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use nsa_burn::{Nsa, NsaAttentionConfig, NsaBackend, NsaConfig};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum DeviceChoice {
-    /// CUDA if a GPU answers, else wgpu if a GPU adapter answers, else flex (CPU). A wgpu
-    /// CPU adapter (Mesa's lavapipe) runs the kernels far slower than flex runs the
-    /// reference, so it runs only when asked for.
-    Auto,
-    Cuda,
-    Wgpu,
-    Flex,
-}
-
-/// The layer's sizes and blocks, before the size flags override them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Preset {
-    /// The paper's layer: d_model = 1024, H = 64, H_kv = 4, d_k = 192, d_v = 128; blocks
-    /// l = 32, d = 16, l' = 64, n = 16, w = 512.
-    Paper,
-    /// A layer for a CPU: d_model = 256, H = 8, H_kv = 2, d_k = d_v = 32; blocks l = 16,
-    /// d = 8, l' = 32, n = 8, w = 128, which suit sequences of about a thousand tokens.
-    Small,
-}
-
-impl Preset {
-    /// The preset on a device: the paper's layer on a GPU, the small one on a CPU.
-    fn for_device(device: &PickedDevice) -> Self {
-        if device.on_cpu {
-            Preset::Small
-        } else {
-            Preset::Paper
-        }
-    }
-
-    fn config(self) -> NsaConfig {
-        match self {
-            Preset::Paper => NsaConfig::new(1024, 64, 4, 192, 128),
-            Preset::Small => NsaConfig::new(256, 8, 2, 32, 32)
-                .with_compress_block(16)
-                .with_compress_stride(8)
-                .with_select_block(32)
-                .with_n_selected(8)
-                .with_window(128),
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Preset::Paper => "paper",
-            Preset::Small => "small",
-        }
-    }
-
-    /// Why this preset runs when none is asked for, and how to get the other.
-    fn default_note(self) -> &'static str {
-        match self {
-            Preset::Paper => "the default on a GPU; --preset small for a small layer",
-            Preset::Small => "the default on a CPU; --preset paper for the paper's layer",
-        }
-    }
-}
+use nsa_examples::device::{pick_device, CompiledBackend, DeviceChoice};
+use nsa_examples::preset::Preset;
 
 /// Runs the NSA layer on a random sequence: the paper's layer on a GPU, a small one on a CPU
 /// (see `--preset`).
@@ -135,7 +77,10 @@ impl Args {
 
 fn main() {
     let args = Args::parse();
-    let device = pick_device(args.device);
+    let device = pick_device(args.device).unwrap_or_else(|error| {
+        eprintln!("{error}");
+        std::process::exit(2);
+    });
     println!("device: {}", device.description);
     let preset = match args.preset {
         Some(preset) => {
@@ -163,121 +108,6 @@ fn main() {
             run::<Autodiff<burn::backend::Wgpu>>(&args, &config, &Default::default())
         }
         CompiledBackend::Flex => run::<Autodiff<Flex>>(&args, &config, &Default::default()),
-    }
-}
-
-/// A backend this binary is built with.
-enum CompiledBackend {
-    #[cfg(feature = "cuda")]
-    Cuda,
-    #[cfg(feature = "wgpu")]
-    Wgpu,
-    Flex,
-}
-
-/// The device the layer runs on.
-struct PickedDevice {
-    backend: CompiledBackend,
-    /// What the user is told about it.
-    description: String,
-    /// Whether it computes on the CPU: flex, or a wgpu CPU adapter such as Mesa's lavapipe.
-    on_cpu: bool,
-}
-
-/// Picks the device asked for, or for `Auto` the first that answers, and starts it.
-fn pick_device(choice: DeviceChoice) -> PickedDevice {
-    match choice {
-        DeviceChoice::Auto => {
-            #[cfg(feature = "cuda")]
-            if let Some(device) = quietly(cuda_device) {
-                return device;
-            }
-            #[cfg(feature = "wgpu")]
-            match quietly(wgpu_device) {
-                Some(device) if !device.on_cpu => return device,
-                Some(cpu_adapter) => {
-                    let mut flex = flex_device();
-                    flex.description += &format!(
-                        "\n  skipped {}: a CPU adapter runs the kernels slower than flex runs \
-                         the reference (--device wgpu runs it anyway)",
-                        cpu_adapter.description
-                    );
-                    return flex;
-                }
-                None => {}
-            }
-            flex_device()
-        }
-        #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda => cuda_device(),
-        #[cfg(feature = "wgpu")]
-        DeviceChoice::Wgpu => wgpu_device(),
-        #[cfg(not(feature = "cuda"))]
-        DeviceChoice::Cuda => not_compiled("cuda"),
-        #[cfg(not(feature = "wgpu"))]
-        DeviceChoice::Wgpu => not_compiled("wgpu"),
-        DeviceChoice::Flex => flex_device(),
-    }
-}
-
-#[cfg(not(all(feature = "cuda", feature = "wgpu")))]
-fn not_compiled(feature: &str) -> ! {
-    eprintln!("{feature} is not compiled in: enable the `{feature}` feature of nsa-examples");
-    std::process::exit(2);
-}
-
-/// Runs `start`, or returns `None` if it panics (a backend's runtime panics when no driver
-/// or adapter is present), without printing the panic.
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
-fn quietly<T>(start: fn() -> T) -> Option<T> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let started = std::panic::catch_unwind(start).ok();
-    std::panic::set_hook(hook);
-    started
-}
-
-/// Runs a tiny computation on a backend's default device (panics if it cannot).
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
-fn compute_on<B: Backend>() {
-    let device = B::Device::default();
-    Tensor::<B, 1>::ones([4], &device).sum().into_data();
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_device() -> PickedDevice {
-    compute_on::<burn::backend::Cuda>();
-    PickedDevice {
-        backend: CompiledBackend::Cuda,
-        description: format!("cuda, {:?}", burn::backend::cuda::CudaDevice::default()),
-        on_cpu: false,
-    }
-}
-
-/// Starts wgpu's default device the way its runtime would, keeping the adapter's name and
-/// type to print.
-#[cfg(feature = "wgpu")]
-fn wgpu_device() -> PickedDevice {
-    use burn::backend::wgpu::{graphics::AutoGraphicsApi, init_setup, RuntimeOptions};
-
-    let setup = init_setup::<AutoGraphicsApi>(&Default::default(), RuntimeOptions::default());
-    compute_on::<burn::backend::Wgpu>();
-    let adapter = setup.adapter.get_info();
-    PickedDevice {
-        backend: CompiledBackend::Wgpu,
-        description: format!(
-            "wgpu, adapter {} ({:?}, {:?})",
-            adapter.name, adapter.device_type, adapter.backend
-        ),
-        on_cpu: adapter.device_type == wgpu::DeviceType::Cpu,
-    }
-}
-
-fn flex_device() -> PickedDevice {
-    PickedDevice {
-        backend: CompiledBackend::Flex,
-        description: "flex (the reference implementation on the CPU)".into(),
-        on_cpu: true,
     }
 }
 

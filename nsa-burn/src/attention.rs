@@ -9,7 +9,9 @@ use burn::tensor::TensorPrimitive;
 
 use nsa_cubecl::{AttentionShape, PlanError};
 
-use crate::{GatedRest, NsaAttentionConfig, NsaBackend, NsaConfigError};
+use crate::backend::reference_gated_sum;
+use crate::reference::{compressed_attention, selected_attention, window_attention};
+use crate::{GatedRest, GatedSum, NsaAttentionConfig, NsaBackend, NsaConfigError};
 
 /// Keys and values of one branch.
 #[derive(Debug, Clone)]
@@ -21,17 +23,25 @@ pub struct BranchKv<B: Backend> {
 }
 
 /// Inputs of [`nsa_attention`].
+///
+/// The `T` queries are the last `T` of `T_k` positions: `T = T_k` is causal
+/// self-attention over a whole sequence; `T < T_k` puts the queries at positions
+/// `T_k - T..T_k` of a longer sequence whose keys are given (a chunk of a prompt after the
+/// chunks before it, or one decoding step after a prefix).
 #[derive(Debug, Clone)]
 pub struct NsaInput<B: Backend> {
     /// Queries `[B, T, H, d_k]`; query head `h` belongs to KV head `h / G`, `G = H / H_kv`.
     pub q: Tensor<B, 4>,
     /// Compressed keys and values `[B, N_cmp, H_kv, d]`, `N_cmp =
-    /// config.num_compressed_blocks(T)`: the compressor's output (see [`crate::Compressor`]).
-    /// `None` exactly when `N_cmp = 0` (`T < l`): GPU runtimes cannot hold empty tensors.
+    /// config.num_compressed_blocks(T_k)`: the compressor's output (see
+    /// [`crate::Compressor`]). `None` exactly when `N_cmp = 0` (`T_k < l`): GPU runtimes
+    /// cannot hold empty tensors.
     pub compressed: Option<BranchKv<B>>,
-    /// Keys and values of the selection branch, `[B, T, H_kv, d]`.
+    /// Keys and values of the selection branch, `[B, T_k, H_kv, d]`.
     pub selected: BranchKv<B>,
-    /// Keys and values of the sliding-window branch, `[B, T, H_kv, d]`.
+    /// Keys and values of the sliding-window branch for the last `L_w` positions,
+    /// `[B, L_w, H_kv, d]`: `L_w = T_k` always works, and `min(T_k, T + w - 1) <= L_w` is
+    /// required (the keys the first query's window reaches).
     pub window: BranchKv<B>,
     /// Branch gates in `[0, 1]`, `[B, T, H, 3]`, in the order (compressed, selected, window).
     pub gates: Tensor<B, 4>,
@@ -95,6 +105,8 @@ pub enum NsaError {
     },
     /// Document boundaries of packed rows break a rule (see [`crate::Documents`]).
     Documents(crate::DocumentsError),
+    /// A cached forward pass cannot be done (see [`crate::NsaCache`]).
+    Cache(crate::NsaCacheError),
     /// No kernel path fits a device limit for this call (see [`NsaBackend::nsa_plan`]):
     /// units per cube or shared memory, with what was needed and what the device has.
     Kernels(PlanError),
@@ -116,6 +128,7 @@ impl fmt::Display for NsaError {
             Self::Config(error) => write!(f, "invalid NSA configuration: {error}"),
             Self::Shape(error) => error.fmt(f),
             Self::Documents(error) => write!(f, "NSA attention: {error}"),
+            Self::Cache(error) => error.fmt(f),
             Self::Kernels(error) => error.fmt(f),
             Self::MixedDType {
                 tensor,
@@ -146,6 +159,12 @@ impl std::error::Error for NsaError {}
 impl From<NsaConfigError> for NsaError {
     fn from(error: NsaConfigError) -> Self {
         Self::Config(error)
+    }
+}
+
+impl From<crate::NsaCacheError> for NsaError {
+    fn from(error: crate::NsaCacheError) -> Self {
+        Self::Cache(error)
     }
 }
 
@@ -209,6 +228,11 @@ impl<B: NsaBackend> NsaInput<B> {
         tensors
     }
 
+    /// Position of the first query: `T_k - T` (0 for self-attention).
+    fn query_start(&self) -> usize {
+        self.selected.v.dims()[1] - self.q.dims()[1]
+    }
+
     /// Checks that every float input has `q`'s dtype and that the backend takes it.
     fn check_dtypes(&self) -> Result<(), NsaError> {
         let q_dtype = self.q.dtype();
@@ -239,12 +263,22 @@ impl<B: NsaBackend> NsaInput<B> {
             .map_err(NsaError::Kernels)
     }
 
-    /// Checks every shape against `q`, `selected.v` (for `H_kv` and `d_v`) and `config`.
+    /// Checks every shape against `q`, `selected.v` (for `T_k`, `H_kv` and `d_v`) and
+    /// `config`.
     fn check(&self, config: &NsaAttentionConfig) -> Result<(), NsaShapeError> {
         expect_nonempty("q", self.q.dims(), "[B, T, H, d_k]")?;
-        expect_nonempty("selected.v", self.selected.v.dims(), "[B, T, H_kv, d_v]")?;
+        expect_nonempty("selected.v", self.selected.v.dims(), "[B, T_k, H_kv, d_v]")?;
         let [batch, seq, heads, d_k] = self.q.dims();
-        let [_, _, kv_heads, d_v] = self.selected.v.dims();
+        let [_, key_len, kv_heads, d_v] = self.selected.v.dims();
+        if seq > key_len {
+            return Err(NsaShapeError {
+                tensor: "q",
+                actual: self.q.dims().to_vec(),
+                expected: format!(
+                    "[B, T, H, d_k] with T <= T_k = {key_len} (from `selected.v`): the queries are the last T of the T_k positions"
+                ),
+            });
+        }
         if heads % kv_heads != 0 {
             return Err(NsaShapeError {
                 tensor: "q",
@@ -254,7 +288,7 @@ impl<B: NsaBackend> NsaInput<B> {
                 ),
             });
         }
-        let num_compressed = config.num_compressed_blocks(seq);
+        let num_compressed = config.num_compressed_blocks(key_len);
         match (&self.compressed, num_compressed) {
             (None, 0) => {}
             (Some(compressed), 1..) => {
@@ -276,7 +310,7 @@ impl<B: NsaBackend> NsaInput<B> {
                     tensor: "compressed",
                     actual: compressed.k.dims().to_vec(),
                     expected: format!(
-                        "None: T = {seq} < l = {} leaves no compression block",
+                        "None: T_k = {key_len} < l = {} leaves no compression block",
                         config.compress_block
                     ),
                 })
@@ -286,28 +320,52 @@ impl<B: NsaBackend> NsaInput<B> {
                     tensor: "compressed",
                     actual: Vec::new(),
                     expected: format!(
-                        "[B, N_cmp, H_kv, d] with N_cmp = {num_compressed} for T = {seq}, got None"
+                        "[B, N_cmp, H_kv, d] with N_cmp = {num_compressed} for T_k = {key_len}, got None"
                     ),
                 })
             }
+        }
+        let window_len = self.window.v.dims()[1];
+        // The window keys must reach back to the first query's window.
+        let least = key_len.min(seq.saturating_add(config.window - 1));
+        if !(least..=key_len).contains(&window_len) {
+            return Err(NsaShapeError {
+                tensor: "window.v",
+                actual: self.window.v.dims().to_vec(),
+                expected: format!(
+                    "[B, L_w, H_kv, d_v]: the last L_w keys, min(T_k, T + w - 1) = {least} <= L_w <= T_k = {key_len}"
+                ),
+            });
         }
         let kv = [
             (
                 "selected.k",
                 &self.selected.k,
-                seq,
+                key_len,
                 d_k,
-                "[B, T, H_kv, d_k]",
+                "[B, T_k, H_kv, d_k]",
             ),
             (
                 "selected.v",
                 &self.selected.v,
-                seq,
+                key_len,
                 d_v,
-                "[B, T, H_kv, d_v]",
+                "[B, T_k, H_kv, d_v]",
             ),
-            ("window.k", &self.window.k, seq, d_k, "[B, T, H_kv, d_k]"),
-            ("window.v", &self.window.v, seq, d_v, "[B, T, H_kv, d_v]"),
+            (
+                "window.k",
+                &self.window.k,
+                window_len,
+                d_k,
+                "[B, L_w, H_kv, d_k]",
+            ),
+            (
+                "window.v",
+                &self.window.v,
+                window_len,
+                d_v,
+                "[B, L_w, H_kv, d_v]",
+            ),
         ];
         for (name, tensor, len, dim, names) in kv {
             expect_shape(name, tensor.dims(), [batch, len, kv_heads, dim], names)?;
@@ -331,9 +389,11 @@ impl<B: NsaBackend> NsaInput<B> {
 /// instead.
 ///
 /// Shapes: `q: [B, T, H, d_k]`; `compressed: [B, N_cmp, H_kv, d_k | d_v]` (or `None` when
-/// `T < l`);
-/// `selected`, `window: [B, T, H_kv, d_k | d_v]`; `gates: [B, T, H, 3]` ->
-/// `output: [B, T, H, d_v]`, `selected_blocks: [B, H_kv, T, n]`.
+/// `T_k < l`); `selected: [B, T_k, H_kv, d_k | d_v]`; `window: [B, L_w, H_kv, d_k | d_v]`;
+/// `gates: [B, T, H, 3]` -> `output: [B, T, H, d_v]`, `selected_blocks: [B, H_kv, T, n]`.
+/// With `T = T_k = L_w` this is causal self-attention; with `T < T_k` the queries are the
+/// last `T` positions (see [`NsaInput`]), which runs the reference on every backend (the
+/// kernels take `T = T_k`).
 pub fn nsa_attention<B: NsaBackend>(
     input: NsaInput<B>,
     config: &NsaAttentionConfig,
@@ -350,6 +410,9 @@ pub fn try_nsa_attention<B: NsaBackend>(
     config.validate()?;
     input.check(config)?;
     input.check_dtypes()?;
+    if input.query_start() > 0 {
+        return Ok(attend_at_offset(input, config));
+    }
     input.plan(config)?;
     let NsaInput {
         q,
@@ -359,8 +422,6 @@ pub fn try_nsa_attention<B: NsaBackend>(
         gates,
     } = input;
     let float = |t: Tensor<B, 4>| t.into_primitive().tensor();
-    let [batch, seq, _, _] = q.dims();
-    let kv_heads = selected.k.dims()[2];
     let (o_cmp, selected_blocks) = match compressed {
         Some(compressed) => {
             let (o, _, blocks) = B::nsa_compressed(
@@ -371,19 +432,7 @@ pub fn try_nsa_attention<B: NsaBackend>(
             );
             (Some(o), Tensor::<B, 4, Int>::from_primitive(blocks))
         }
-        None => {
-            // T < l <= l': block 0 is the only selection block, and every query takes it.
-            let device = q.device();
-            let first = Tensor::<B, 4, Int>::zeros([batch, kv_heads, seq, 1], &device);
-            let blocks = match config.n_selected {
-                1 => first,
-                n => {
-                    let empty = Tensor::full([batch, kv_heads, seq, n - 1], -1, &device);
-                    Tensor::cat(vec![first, empty], 3)
-                }
-            };
-            (None, blocks)
-        }
+        None => (None, first_block_only(&selected, q.dims()[1], config)),
     };
     let (o_win, _) = B::nsa_window(float(q.clone()), float(window.k), float(window.v), config);
     let tensor = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
@@ -405,4 +454,68 @@ pub fn try_nsa_attention<B: NsaBackend>(
         output,
         selected_blocks,
     })
+}
+
+/// The selection of every query when no compression block has ended (`T_k < l <= l'`):
+/// block 0, the only selection block, then `n - 1` empty slots -> `[B, H_kv, T, n]`.
+fn first_block_only<B: Backend>(
+    selected: &BranchKv<B>,
+    seq: usize,
+    config: &NsaAttentionConfig,
+) -> Tensor<B, 4, Int> {
+    let [batch, _, kv_heads, _] = selected.k.dims();
+    let device = selected.k.device();
+    let first = Tensor::<B, 4, Int>::zeros([batch, kv_heads, seq, 1], &device);
+    match config.n_selected {
+        1 => first,
+        n => {
+            let empty = Tensor::full([batch, kv_heads, seq, n - 1], -1, &device);
+            Tensor::cat(vec![first, empty], 3)
+        }
+    }
+}
+
+/// Queries at an offset into a longer sequence (`T < T_k`): the reference branches and
+/// gated sum in Burn ops, on every backend (differentiable under `Autodiff`).
+fn attend_at_offset<B: NsaBackend>(
+    input: NsaInput<B>,
+    config: &NsaAttentionConfig,
+) -> NsaOutput<B> {
+    let query_start = input.query_start();
+    let NsaInput {
+        q,
+        compressed,
+        selected,
+        window,
+        gates,
+    } = input;
+    let (o_cmp, selected_blocks) = match compressed {
+        Some(compressed) => {
+            let (attended, blocks) =
+                compressed_attention(q.clone(), compressed.k, compressed.v, query_start, config);
+            (Some(attended.output), blocks)
+        }
+        None => (None, first_block_only(&selected, q.dims()[1], config)),
+    };
+    let o_slc = selected_attention(
+        q.clone(),
+        selected.k,
+        selected.v,
+        selected_blocks.clone(),
+        config,
+    )
+    .output;
+    let o_win = window_attention(q, window.k, window.v, config).output;
+    let o_cmp = o_cmp.unwrap_or_else(|| o_win.zeros_like());
+    let float = |t: Tensor<B, 4>| t.into_primitive().tensor();
+    let output = reference_gated_sum::<B>(GatedSum {
+        compressed: float(o_cmp),
+        selected: float(o_slc),
+        window: float(o_win),
+        gates: float(gates),
+    });
+    NsaOutput {
+        output: Tensor::from_primitive(TensorPrimitive::Float(output)),
+        selected_blocks,
+    }
 }

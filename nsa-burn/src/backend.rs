@@ -61,7 +61,7 @@ pub(crate) fn reference_compressed<B: Backend>(
     config: &NsaAttentionConfig,
 ) -> (FloatTensor<B>, FloatTensor<B>, IntTensor<B>) {
     let (attended_cmp, selected) =
-        compressed_attention(float::<B>(q), float(k_cmp), float(v_cmp), config);
+        compressed_attention(float::<B>(q), float(k_cmp), float(v_cmp), 0, config);
     let (o, lse) = attended(attended_cmp);
     (o, lse, selected.into_primitive())
 }

@@ -4,6 +4,8 @@
 //! - [`NsaConfig`] / [`Nsa`]: the layer, used like `burn::nn` layers.
 //! - [`nsa_attention`]: the attention operator on projected heads (queries, per-branch
 //!   keys/values, gates), returning the output and the selected blocks.
+//! - [`NsaCache`] / [`Nsa::forward_cached`]: prefill in chunks and token-by-token decoding
+//!   that give what one forward pass over the whole sequence gives.
 //! - [`nsa_attention_packed`] / [`Documents`]: the operator over packed documents
 //!   (`cu_seqlens`), each attended to as if it were alone.
 //! - [`reference`]: the operator in plain Burn tensor ops, differentiable on every backend.
@@ -15,6 +17,7 @@
 mod attention;
 mod autodiff;
 mod backend;
+mod cache;
 mod compressor;
 mod config;
 mod cube_backend;
@@ -32,6 +35,7 @@ pub use backend::{
     BranchBackwardFn, BranchGrads, BranchSaved, GatedRest, GatedSum, GatedSumBackwardFn,
     NsaBackend, NsaBackward, SelectedBackwardFn,
 };
+pub use cache::{NsaCache, NsaCacheConfig, NsaCacheError};
 pub use compressor::{Compressor, CompressorMlp};
 pub use config::{CompressorKind, KvSharing, NsaAttentionConfig, NsaConfig, NsaConfigError};
 pub use gate::Gate;

@@ -7,8 +7,8 @@ use burn::tensor::{Int, Tensor};
 
 use crate::{
     try_nsa_attention, try_nsa_attention_packed, BranchKv, Compressor, Documents, Gate, KvSharing,
-    NsaAttentionConfig, NsaBackend, NsaConfig, NsaConfigError, NsaError, NsaInput, NsaSettings,
-    NsaShapeError,
+    NsaAttentionConfig, NsaBackend, NsaConfig, NsaConfigError, NsaError, NsaInput, NsaOutput,
+    NsaSettings, NsaShapeError,
 };
 
 /// Key and value projections of one branch (or of all three when shared).
@@ -46,14 +46,14 @@ pub struct Nsa<B: Backend> {
     pub gate: Gate<B>,
     /// Output projection.
     pub output: Linear<B>,
-    n_heads: usize,
-    n_kv_heads: usize,
-    d_k: usize,
-    d_v: usize,
+    pub(crate) n_heads: usize,
+    pub(crate) n_kv_heads: usize,
+    pub(crate) d_k: usize,
+    pub(crate) d_v: usize,
     /// The attention settings, saved in the record and compared on load.
     pub settings: NsaSettings<B>,
     #[module(skip)]
-    attention: NsaAttentionConfig,
+    pub(crate) attention: NsaAttentionConfig,
 }
 
 /// What [`Nsa::forward_detailed`] returns.
@@ -112,6 +112,22 @@ impl NsaConfig {
         self.try_init(device)
             .unwrap_or_else(|error| panic!("invalid NsaConfig: {error}"))
     }
+}
+
+/// What [`Nsa::project`] makes of the layer input: every operator input but the
+/// compressed keys and values, and the compression branch's keys and values before the
+/// compressor.
+pub(crate) struct Projected<B: Backend> {
+    /// `[B, T, H, d_k]`.
+    pub q: Tensor<B, 4>,
+    /// The compression branch's keys and values, `[B, T, H_kv, d]`.
+    pub raw: BranchKv<B>,
+    /// `[B, T, H_kv, d]`.
+    pub selected: BranchKv<B>,
+    /// `[B, T, H_kv, d]`.
+    pub window: BranchKv<B>,
+    /// `[B, T, H, 3]`.
+    pub gates: Tensor<B, 4>,
 }
 
 /// Which branch a K/V projection feeds.
@@ -192,9 +208,34 @@ impl<B: NsaBackend> Nsa<B> {
         documents: Option<&Documents>,
     ) -> Result<NsaForward<B>, NsaError> {
         self.settings.check()?;
-        let [batch, seq, width] = x.dims();
+        let [batch, seq, _] = x.dims();
+        self.check_input(&x)?;
+        if let Some(documents) = documents {
+            documents.check_rows(batch, seq)?;
+        }
+        let projected = self.project(x);
+        let compressed = match documents {
+            None => self.compress(projected.raw),
+            Some(documents) => self.compress_documents(projected.raw, documents),
+        };
+        let input = NsaInput {
+            q: projected.q,
+            compressed,
+            selected: projected.selected,
+            window: projected.window,
+            gates: projected.gates.clone(),
+        };
+        let attention = match documents {
+            None => try_nsa_attention(input, &self.attention)?,
+            Some(documents) => try_nsa_attention_packed(input, documents, &self.attention)?,
+        };
+        Ok(self.finish(attention, projected.gates))
+    }
+
+    /// A shape error unless `x` is `[B, T, d_model]` with every dimension at least 1.
+    pub(crate) fn check_input(&self, x: &Tensor<B, 3>) -> Result<(), NsaError> {
         let d_model = self.query.weight.dims()[0];
-        if width != d_model || x.dims().contains(&0) {
+        if x.dims()[2] != d_model || x.dims().contains(&0) {
             return Err(NsaError::Shape(NsaShapeError {
                 tensor: "x",
                 actual: x.dims().to_vec(),
@@ -203,6 +244,12 @@ impl<B: NsaBackend> Nsa<B> {
                 ),
             }));
         }
+        Ok(())
+    }
+
+    /// The queries, the branch keys and values and the gates of `x: [B, T, d_model]`.
+    pub(crate) fn project(&self, x: Tensor<B, 3>) -> Projected<B> {
+        let [batch, seq, _] = x.dims();
         let heads = |t: Tensor<B, 3>, n: usize, d: usize| t.reshape([batch, seq, n, d]);
         let project = |branch: Branch| {
             let kv = &self.kv[(branch as usize).min(self.kv.len() - 1)];
@@ -211,38 +258,30 @@ impl<B: NsaBackend> Nsa<B> {
                 v: heads(kv.value.forward(x.clone()), self.n_kv_heads, self.d_v),
             }
         };
-        if let Some(documents) = documents {
-            documents.check_rows(batch, seq)?;
-        }
-        let raw = project(Branch::Compressed);
-        let compressed = match documents {
-            None => self.compress(raw),
-            Some(documents) => self.compress_documents(raw, documents),
-        };
-        let gates = self.gate.forward(x.clone());
-        let input = NsaInput {
+        Projected {
             q: heads(self.query.forward(x.clone()), self.n_heads, self.d_k),
-            compressed,
+            raw: project(Branch::Compressed),
             selected: project(Branch::Selected),
             window: project(Branch::Window),
-            gates: gates.clone(),
-        };
-        let attention = match documents {
-            None => try_nsa_attention(input, &self.attention)?,
-            Some(documents) => try_nsa_attention_packed(input, documents, &self.attention)?,
-        };
+            gates: self.gate.forward(x),
+        }
+    }
+
+    /// The layer output of the operator's `attention` and the `gates` it used.
+    pub(crate) fn finish(&self, attention: NsaOutput<B>, gates: Tensor<B, 4>) -> NsaForward<B> {
+        let [batch, seq, _, _] = attention.output.dims();
         let output = attention
             .output
             .reshape([batch, seq, self.n_heads * self.d_v]);
-        Ok(NsaForward {
+        NsaForward {
             output: self.output.forward(output),
             selected_blocks: attention.selected_blocks,
             gates,
-        })
+        }
     }
 
     /// The compression branch's keys and values of one sequence per row.
-    fn compress(&self, raw: BranchKv<B>) -> Option<BranchKv<B>> {
+    pub(crate) fn compress(&self, raw: BranchKv<B>) -> Option<BranchKv<B>> {
         self.compress_key
             .forward(raw.k)
             .zip(self.compress_value.forward(raw.v))

@@ -6,7 +6,8 @@
 //!   saturated gates match, a NaN query stays at its position. Backward: the gradient of every operator input under `Autodiff<B>` (the
 //!   backward kernels) against `Autodiff<Flex>` (the reference's autodiff), and two
 //!   identical backward runs bitwise equal. A randomized sweep of configurations, forward
-//!   and backward. Packed documents against each document alone (`common/packed.rs`).
+//!   and backward. Packed documents against each document alone (`common/packed.rs`);
+//!   cached prefill and decoding against the full forward (`common/cache.rs`).
 //! - wgpu: always built. When the build finds no Vulkan driver the wgpu tests are marked
 //!   ignored (see `nsa-burn/build.rs`), unless `NSA_REQUIRE_GPU_ADAPTER` is set (CI sets it,
 //!   with Mesa lavapipe installed); a test that gets no working adapter fails.
@@ -48,6 +49,7 @@ use burn::tensor::DType;
 use burn::tensor::Distribution;
 use burn::tensor::Tensor;
 use cases::{selected_cases, Kernels};
+use common::cache::{cache_cases, check_cached};
 use common::packed::{check_packed, PackedCase};
 use forward::{check_case, check_tied_selection};
 use gated_sum::check_gated_sum;
@@ -237,6 +239,20 @@ fn wgpu_packed_documents_match_each_document_alone() {
     check_packed::<Autodiff<Wgpu>>(&packed_case(), DType::F32, &device);
 }
 
+/// Cached prefill and decoding against the full forward, on wgpu: the first call of a
+/// sequence runs the kernels, later calls the reference at an offset (`common/cache.rs`).
+#[test]
+#[cfg_attr(
+    nsa_no_gpu_adapter,
+    ignore = "no Vulkan driver found at build time (e.g. install mesa-vulkan-drivers; see nsa-burn/build.rs)"
+)]
+fn wgpu_cached_decoding_matches_the_full_forward() {
+    let device = common::wgpu_device();
+    for case in cache_cases(&[8, 17], 3) {
+        check_cached::<Wgpu>(&case, &device, 1e-4);
+    }
+}
+
 /// Bitwise-equal gradients from two identical runs, on a case where every branch has
 /// several query groups per key (G = 16) and batch 2.
 #[test]
@@ -334,6 +350,18 @@ fn cuda_packed_documents_match_each_document_alone() {
         for case in cuda_packed_cases() {
             check_packed::<Autodiff<B>>(&case, dtype, &device);
         }
+    }
+}
+
+/// Cached prefill and decoding against the full forward, on CUDA in f32.
+#[cfg(feature = "test-cuda")]
+#[test]
+fn cuda_cached_decoding_matches_the_full_forward() {
+    type B = burn::backend::Cuda;
+    let device = Default::default();
+    assert!(common::device_answers::<B>(&device), "no CUDA device");
+    for case in cache_cases(&[1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 23, 24, 25, 40], 9) {
+        check_cached::<B>(&case, &device, 1e-4);
     }
 }
 

@@ -5,11 +5,14 @@
 //! Files: `layer/causality.rs`, `layer/selection.rs` (the selection rules),
 //! `layer/errors.rs` (configuration and shape errors), `layer/inputs.rs` (inputs at the
 //! edges: empty, mixed dtypes, overflowing settings, saved records), `layer/gradients.rs`
-//! (autodiff), `layer/packed.rs` (packed documents against each document alone);
+//! (autodiff), `layer/packed.rs` (packed documents against each document alone),
+//! `layer/cache.rs` (cached prefill and decoding against the full forward);
 //! the helpers they share are here.
 
 mod common;
 
+#[path = "layer/cache.rs"]
+mod cache;
 #[path = "layer/causality.rs"]
 mod causality;
 #[path = "layer/errors.rs"]

@@ -18,13 +18,19 @@ use crate::NsaAttentionConfig;
 /// selection block ([`block_scores`], Eq. 9) to score the selection blocks, which then go
 /// through [`top_n_blocks`]. Scores are computed chunk by chunk and never stored whole.
 ///
+/// The queries sit at positions `query_start..query_start + T` (`query_start = 0` for
+/// self-attention; queries at an offset into a longer sequence, as a cache serves them,
+/// pass their first position).
+///
 /// `q: [B, T, H, d_k]`, `k_cmp: [B, N_cmp, H_kv, d_k]`, `v_cmp: [B, N_cmp, H_kv, d_v]` with
-/// `N_cmp = config.num_compressed_blocks(T)` -> (`o_cmp: [B, T, H, d_v]` with its row
-/// log-sum-exp `[B, H, T]`, `selected: [B, H_kv, T, n]` Int, ascending, padded with -1).
+/// `N_cmp = config.num_compressed_blocks(query_start + T)` -> (`o_cmp: [B, T, H, d_v]` with
+/// its row log-sum-exp `[B, H, T]`, `selected: [B, H_kv, T, n]` Int, ascending, padded with
+/// -1).
 pub fn compressed_attention<B: Backend>(
     q: Tensor<B, 4>,
     k_cmp: Tensor<B, 4>,
     v_cmp: Tensor<B, 4>,
+    query_start: usize,
     config: &NsaAttentionConfig,
 ) -> (Attended<B>, Tensor<B, 4, Int>) {
     let [batch, seq, heads, d_k] = q.dims();
@@ -33,7 +39,7 @@ pub fn compressed_attention<B: Backend>(
     let device = q.device();
     let dtype = q.dtype();
     let scale = config.scale(d_k);
-    let num_selection = config.num_selection_blocks(seq);
+    let num_selection = config.num_selection_blocks(query_start + seq);
     let (block, stride) = (config.compress_block, config.compress_stride);
 
     let q = group_heads(q, kv_heads);
@@ -44,8 +50,10 @@ pub fn compressed_attention<B: Backend>(
     let mut selections = Vec::new();
     for (start, end) in query_chunks(seq, config.query_chunk) {
         let len = end - start;
+        // The chunk's query positions.
+        let (first, last) = (query_start + start, query_start + end);
         // Blocks that have ended by the chunk's last query.
-        let visible = config.num_compressed_blocks(end).min(num_compressed);
+        let visible = config.num_compressed_blocks(last).min(num_compressed);
         let (o, lse, scores) = if visible == 0 {
             (
                 Tensor::zeros([batch, kv_heads, len, group, d_v], (&device, dtype)),
@@ -61,7 +69,7 @@ pub fn compressed_attention<B: Backend>(
                 q.clone()
                     .narrow(2, start, len)
                     .reshape([batch, kv_heads, len * group, d_k]);
-            let (t, i) = position_grid::<B>((start, end), (0, visible), &device);
+            let (t, i) = position_grid::<B>((first, last), (0, visible), &device);
             let block_end = i
                 .clone()
                 .mul_scalar(stride as i64)
@@ -111,7 +119,7 @@ pub fn compressed_attention<B: Backend>(
         };
         outputs.push(o);
         row_lse.push(lse);
-        selections.push(top_n_blocks(scores, start, config));
+        selections.push(top_n_blocks(scores, first, config));
     }
     (
         Attended {

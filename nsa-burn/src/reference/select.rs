@@ -11,10 +11,11 @@ use crate::NsaAttentionConfig;
 /// Attention over the concatenated selected blocks, causally masked inside the block that
 /// holds the query. All `G` heads of a group attend the same blocks.
 ///
-/// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]`,
-/// `selected: [B, H_kv, T, n]` Int (block indices, -1 for an empty slot; every query needs
-/// at least one block starting at or before it, as [`super::top_n_blocks`] guarantees)
-/// -> output `[B, T, H, d_v]` and row log-sum-exp `[B, H, T]`.
+/// `q: [B, T, H, d_k]`, `k: [B, T_k, H_kv, d_k]`, `v: [B, T_k, H_kv, d_v]` with
+/// `T_k >= T`, `selected: [B, H_kv, T, n]` Int (block indices, -1 for an empty slot; every
+/// query needs at least one block starting at or before it, as [`super::top_n_blocks`]
+/// guarantees) -> output `[B, T, H, d_v]` and row log-sum-exp `[B, H, T]`. The queries are
+/// the last `T` positions of the `T_k` keys (`T_k = T` for self-attention).
 pub fn selected_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -23,11 +24,13 @@ pub fn selected_attention<B: Backend>(
     config: &NsaAttentionConfig,
 ) -> Attended<B> {
     let [batch, seq, heads, d_k] = q.dims();
-    let [_, _, kv_heads, d_v] = v.dims();
+    let [_, key_len, kv_heads, d_v] = v.dims();
+    // Position of query 0.
+    let query_start = key_len - seq;
     let n = selected.dims()[3];
     let group = heads / kv_heads;
     let block = config.select_block;
-    let num_blocks = config.num_selection_blocks(seq);
+    let num_blocks = config.num_selection_blocks(key_len);
     let device = q.device();
     let scale = config.scale(d_k);
 
@@ -35,7 +38,7 @@ pub fn selected_attention<B: Backend>(
     let blocked = |x: Tensor<B, 4>| {
         let [_, _, _, dim] = x.dims();
         let x = heads_first(x);
-        let padding = num_blocks * block - seq;
+        let padding = num_blocks * block - key_len;
         let x = if padding == 0 {
             x
         } else {
@@ -77,7 +80,8 @@ pub fn selected_attention<B: Backend>(
                 .reshape([batch, kv_heads, len, n, 1])
                 + offsets.clone().expand([batch, kv_heads, len, n, block]))
             .reshape([batch, kv_heads, len, keys]);
-            let t = Tensor::<B, 1, Int>::arange(start as i64..end as i64, &device)
+            let first = (query_start + start) as i64;
+            let t = Tensor::<B, 1, Int>::arange(first..first + len as i64, &device)
                 .reshape([1, 1, len, 1])
                 .expand([batch, kv_heads, len, keys]);
             let filled = filled

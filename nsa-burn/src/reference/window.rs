@@ -11,9 +11,12 @@ use crate::NsaAttentionConfig;
 
 /// Causal sliding-window attention.
 ///
-/// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]` -> output
-/// `[B, T, H, d_v]` and row log-sum-exp `[B, H, T]`. Shapes are not checked here;
-/// [`crate::nsa_attention`] checks them.
+/// `q: [B, T, H, d_k]`, `k: [B, L, H_kv, d_k]`, `v: [B, L, H_kv, d_v]` with `L >= T` ->
+/// output `[B, T, H, d_v]` and row log-sum-exp `[B, H, T]`. The keys end where the queries
+/// end: query `i` sits at key `L - T + i`. `L = T` is self-attention; queries at an offset
+/// into a longer sequence pass the last `L` keys, at least `min(T_k, T + w - 1)` of the
+/// `T_k` keys so that every key a query reaches is among them. Shapes are not checked
+/// here; [`crate::nsa_attention`] checks them.
 pub fn window_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -21,12 +24,14 @@ pub fn window_attention<B: Backend>(
     config: &NsaAttentionConfig,
 ) -> Attended<B> {
     let [batch, seq, heads, d_k] = q.dims();
-    let kv_heads = k.dims()[2];
+    let [_, keys, kv_heads, _] = k.dims();
     let d_v = v.dims()[3];
     let group = heads / kv_heads;
     let device = q.device();
     let scale = config.scale(d_k);
-    let window = config.window_span(seq);
+    let window = config.window_span(keys);
+    // Key index of query 0.
+    let offset = keys - seq;
 
     let q = group_heads(q, kv_heads);
     let k = heads_first(k);
@@ -34,15 +39,16 @@ pub fn window_attention<B: Backend>(
     let chunks = query_chunks(seq, config.query_chunk)
         .map(|(start, end)| {
             let len = end - start;
-            let key_start = (start + 1).saturating_sub(window);
+            let (first, last) = (offset + start, offset + end);
+            let key_start = (first + 1).saturating_sub(window);
             let q_chunk =
                 q.clone()
                     .narrow(2, start, len)
                     .reshape([batch, kv_heads, len * group, d_k]);
-            let k_chunk = k.clone().narrow(2, key_start, end - key_start);
-            let v_chunk = v.clone().narrow(2, key_start, end - key_start);
+            let k_chunk = k.clone().narrow(2, key_start, last - key_start);
+            let v_chunk = v.clone().narrow(2, key_start, last - key_start);
             // Key p is visible to query t iff t - w < p <= t.
-            let (t, p) = position_grid::<B>((start, end), (key_start, end), &device);
+            let (t, p) = position_grid::<B>((first, last), (key_start, last), &device);
             let allowed = p
                 .clone()
                 .lower_equal(t.clone())

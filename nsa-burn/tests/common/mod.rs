@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod cache;
 pub mod packed;
 
 use burn::backend::wgpu::WgpuDevice;

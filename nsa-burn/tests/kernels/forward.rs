@@ -65,8 +65,13 @@ pub fn check_case<B: NsaBackend>(case: &Case, dtype: DType, device: &B::Device) 
         &config,
     );
 
-    let (ref_cmp, ref_selected) =
-        compressed_attention(reference(&q), reference(&k_cmp), reference(&v_cmp), &config);
+    let (ref_cmp, ref_selected) = compressed_attention(
+        reference(&q),
+        reference(&k_cmp),
+        reference(&v_cmp),
+        0,
+        &config,
+    );
     assert_eq!(
         ints(selected_data),
         ints(ref_selected.clone().into_data()),
@@ -120,8 +125,13 @@ pub fn check_tied_selection<B: NsaBackend>(case: &Case, dtype: DType, device: &B
         on::<B>(&v_cmp, dtype, device),
         &config,
     );
-    let (_, want) =
-        compressed_attention(reference(&q), reference(&k_cmp), reference(&v_cmp), &config);
+    let (_, want) = compressed_attention(
+        reference(&q),
+        reference(&k_cmp),
+        reference(&v_cmp),
+        0,
+        &config,
+    );
     assert_eq!(
         ints(Tensor::<B, 4, Int>::from_primitive(selected).into_data()),
         ints(want.into_data()),

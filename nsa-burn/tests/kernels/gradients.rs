@@ -125,7 +125,7 @@ pub fn check_gradients<B: AutodiffBackend + NsaBackend>(
     if blocks > 0 {
         let [q, k, v, k_cmp, v_cmp, _] = inputs;
         let (_, selected) =
-            compressed_attention(reference(q), reference(k_cmp), reference(v_cmp), &config);
+            compressed_attention(reference(q), reference(k_cmp), reference(v_cmp), 0, &config);
         let selected = selected.into_data();
         for (branch, [q, k, v]) in [
             (Branch::Compressed, [q, k_cmp, v_cmp]),
