@@ -3,7 +3,11 @@
 //! whole operator under autodiff (`--phase backward`); or packed documents
 //! (`--phase packed-forward`, `--phase packed-backward`): documents of random lengths
 //! (`--doc-lens`, seeded by `--seed`) filling each sequence length, run packed, each alone,
-//! and padded to the longest one as a batch.
+//! and padded to the longest one as a batch; or decoding (`--phase decode`): one step of
+//! `--batch` sequences after a context of each sequence length, the operator alone and the
+//! layer through its cache; or a check of long sequences (`--phase long-check`): the
+//! forward pass, with its outputs at sampled query positions compared with the reference
+//! (queries at an offset, in f32), failing past `--tolerance`.
 //!
 //! ```text
 //! nsa-bench --seq-lens 8192 16384 32768 65536 --dtype bf16 --phase forward --json forward.json
@@ -20,11 +24,11 @@ use std::time::Instant;
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Distribution, Tensor};
+use burn::tensor::{DType, Distribution, ElementConversion, Tensor};
 use clap::Parser;
 use nsa_burn::{
     nsa_attention, nsa_attention_packed, BranchKv, BranchSaved, Documents, NsaAttentionConfig,
-    NsaBackend, NsaInput,
+    NsaBackend, NsaCacheConfig, NsaConfig, NsaInput,
 };
 use serde::Serialize;
 
@@ -61,6 +65,15 @@ struct Args {
     /// Seed of the packed phases' document lengths.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Sequences decoded together (decode phase).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Width of the layer timed by the decode phase.
+    #[arg(long, default_value_t = 1024)]
+    d_model: usize,
+    /// Largest relative error the long-check phase accepts at its sampled positions.
+    #[arg(long, default_value_t = 2e-2)]
+    tolerance: f64,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -174,8 +187,10 @@ fn run<B: NsaBackend>(args: &Args, dtype: DType) {
         "backward" => backward::<B>(args, dtype),
         "packed-forward" => packed::<B>(args, dtype, false),
         "packed-backward" => packed::<B>(args, dtype, true),
+        "decode" => decode::<B>(args, dtype),
+        "long-check" => long_check::<B>(args, dtype),
         other => panic!(
-            "--phase must be forward, backward, packed-forward or packed-backward, got {other}"
+            "--phase must be forward, backward, packed-forward, packed-backward, decode or long-check, got {other}"
         ),
     };
     if let Some(path) = &args.json {
@@ -443,6 +458,128 @@ fn packed<B: NsaBackend>(args: &Args, dtype: DType, backward: bool) -> Table {
         );
         let padded = time::<B, _>(args, &device, || run(padded_inputs.clone(), None));
         table.push(seq, &[alone, packed, padded]);
+    }
+    table
+}
+
+/// The last `len` positions of `t` (dimension 1).
+fn last<B: Backend>(t: Tensor<B, 4>, len: usize) -> Tensor<B, 4> {
+    let total = t.dims()[1];
+    t.narrow(1, total - len, len)
+}
+
+/// The operator's input for the queries `end - len..end` of a sequence whose inputs are
+/// `[q, k, v, k_cmp, v_cmp, gates]` (compressed keys of the whole sequence): the keys of
+/// positions `0..end`, the window keys the queries reach, the compression blocks ended by
+/// `end`.
+fn offset_input<B: Backend>(
+    tensors: &[Tensor<B, 4>; 6],
+    end: usize,
+    len: usize,
+    config: &NsaAttentionConfig,
+) -> NsaInput<B> {
+    let [q, k, v, k_cmp, v_cmp, gates] = tensors.clone();
+    let (k, v) = (k.narrow(1, 0, end), v.narrow(1, 0, end));
+    let reach = end.min(len + config.window - 1);
+    let blocks = config.num_compressed_blocks(end);
+    NsaInput {
+        q: last(q.narrow(1, 0, end), len),
+        compressed: (blocks > 0).then(|| BranchKv {
+            k: k_cmp.narrow(1, 0, blocks),
+            v: v_cmp.narrow(1, 0, blocks),
+        }),
+        selected: BranchKv {
+            k: k.clone(),
+            v: v.clone(),
+        },
+        window: BranchKv {
+            k: last(k, reach),
+            v: last(v, reach),
+        },
+        gates: last(gates.narrow(1, 0, end), len),
+    }
+}
+
+/// One decoding step after a context of each sequence length, for `--batch` sequences: the
+/// operator alone (one query per sequence at position `T`, keys `0..=T`), and a layer of
+/// `--d-model` through its cache (projections, compressor, gates and output included, the
+/// host's work too, in f32), after a prefill of the context.
+fn decode<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
+    let device = B::Device::default();
+    let layer_config = NsaConfig::new(args.d_model, args.heads, args.kv_heads, args.d_k, args.d_v);
+    let config = layer_config.attention_config();
+    let mut table = Table::new(vec!["operator decode step", "layer decode step (cache)"]);
+    let batch = args.batch;
+    for &seq in &args.seq_lens {
+        let context = seq + 1;
+        let blocks = config.num_compressed_blocks(context);
+        let tensors = batch_inputs::<B>(args, batch, context, blocks, dtype, &device);
+        let operator = time::<B, _>(args, &device, || {
+            nsa_attention(offset_input(&tensors, context, 1, &config), &config).output
+        });
+        let layer = layer_config.init::<B>(&device);
+        // The context, then one token per warm-up and timed step.
+        let capacity = seq + args.warmup + args.reps + 1;
+        let pages = batch * capacity.div_ceil(config.select_block);
+        let mut cache = layer.cache(&NsaCacheConfig::new(batch, pages), &device);
+        let sequences: Vec<usize> = (0..batch).collect();
+        // The layer's weights are f32, so its step runs in f32 whatever `--dtype` says.
+        let x = |len| {
+            Tensor::<B, 3>::random(
+                [batch, len, args.d_model],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            )
+        };
+        layer.forward_cached(x(seq), &mut cache, &sequences);
+        let step = x(1);
+        let layer_ms = time::<B, _>(args, &device, || {
+            layer.forward_cached(step.clone(), &mut cache, &sequences)
+        });
+        table.push(seq, &[operator, layer_ms]);
+    }
+    table
+}
+
+/// The forward pass at each sequence length, and its outputs at sampled query positions
+/// (16 queries ending at the first, a middle and the last position) against the reference
+/// run on the same backend in f32 with the queries at an offset. Panics past
+/// `--tolerance`.
+fn long_check<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
+    let device = B::Device::default();
+    let config = NsaAttentionConfig::new();
+    let mut table = Table::new(vec!["NSA forward total"]);
+    for &seq in &args.seq_lens {
+        let tensors = inputs::<B>(args, &config, seq, dtype, &device);
+        let total = time::<B, _>(args, &device, || {
+            nsa_attention(operator_input(tensors.clone()), &config).output
+        });
+        let output = nsa_attention(operator_input(tensors.clone()), &config).output;
+        let single = tensors.clone().map(|t| t.cast(DType::F32));
+        let len = 16.min(seq);
+        let mut worst = 0.0f64;
+        for end in [len, seq / 2, seq] {
+            let end = end.max(len);
+            let reference = nsa_attention(offset_input(&single, end, len, &config), &config).output;
+            let kernel = output.clone().narrow(1, end - len, len).cast(DType::F32);
+            let square_sum = |t: Tensor<B, 4>| (t.clone() * t).sum().into_scalar().elem::<f64>();
+            let error = (square_sum(kernel - reference.clone()) / square_sum(reference)).sqrt();
+            println!(
+                "T = {seq}: queries {}..{end}: relative error {error:.2e}",
+                end - len
+            );
+            assert!(
+                error.is_finite() && error <= args.tolerance,
+                "T = {seq}: the kernels' outputs at {}..{end} differ from the reference by {error:e}",
+                end - len
+            );
+            worst = worst.max(error);
+        }
+        println!(
+            "T = {seq}: worst relative error {worst:.2e} (tolerance {:e})",
+            args.tolerance
+        );
+        table.push(seq, &[total]);
     }
     table
 }
