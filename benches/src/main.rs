@@ -542,7 +542,7 @@ fn decode<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
 }
 
 /// The forward pass at each sequence length, and its outputs at sampled query positions
-/// (16 queries ending at the first, a middle and the last position) against the reference
+/// (16 queries from position 1, in the middle and at the end) against the reference
 /// run on the same backend in f32 with the queries at an offset. Panics past
 /// `--tolerance`.
 fn long_check<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
@@ -556,10 +556,15 @@ fn long_check<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
         });
         let output = nsa_attention(operator_input(tensors.clone()), &config).output;
         let single = tensors.clone().map(|t| t.cast(DType::F32));
-        let len = 16.min(seq);
+        // Queries at an offset of at least 1, so that the reference runs (`T < T_k`).
+        let len = 16.min(seq.saturating_sub(1)).max(1);
         let mut worst = 0.0f64;
-        for end in [len, seq / 2, seq] {
-            let end = end.max(len);
+        for end in [len + 1, seq / 2, seq] {
+            let end = end.clamp(len + 1, seq.max(len + 1));
+            if end > seq {
+                println!("T = {seq}: too short to check at an offset");
+                break;
+            }
             let reference = nsa_attention(offset_input(&single, end, len, &config), &config).output;
             let kernel = output.clone().narrow(1, end - len, len).cast(DType::F32);
             let square_sum = |t: Tensor<B, 4>| (t.clone() * t).sum().into_scalar().elem::<f64>();

@@ -482,21 +482,16 @@ fn attend_at_offset<B: NsaBackend>(
     config: &NsaAttentionConfig,
 ) -> NsaOutput<B> {
     let query_start = input.query_start();
-    let NsaInput {
-        q,
-        compressed,
-        selected,
-        window,
-        gates,
-    } = input;
-    let (o_cmp, selected_blocks) = match compressed {
+    let q = input.q;
+    let (o_cmp, selected_blocks) = match input.compressed {
         Some(compressed) => {
             let (attended, blocks) =
                 compressed_attention(q.clone(), compressed.k, compressed.v, query_start, config);
             (Some(attended.output), blocks)
         }
-        None => (None, first_block_only(&selected, q.dims()[1], config)),
+        None => (None, first_block_only(&input.selected, q.dims()[1], config)),
     };
+    let (selected, window) = (input.selected, input.window);
     let o_slc = selected_attention(
         q.clone(),
         selected.k,
@@ -512,7 +507,7 @@ fn attend_at_offset<B: NsaBackend>(
         compressed: float(o_cmp),
         selected: float(o_slc),
         window: float(o_win),
-        gates: float(gates),
+        gates: float(input.gates),
     });
     NsaOutput {
         output: Tensor::from_primitive(TensorPrimitive::Float(output)),
