@@ -29,7 +29,8 @@ pub struct BenchArgs {
     /// Sequence lengths.
     #[arg(long, num_args = 1.., default_values_t = [8192usize, 16384, 32768, 65536])]
     pub seq_lens: Vec<usize>,
-    /// Phases: forward, backward.
+    /// Phases: forward, backward, decode (one decoding step after a context of each length;
+    /// see `nsa-bench --phase decode`), packed-forward, packed-backward.
     #[arg(long, num_args = 1.., default_values = ["forward", "backward"])]
     pub phases: Vec<String>,
     /// Untimed runs before timing (the first compiles the kernels).
@@ -95,7 +96,17 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     for (what, values, allowed) in [
         ("backend", &args.backends, &["cuda", "wgpu"][..]),
         ("dtype", &args.dtypes, &["f32", "f16", "bf16"][..]),
-        ("phase", &args.phases, &["forward", "backward"][..]),
+        (
+            "phase",
+            &args.phases,
+            &[
+                "forward",
+                "backward",
+                "decode",
+                "packed-forward",
+                "packed-backward",
+            ][..],
+        ),
     ] {
         if let Some(bad) = values.iter().find(|v| !allowed.contains(&v.as_str())) {
             return Err(format!("--{what}s: `{bad}` is not one of {allowed:?}"));
