@@ -207,8 +207,10 @@ pub(crate) struct NewTokens<B: Backend> {
 #[derive(Debug, Clone)]
 pub struct NsaCache<B: Backend> {
     pub(crate) layout: CacheLayout,
-    /// The page pool: keys `[P, l', H_kv, d_k]`, values `[P, l', H_kv, d_v]`.
-    pool: BranchKv<B>,
+    /// The page pool: keys `[P, l', H_kv, d_k]`, values `[P, l', H_kv, d_v]`. Always
+    /// `Some`: a write takes the tensors out, so that no other handle to them is alive and
+    /// the backend can write the new tokens in place instead of copying the pool.
+    pool: Option<BranchKv<B>>,
     /// Pages no sequence holds, handed out from the end.
     free: Vec<usize>,
     sequences: Vec<SequenceState<B>>,
@@ -231,10 +233,10 @@ impl<B: Backend> NsaCache<B> {
         };
         Self {
             layout,
-            pool: BranchKv {
+            pool: Some(BranchKv {
                 k: pool(layout.d_k),
                 v: pool(layout.d_v),
-            },
+            }),
             free: (0..config.max_pages).rev().collect(),
             sequences: vec![SequenceState::default(); config.max_sequences],
         }
@@ -364,6 +366,7 @@ impl<B: Backend> NsaCache<B> {
     fn write_pages(&mut self, sequence: usize, new: BranchKv<B>) {
         let page = self.layout.page;
         let tokens = new.k.dims()[1];
+        let mut pool = self.pool.take().expect("the pool is always there");
         let mut position = self.sequences[sequence].len;
         let end = position + tokens;
         while position < end {
@@ -387,10 +390,11 @@ impl<B: Backend> NsaCache<B> {
                     part,
                 )
             };
-            self.pool.k = write(self.pool.k.clone(), &new.k);
-            self.pool.v = write(self.pool.v.clone(), &new.v);
+            pool.k = write(pool.k, &new.k);
+            pool.v = write(pool.v, &new.v);
             position += count;
         }
+        self.pool = Some(pool);
     }
 
     /// `sequence`'s selection-branch keys and values in order, `[1, len, H_kv, d]`.
@@ -398,7 +402,8 @@ impl<B: Backend> NsaCache<B> {
         let state = &self.sequences[sequence];
         let pages: Vec<i64> = state.pages.iter().map(|&page| page as i64).collect();
         let count = pages.len();
-        let device = self.pool.k.device();
+        let pool = self.pool.as_ref().expect("the pool is always there");
+        let device = pool.k.device();
         let index = Tensor::<B, 1, Int>::from_data(TensorData::new(pages, [count]), &device);
         let gather = |pool: &Tensor<B, 4>| {
             let [_, page, heads, dim] = pool.dims();
@@ -408,8 +413,8 @@ impl<B: Backend> NsaCache<B> {
                 .narrow(1, 0, state.len)
         };
         BranchKv {
-            k: gather(&self.pool.k),
-            v: gather(&self.pool.v),
+            k: gather(&pool.k),
+            v: gather(&pool.v),
         }
     }
 }
