@@ -38,6 +38,16 @@ pub enum NsaCacheError {
         /// The cache's `max_sequences`.
         max_sequences: usize,
     },
+    /// The input is on another device, or the layer's weights in another dtype, than the
+    /// cache (which was made on a device, in the dtype of the layer's weights).
+    WrongPlacement {
+        /// What differs: `device` or `dtype`.
+        field: &'static str,
+        /// The input's device or the layer's dtype.
+        given: String,
+        /// The cache's.
+        cache: String,
+    },
     /// A sequence named twice in one call.
     RepeatedSequence {
         /// The sequence number given twice.
@@ -50,8 +60,8 @@ pub enum NsaCacheError {
         /// Sequences named.
         sequences: usize,
     },
-    /// The cache was made for a layer with other head counts, head dimensions or selection
-    /// block length.
+    /// The cache was made for a layer with other head counts, head dimensions, block
+    /// lengths or window.
     WrongLayer {
         /// What differs, e.g. `n_kv_heads`.
         field: &'static str,
@@ -75,6 +85,14 @@ impl fmt::Display for NsaCacheError {
             } => write!(
                 f,
                 "NSA cache: sequence {sequence} does not exist, the cache holds {max_sequences} (max_sequences)"
+            ),
+            Self::WrongPlacement {
+                field,
+                given,
+                cache,
+            } => write!(
+                f,
+                "NSA cache: its {field} is {cache}, but the call's is {given}"
             ),
             Self::RepeatedSequence { sequence } => {
                 write!(f, "NSA cache: sequence {sequence} is named twice in one call")
@@ -105,6 +123,8 @@ pub(crate) struct CacheLayout {
     pub d_v: usize,
     /// Selection block length `l'`: the page size.
     pub page: usize,
+    /// Compression block length `l`.
+    pub block: usize,
     /// Compression stride `d`.
     pub stride: usize,
     /// Window `w`.
@@ -119,6 +139,7 @@ impl CacheLayout {
             ("d_k", self.d_k, other.d_k),
             ("d_v", self.d_v, other.d_v),
             ("select_block", self.page, other.page),
+            ("compress_block", self.block, other.block),
             ("compress_stride", self.stride, other.stride),
             ("window", self.window, other.window),
         ];
@@ -273,6 +294,37 @@ impl<B: Backend> NsaCache<B> {
                 sequence,
                 max_sequences: self.sequences.len(),
             })
+    }
+
+    /// Checks that `device` and `dtype` are the cache's.
+    pub(crate) fn check_placement(
+        &self,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<(), NsaCacheError> {
+        let pool = self.pool.as_ref().expect("the pool is always there");
+        let mismatch = |field, given: String, cache: String| {
+            Err(NsaCacheError::WrongPlacement {
+                field,
+                given,
+                cache,
+            })
+        };
+        if pool.k.device() != *device {
+            return mismatch(
+                "device",
+                format!("{device:?}"),
+                format!("{:?}", pool.k.device()),
+            );
+        }
+        if pool.k.dtype() != dtype {
+            return mismatch(
+                "dtype",
+                format!("{dtype:?}"),
+                format!("{:?}", pool.k.dtype()),
+            );
+        }
+        Ok(())
     }
 
     /// Checks that `sequences` are distinct and exist and that appending `tokens` to each
@@ -438,6 +490,7 @@ impl<B: NsaBackend> Nsa<B> {
             d_k: self.d_k,
             d_v: self.d_v,
             page: self.attention.select_block,
+            block: self.attention.compress_block,
             stride: self.attention.compress_stride,
             window: self.attention.window,
         }
@@ -446,9 +499,11 @@ impl<B: NsaBackend> Nsa<B> {
     /// Causal NSA self-attention over the next tokens of cached sequences: row `i` of `x`
     /// holds the next `T` tokens of sequence `sequences[i]`, at positions continuing from
     /// what `cache` holds of it, and the tokens join the cache. Feeding a sequence in chunks
-    /// (prefill), one token at a time (decoding) or in one call gives the same outputs and
-    /// selected blocks as [`Nsa::forward`] over the whole sequence; the sequences of one call
-    /// may have different lengths.
+    /// (prefill), one token at a time (decoding) or in one call gives the outputs and
+    /// selected blocks of [`Nsa::forward`] over the whole sequence, up to rounding; the
+    /// sequences of one call may have different lengths. (On the CubeCL backends the full
+    /// forward runs the kernels and later cached calls the reference, so a near-tie between
+    /// two blocks' scores can select differently there.)
     ///
     /// `x: [S, T, d_model]`, `sequences: [S]` distinct numbers below the cache's
     /// `max_sequences` -> `[S, T, d_model]`.
@@ -483,6 +538,7 @@ impl<B: NsaBackend> Nsa<B> {
         self.settings.check()?;
         self.check_input(&x)?;
         self.cache_layout().check(&cache.layout)?;
+        cache.check_placement(&x.device(), self.query.weight.val().dtype())?;
         let [rows, tokens, _] = x.dims();
         if rows != sequences.len() {
             return Err(NsaCacheError::RowsMismatch {

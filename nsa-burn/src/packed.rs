@@ -328,6 +328,7 @@ pub fn try_nsa_attention_packed<B: NsaBackend>(
     config.validate()?;
     let [batch, seq, heads, _] = input.q.dims();
     documents.check_rows(batch, seq)?;
+    check_packed_rows(&input)?;
     let num_compressed = documents.num_compressed_blocks(config);
     check_packed_compressed(&input, num_compressed)?;
     let rows = |t: Tensor<B, 4>| {
@@ -384,6 +385,32 @@ pub fn try_nsa_attention_packed<B: NsaBackend>(
         output,
         selected_blocks,
     })
+}
+
+/// Every position-wise input covers the rows and positions of `q`: packed documents take
+/// queries over whole rows, not at an offset into longer keys.
+fn check_packed_rows<B: Backend>(input: &NsaInput<B>) -> Result<(), NsaShapeError> {
+    let [batch, seq, _, _] = input.q.dims();
+    let tensors = [
+        ("selected.k", &input.selected.k),
+        ("selected.v", &input.selected.v),
+        ("window.k", &input.window.k),
+        ("window.v", &input.window.v),
+        ("gates", &input.gates),
+    ];
+    match tensors
+        .into_iter()
+        .find(|(_, tensor)| tensor.dims()[..2] != [batch, seq])
+    {
+        None => Ok(()),
+        Some((name, tensor)) => Err(NsaShapeError {
+            tensor: name,
+            actual: tensor.dims().to_vec(),
+            expected: format!(
+                "[B, T, ..] with [B, T] = [{batch}, {seq}] from `q`: packed documents take queries over whole rows"
+            ),
+        }),
+    }
 }
 
 /// The packed compressed keys and values hold `num_compressed` rows (or are `None` when

@@ -151,7 +151,7 @@ struct TrainingArgs {
 #[derive(Debug, ClapArgs)]
 #[command(next_help_heading = "Evaluation")]
 struct EvaluationArgs {
-    /// Sequence lengths to evaluate at.
+    /// Sequence lengths to evaluate at (in any order; evaluated and plotted ascending).
     #[arg(long, num_args = 1.., default_values_t = defaults().evaluation.seq_lens)]
     eval_lens: Vec<usize>,
     /// Equal depth bins of the context, each with its own sequences.
@@ -203,7 +203,7 @@ impl Args {
                 valid_samples: training.valid_samples,
             },
             evaluation: EvaluationConfig {
-                seq_lens: evaluation.eval_lens.clone(),
+                seq_lens: ascending(&evaluation.eval_lens),
                 depth_bins: evaluation.depth_bins,
                 samples: evaluation.eval_samples,
                 batch_tokens: evaluation.eval_batch_tokens,
@@ -271,4 +271,12 @@ where
         memory: MemoryProbe::for_backend(device.backend),
         out: args.out.clone(),
     })
+}
+
+/// `lengths` in ascending order without repeats (the plots draw them left to right).
+fn ascending(lengths: &[usize]) -> Vec<usize> {
+    let mut lengths = lengths.to_vec();
+    lengths.sort_unstable();
+    lengths.dedup();
+    lengths
 }

@@ -229,6 +229,16 @@ fn packed_operator_checks_its_inputs() {
         Err(NsaError::Shape(error)) => assert_eq!(error.tensor, "compressed.k"),
         other => panic!("expected a shape error, got {other:?}"),
     }
+    // Packed queries cover whole rows: keys of another length are a shape error, not an
+    // offset.
+    let longer_keys = nsa_burn::NsaInput {
+        window: kv(seq + 4),
+        ..input(2)
+    };
+    match try_nsa_attention_packed(longer_keys, &documents, &config) {
+        Err(NsaError::Shape(error)) => assert_eq!(error.tensor, "window.k"),
+        other => panic!("expected a shape error, got {other:?}"),
+    }
     let short = Documents::try_new(&[0, 10], 1, 10).unwrap();
     assert_eq!(
         try_nsa_attention_packed(input(2), &short, &config).err(),
