@@ -20,19 +20,15 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Int, Tensor};
 use clap::Parser;
 use nsa_burn::{Nsa, NsaAttentionConfig, NsaBackend, NsaConfig};
-use nsa_examples::device::{pick_device, CompiledBackend, DeviceChoice};
-use nsa_examples::preset::Preset;
+use nsa_examples::device::CompiledBackend;
+use nsa_examples::preset::{DeviceAndPreset, Preset};
 
 /// Runs the NSA layer on a random sequence: the paper's layer on a GPU, a small one on a CPU
 /// (see `--preset`).
 #[derive(Debug, Parser)]
 struct Args {
-    /// Device to run on.
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    device: DeviceChoice,
-    /// Layer sizes and blocks [default: paper on a GPU, small on a CPU].
-    #[arg(long, value_enum)]
-    preset: Option<Preset>,
+    #[command(flatten)]
+    placement: DeviceAndPreset,
     /// Sequence length T.
     #[arg(long, default_value_t = 1024)]
     seq_len: usize,
@@ -77,22 +73,7 @@ impl Args {
 
 fn main() {
     let args = Args::parse();
-    let device = pick_device(args.device).unwrap_or_else(|error| {
-        eprintln!("{error}");
-        std::process::exit(2);
-    });
-    println!("device: {}", device.description);
-    let preset = match args.preset {
-        Some(preset) => {
-            println!("preset: {}", preset.name());
-            preset
-        }
-        None => {
-            let preset = Preset::for_device(&device);
-            println!("preset: {} ({})", preset.name(), preset.default_note());
-            preset
-        }
-    };
+    let (device, preset) = args.placement.start();
     let config = args.layer_config(preset);
     if let Err(error) = config.validate() {
         eprintln!("invalid configuration: {error}");

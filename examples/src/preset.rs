@@ -3,7 +3,42 @@
 use clap::ValueEnum;
 use nsa_burn::NsaConfig;
 
-use crate::device::PickedDevice;
+use crate::device::{pick_device, DeviceChoice, PickedDevice};
+
+/// The `--device` and `--preset` flags of the examples that run one layer configuration.
+#[derive(Debug, clap::Args)]
+pub struct DeviceAndPreset {
+    /// Device to run on.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// Layer sizes and blocks [default: paper on a GPU, small on a CPU].
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+}
+
+impl DeviceAndPreset {
+    /// Starts the device asked for and picks the preset, printing both; exits with status 2
+    /// when the device's backend is not compiled in.
+    pub fn start(&self) -> (PickedDevice, Preset) {
+        let device = pick_device(self.device).unwrap_or_else(|error| {
+            eprintln!("{error}");
+            std::process::exit(2);
+        });
+        println!("device: {}", device.description);
+        let preset = match self.preset {
+            Some(preset) => {
+                println!("preset: {}", preset.name());
+                preset
+            }
+            None => {
+                let preset = Preset::for_device(&device);
+                println!("preset: {} ({})", preset.name(), preset.default_note());
+                preset
+            }
+        };
+        (device, preset)
+    }
+}
 
 /// The layer's sizes and blocks, before the size flags override them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -19,18 +19,14 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
 use clap::Parser;
 use nsa_burn::{Nsa, NsaBackend, NsaCache, NsaCacheConfig, NsaConfig};
-use nsa_examples::device::{pick_device, CompiledBackend, DeviceChoice};
-use nsa_examples::preset::Preset;
+use nsa_examples::device::CompiledBackend;
+use nsa_examples::preset::DeviceAndPreset;
 
 /// Generates tokens with a random-weight NSA decoder and its cache.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Device to run on.
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    device: DeviceChoice,
-    /// Layer sizes and blocks [default: paper on a GPU, small on a CPU].
-    #[arg(long, value_enum)]
-    preset: Option<Preset>,
+    #[command(flatten)]
+    placement: DeviceAndPreset,
     /// Decoder blocks (attention + MLP).
     #[arg(long, default_value_t = 2)]
     layers: usize,
@@ -121,13 +117,7 @@ impl<B: NsaBackend> Decoder<B> {
 
 fn main() {
     let args = Args::parse();
-    let device = pick_device(args.device).unwrap_or_else(|error| {
-        eprintln!("{error}");
-        std::process::exit(2);
-    });
-    println!("device: {}", device.description);
-    let preset = args.preset.unwrap_or_else(|| Preset::for_device(&device));
-    println!("preset: {}", preset.name());
+    let (device, preset) = args.placement.start();
     let layer = preset.config();
     if args.chunk == 0 || args.prompt_len == 0 || args.batch == 0 || args.vocab == 0 {
         eprintln!("--chunk, --prompt-len, --batch and --vocab must be at least 1");
