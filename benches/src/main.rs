@@ -26,6 +26,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, ElementConversion, Tensor};
 use clap::Parser;
+use nsa_burn::reference;
 use nsa_burn::{
     nsa_attention, nsa_attention_packed, BranchKv, BranchSaved, Documents, NsaAttentionConfig,
     NsaBackend, NsaCacheConfig, NsaConfig, NsaInput,
@@ -301,7 +302,7 @@ fn backward<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
                 output,
                 lse,
             };
-        let (o, lse, selected) = B::nsa_compressed(p(&q), p(&k_cmp), p(&v_cmp), &config);
+        let (o, lse, selected) = B::nsa_compressed(p(&q), p(&k_cmp), p(&v_cmp), 0, &config);
         let compressed = saved(&q, &k_cmp, &v_cmp, (o, lse));
         let selected_saved = saved(
             &q,
@@ -350,9 +351,9 @@ fn forward<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
         let tensors = inputs::<B>(args, &config, seq, dtype, &device);
         let [q, k, v, k_cmp, v_cmp, _] = tensors.clone();
         let p = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
-        let (_, _, selected) = B::nsa_compressed(p(&q), p(&k_cmp), p(&v_cmp), &config);
+        let (_, _, selected) = B::nsa_compressed(p(&q), p(&k_cmp), p(&v_cmp), 0, &config);
         let compressed = time::<B, _>(args, &device, || {
-            B::nsa_compressed(p(&q), p(&k_cmp), p(&v_cmp), &config)
+            B::nsa_compressed(p(&q), p(&k_cmp), p(&v_cmp), 0, &config)
         });
         let selected_ms = time::<B, _>(args, &device, || {
             B::nsa_selected(p(&q), p(&k), p(&v), selected.clone(), &config)
@@ -543,8 +544,8 @@ fn decode<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
 
 /// The forward pass at each sequence length, and its outputs at sampled query positions
 /// (16 queries from position 1, in the middle and at the end) against the reference
-/// run on the same backend in f32 with the queries at an offset. Panics past
-/// `--tolerance`.
+/// operator (`nsa_burn::reference::operator`, Burn ops) run on the same backend in f32 with
+/// the queries at an offset. Panics past `--tolerance`.
 fn long_check<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
     let device = B::Device::default();
     let config = NsaAttentionConfig::new();
@@ -556,7 +557,7 @@ fn long_check<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
         });
         let output = nsa_attention(operator_input(tensors.clone()), &config).output;
         let single = tensors.clone().map(|t| t.cast(DType::F32));
-        // Queries at an offset of at least 1, so that the reference runs (`T < T_k`).
+        // Queries at an offset of at least 1 (`T < T_k`), as a cache calls the operator.
         let len = 16.min(seq.saturating_sub(1)).max(1);
         let mut worst = 0.0f64;
         for end in [len + 1, seq / 2, seq] {
@@ -565,7 +566,9 @@ fn long_check<B: NsaBackend>(args: &Args, dtype: DType) -> Table {
                 println!("T = {seq}: too short to check at an offset");
                 break;
             }
-            let reference = nsa_attention(offset_input(&single, end, len, &config), &config).output;
+            let reference = reference::operator(offset_input(&single, end, len, &config), &config)
+                .expect("valid inputs")
+                .output;
             let kernel = output.clone().narrow(1, end - len, len).cast(DType::F32);
             let square_sum = |t: Tensor<B, 4>| (t.clone() * t).sum().into_scalar().elem::<f64>();
             let error = (square_sum(kernel - reference.clone()) / square_sum(reference)).sqrt();

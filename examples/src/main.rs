@@ -191,9 +191,9 @@ fn branch_times<B: NsaBackend>(args: &Args, layer: &NsaConfig, device: &B::Devic
         let k_cmp = random(layer.n_kv_heads, blocks, layer.d_k);
         let v_cmp = random(layer.n_kv_heads, blocks, layer.d_v);
         timed("compressed + top-n", &|| {
-            B::nsa_compressed(q.clone(), k_cmp.clone(), v_cmp.clone(), config);
+            B::nsa_compressed(q.clone(), k_cmp.clone(), v_cmp.clone(), 0, config);
         });
-        let (_, _, selected) = B::nsa_compressed(q.clone(), k_cmp, v_cmp, config);
+        let (_, _, selected) = B::nsa_compressed(q.clone(), k_cmp, v_cmp, 0, config);
         timed("selected", &|| {
             B::nsa_selected(q.clone(), k.clone(), v.clone(), selected.clone(), config);
         });

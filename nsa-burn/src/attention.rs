@@ -9,9 +9,7 @@ use burn::tensor::TensorPrimitive;
 
 use nsa_cubecl::{AttentionShape, PlanError};
 
-use crate::backend::reference_gated_sum;
-use crate::reference::{compressed_attention, selected_attention, window_attention};
-use crate::{GatedRest, GatedSum, NsaAttentionConfig, NsaBackend, NsaConfigError};
+use crate::{GatedRest, NsaAttentionConfig, NsaBackend, NsaConfigError};
 
 /// Keys and values of one branch.
 #[derive(Debug, Clone)]
@@ -208,7 +206,7 @@ fn expect_nonempty<const D: usize>(
     }
 }
 
-impl<B: NsaBackend> NsaInput<B> {
+impl<B: Backend> NsaInput<B> {
     /// Every float input with its name.
     fn float_tensors(&self) -> Vec<(&'static str, &Tensor<B, 4>)> {
         let mut tensors = vec![("q", &self.q)];
@@ -229,43 +227,13 @@ impl<B: NsaBackend> NsaInput<B> {
     }
 
     /// Position of the first query: `T_k - T` (0 for self-attention).
-    fn query_start(&self) -> usize {
+    pub(crate) fn query_start(&self) -> usize {
         self.selected.v.dims()[1] - self.q.dims()[1]
-    }
-
-    /// Checks that every float input has `q`'s dtype and that the backend takes it.
-    fn check_dtypes(&self) -> Result<(), NsaError> {
-        let q_dtype = self.q.dtype();
-        if let Some((tensor, other)) = self
-            .float_tensors()
-            .into_iter()
-            .find(|(_, tensor)| tensor.dtype() != q_dtype)
-        {
-            return Err(NsaError::MixedDType {
-                tensor,
-                dtype: other.dtype(),
-                q_dtype,
-            });
-        }
-        if B::nsa_supports_dtype(q_dtype) {
-            Ok(())
-        } else {
-            Err(NsaError::UnsupportedDType { dtype: q_dtype })
-        }
-    }
-
-    /// Plans every kernel of the call on the backend ([`NsaBackend::nsa_plan`]), so that a
-    /// call no kernel path fits is an error before anything runs.
-    fn plan(&self, config: &NsaAttentionConfig) -> Result<(), NsaError> {
-        let shape = AttentionShape::from_dims(self.q.dims(), self.selected.v.dims());
-        B::nsa_plan(&self.q.device(), self.q.dtype(), shape, config)
-            .map(|_| ())
-            .map_err(NsaError::Kernels)
     }
 
     /// Checks every shape against `q`, `selected.v` (for `T_k`, `H_kv` and `d_v`) and
     /// `config`.
-    fn check(&self, config: &NsaAttentionConfig) -> Result<(), NsaShapeError> {
+    pub(crate) fn check(&self, config: &NsaAttentionConfig) -> Result<(), NsaShapeError> {
         expect_nonempty("q", self.q.dims(), "[B, T, H, d_k]")?;
         expect_nonempty("selected.v", self.selected.v.dims(), "[B, T_k, H_kv, d_v]")?;
         let [batch, seq, heads, d_k] = self.q.dims();
@@ -377,6 +345,46 @@ impl<B: NsaBackend> NsaInput<B> {
             "[B, T, H, 3]",
         )
     }
+
+    /// Checks that every float input has `q`'s dtype.
+    pub(crate) fn check_same_dtype(&self) -> Result<(), NsaError> {
+        let q_dtype = self.q.dtype();
+        match self
+            .float_tensors()
+            .into_iter()
+            .find(|(_, tensor)| tensor.dtype() != q_dtype)
+        {
+            None => Ok(()),
+            Some((tensor, other)) => Err(NsaError::MixedDType {
+                tensor,
+                dtype: other.dtype(),
+                q_dtype,
+            }),
+        }
+    }
+}
+
+impl<B: NsaBackend> NsaInput<B> {
+    /// Checks that every float input has `q`'s dtype and that the backend takes it.
+    fn check_dtypes(&self) -> Result<(), NsaError> {
+        self.check_same_dtype()?;
+        let q_dtype = self.q.dtype();
+        if B::nsa_supports_dtype(q_dtype) {
+            Ok(())
+        } else {
+            Err(NsaError::UnsupportedDType { dtype: q_dtype })
+        }
+    }
+
+    /// Plans every kernel of the call on the backend ([`NsaBackend::nsa_plan`]), so that a
+    /// call no kernel path fits is an error before anything runs.
+    fn plan(&self, config: &NsaAttentionConfig) -> Result<(), NsaError> {
+        let shape =
+            AttentionShape::from_dims(self.q.dims(), self.selected.v.dims(), self.query_start());
+        B::nsa_plan(&self.q.device(), self.q.dtype(), shape, config)
+            .map(|_| ())
+            .map_err(NsaError::Kernels)
+    }
 }
 
 /// NSA attention (Eq. 5): `o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`, causal, GQA.
@@ -392,8 +400,9 @@ impl<B: NsaBackend> NsaInput<B> {
 /// `T_k < l`); `selected: [B, T_k, H_kv, d_k | d_v]`; `window: [B, L_w, H_kv, d_k | d_v]`;
 /// `gates: [B, T, H, 3]` -> `output: [B, T, H, d_v]`, `selected_blocks: [B, H_kv, T, n]`.
 /// With `T = T_k = L_w` this is causal self-attention; with `T < T_k` the queries are the
-/// last `T` positions (see [`NsaInput`]), which runs the reference on every backend (the
-/// kernels take `T = T_k`).
+/// last `T` positions (see [`NsaInput`]), as a cache's prefill and decoding steps call it:
+/// the kernels run such calls forward on their portable path, and `Autodiff` differentiates
+/// them in the reference.
 pub fn nsa_attention<B: NsaBackend>(
     input: NsaInput<B>,
     config: &NsaAttentionConfig,
@@ -410,10 +419,8 @@ pub fn try_nsa_attention<B: NsaBackend>(
     config.validate()?;
     input.check(config)?;
     input.check_dtypes()?;
-    if input.query_start() > 0 {
-        return Ok(attend_at_offset(input, config));
-    }
     input.plan(config)?;
+    let query_start = input.query_start();
     let NsaInput {
         q,
         compressed,
@@ -428,6 +435,7 @@ pub fn try_nsa_attention<B: NsaBackend>(
                 float(q.clone()),
                 float(compressed.k),
                 float(compressed.v),
+                query_start,
                 config,
             );
             (Some(o), Tensor::<B, 4, Int>::from_primitive(blocks))
@@ -458,7 +466,7 @@ pub fn try_nsa_attention<B: NsaBackend>(
 
 /// The selection of every query when no compression block has ended (`T_k < l <= l'`):
 /// block 0, the only selection block, then `n - 1` empty slots -> `[B, H_kv, T, n]`.
-fn first_block_only<B: Backend>(
+pub(crate) fn first_block_only<B: Backend>(
     selected: &BranchKv<B>,
     seq: usize,
     config: &NsaAttentionConfig,
@@ -472,45 +480,5 @@ fn first_block_only<B: Backend>(
             let empty = Tensor::full([batch, kv_heads, seq, n - 1], -1, &device);
             Tensor::cat(vec![first, empty], 3)
         }
-    }
-}
-
-/// Queries at an offset into a longer sequence (`T < T_k`): the reference branches and
-/// gated sum in Burn ops, on every backend (differentiable under `Autodiff`).
-fn attend_at_offset<B: NsaBackend>(
-    input: NsaInput<B>,
-    config: &NsaAttentionConfig,
-) -> NsaOutput<B> {
-    let query_start = input.query_start();
-    let q = input.q;
-    let (o_cmp, selected_blocks) = match input.compressed {
-        Some(compressed) => {
-            let (attended, blocks) =
-                compressed_attention(q.clone(), compressed.k, compressed.v, query_start, config);
-            (Some(attended.output), blocks)
-        }
-        None => (None, first_block_only(&input.selected, q.dims()[1], config)),
-    };
-    let (selected, window) = (input.selected, input.window);
-    let o_slc = selected_attention(
-        q.clone(),
-        selected.k,
-        selected.v,
-        selected_blocks.clone(),
-        config,
-    )
-    .output;
-    let o_win = window_attention(q, window.k, window.v, config).output;
-    let o_cmp = o_cmp.unwrap_or_else(|| o_win.zeros_like());
-    let float = |t: Tensor<B, 4>| t.into_primitive().tensor();
-    let output = reference_gated_sum::<B>(GatedSum {
-        compressed: float(o_cmp),
-        selected: float(o_slc),
-        window: float(o_win),
-        gates: float(input.gates),
-    });
-    NsaOutput {
-        output: Tensor::from_primitive(TensorPrimitive::Float(output)),
-        selected_blocks,
     }
 }

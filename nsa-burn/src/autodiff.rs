@@ -2,8 +2,9 @@
 //! each branch is one recorded operation: its forward pass runs `B`'s forward method (the
 //! kernels) and keeps the inputs, the output and the row log-sum-exp, and its backward pass
 //! calls `B`'s backward kernel. Otherwise the reference runs on `Autodiff<B>` and autodiff
-//! differentiates its Burn ops. The gated sum of the branch outputs (Eq. 5) is recorded the
-//! same way. Selected block indices are never differentiated. The gates' projection,
+//! differentiates its Burn ops; so it does for queries at an offset into longer keys (a
+//! cache's calls), which the backward kernels do not take. The gated sum of the branch
+//! outputs (Eq. 5) is recorded the same way. Selected block indices are never differentiated. The gates' projection,
 //! the other projections and the compressor stay ordinary Burn ops either way.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -17,10 +18,18 @@ use burn::tensor::DType;
 use nsa_cubecl::{AttentionShape, CallPlan, PlanError};
 
 use crate::backend::{
-    reference_compressed, reference_gated_sum, reference_selected, reference_window,
-    BranchBackwardFn, BranchGrads, BranchSaved, GatedSum, GatedSumBackwardFn, SelectedBackwardFn,
+    last_rows_start, reference_compressed, reference_gated_sum, reference_selected,
+    reference_window, BranchBackwardFn, BranchGrads, BranchSaved, GatedSum, GatedSumBackwardFn,
+    SelectedBackwardFn,
 };
-use crate::{NsaAttentionConfig, NsaBackend};
+use crate::{NsaAttentionConfig, NsaBackend, NsaBackward};
+
+/// `B`'s backward kernels for a branch call whose queries start at key position
+/// `query_start`: `None` when `B` has none or the queries sit at an offset (the kernels take
+/// causal self-attention only), and the reference runs instead.
+fn backward_kernels<B: NsaBackend>(query_start: usize) -> Option<NsaBackward<B>> {
+    B::nsa_backward().filter(|_| query_start == 0)
+}
 
 /// What one recorded branch keeps for its backward pass, and the kernel that runs it.
 #[derive(Debug, Clone)]
@@ -172,14 +181,15 @@ impl<B: NsaBackend, C: CheckpointStrategy> NsaBackend for Autodiff<B, C> {
         q: FloatTensor<Self>,
         k_cmp: FloatTensor<Self>,
         v_cmp: FloatTensor<Self>,
+        query_start: usize,
         config: &NsaAttentionConfig,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
-        let Some(kernels) = B::nsa_backward() else {
-            return reference_compressed::<Self>(q, k_cmp, v_cmp, config);
+        let Some(kernels) = backward_kernels::<B>(query_start) else {
+            return reference_compressed::<Self>(q, k_cmp, v_cmp, query_start, config);
         };
         record::<B, C, _>(
             [q, k_cmp, v_cmp],
-            |q, k, v| B::nsa_compressed(q, k, v, config),
+            |q, k, v| B::nsa_compressed(q, k, v, query_start, config),
             |saved| BranchState::Branch(saved, *config, kernels.compressed),
         )
     }
@@ -191,7 +201,7 @@ impl<B: NsaBackend, C: CheckpointStrategy> NsaBackend for Autodiff<B, C> {
         selected: IntTensor<Self>,
         config: &NsaAttentionConfig,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let Some(kernels) = B::nsa_backward() else {
+        let Some(kernels) = backward_kernels::<B>(last_rows_start(&q, &k)) else {
             return reference_selected::<Self>(q, k, v, selected, config);
         };
         let kept = selected.clone();
@@ -212,7 +222,7 @@ impl<B: NsaBackend, C: CheckpointStrategy> NsaBackend for Autodiff<B, C> {
         v: FloatTensor<Self>,
         config: &NsaAttentionConfig,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let Some(kernels) = B::nsa_backward() else {
+        let Some(kernels) = backward_kernels::<B>(last_rows_start(&q, &k)) else {
             return reference_window::<Self>(q, k, v, config);
         };
         let (output, lse, ()) = record::<B, C, _>(

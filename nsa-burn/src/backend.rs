@@ -8,7 +8,7 @@
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{DType, Int, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Int, Tensor, TensorMetadata, TensorPrimitive};
 
 use crate::reference::{compressed_attention, selected_attention, window_attention, Attended};
 use crate::NsaAttentionConfig;
@@ -24,6 +24,12 @@ fn primitive<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> FloatTensor<B>
 
 fn attended<B: Backend>(attended: Attended<B>) -> (FloatTensor<B>, FloatTensor<B>) {
     (primitive(attended.output), primitive(attended.lse))
+}
+
+/// Position of the first query when the queries `q: [B, T, ..]` are the last `T` of the key
+/// rows `k: [B, L, ..]` (the selection and window branches; 0 for self-attention).
+pub(crate) fn last_rows_start<T: TensorMetadata>(q: &T, k: &T) -> usize {
+    k.shape()[1] - q.shape()[1]
 }
 
 /// What the backward pass of one branch reads: its float inputs, its output and the row
@@ -58,10 +64,16 @@ pub(crate) fn reference_compressed<B: Backend>(
     q: FloatTensor<B>,
     k_cmp: FloatTensor<B>,
     v_cmp: FloatTensor<B>,
+    query_start: usize,
     config: &NsaAttentionConfig,
 ) -> (FloatTensor<B>, FloatTensor<B>, IntTensor<B>) {
-    let (attended_cmp, selected) =
-        compressed_attention(float::<B>(q), float(k_cmp), float(v_cmp), 0, config);
+    let (attended_cmp, selected) = compressed_attention(
+        float::<B>(q),
+        float(k_cmp),
+        float(v_cmp),
+        query_start,
+        config,
+    );
     let (o, lse) = attended(attended_cmp);
     (o, lse, selected.into_primitive())
 }
@@ -177,7 +189,9 @@ pub type SelectedBackwardFn<B> =
 /// A backend that runs the three NSA branches. Shapes are checked by
 /// [`crate::nsa_attention`] before these are called. Every forward method also returns the
 /// row log-sum-exp `[B, H, T]` (f32) of the branch's scaled scores, which its backward
-/// method reads.
+/// method reads. The queries may sit at an offset into longer keys (a cache's prefill or
+/// decoding step): then they are the last `T` of the `T_k` positions, and only the forward
+/// pass runs in kernels (`Autodiff` differentiates such calls in the reference).
 pub trait NsaBackend: Backend {
     /// Whether this backend's NSA operations take float tensors of `dtype`. The default
     /// (the reference in Burn ops) takes every float dtype the backend has; the CubeCL
@@ -204,21 +218,24 @@ pub trait NsaBackend: Backend {
 
     /// Compressed attention and top-n selection (see [`compressed_attention`]).
     ///
-    /// `q: [B, T, H, d_k]`, `k_cmp: [B, N_cmp, H_kv, d_k]`, `v_cmp: [B, N_cmp, H_kv, d_v]`
-    /// with `N_cmp >= 1` ([`crate::nsa_attention`] handles `T < l` itself) ->
+    /// `q: [B, T, H, d_k]` at positions `query_start .. query_start + T` (0 for causal
+    /// self-attention), `k_cmp: [B, N_cmp, H_kv, d_k]`, `v_cmp: [B, N_cmp, H_kv, d_v]`
+    /// with `N_cmp >= 1` ([`crate::nsa_attention`] handles `T_k < l` itself) ->
     /// (`o_cmp: [B, T, H, d_v]`, `lse: [B, H, T]`, `selected: [B, H_kv, T, n]` Int).
     fn nsa_compressed(
         q: FloatTensor<Self>,
         k_cmp: FloatTensor<Self>,
         v_cmp: FloatTensor<Self>,
+        query_start: usize,
         config: &NsaAttentionConfig,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
-        reference_compressed::<Self>(q, k_cmp, v_cmp, config)
+        reference_compressed::<Self>(q, k_cmp, v_cmp, query_start, config)
     }
 
     /// Selected-block attention (see [`selected_attention`]).
     ///
-    /// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]`,
+    /// `q: [B, T, H, d_k]`, `k: [B, T_k, H_kv, d_k]`, `v: [B, T_k, H_kv, d_v]` with
+    /// `T_k >= T` (the queries are the last `T` positions),
     /// `selected: [B, H_kv, T, n]` Int -> (`[B, T, H, d_v]`, `lse: [B, H, T]`).
     fn nsa_selected(
         q: FloatTensor<Self>,
@@ -232,7 +249,8 @@ pub trait NsaBackend: Backend {
 
     /// Sliding-window attention (see [`window_attention`]).
     ///
-    /// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]` ->
+    /// `q: [B, T, H, d_k]`, `k: [B, L, H_kv, d_k]`, `v: [B, L, H_kv, d_v]` with `L >= T`
+    /// (the last `L` keys; the queries are the last `T` positions) ->
     /// (`[B, T, H, d_v]`, `lse: [B, H, T]`).
     fn nsa_window(
         q: FloatTensor<Self>,

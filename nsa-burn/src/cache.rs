@@ -501,16 +501,17 @@ impl<B: NsaBackend> Nsa<B> {
     /// what `cache` holds of it, and the tokens join the cache. Feeding a sequence in chunks
     /// (prefill), one token at a time (decoding) or in one call gives the outputs and
     /// selected blocks of [`Nsa::forward`] over the whole sequence, up to rounding; the
-    /// sequences of one call may have different lengths. (On the CubeCL backends the full
-    /// forward runs the kernels and later cached calls the reference, so a near-tie between
-    /// two blocks' scores can select differently there.)
+    /// sequences of one call may have different lengths. (On CUDA the full forward may run
+    /// the tensor-core kernels where cached calls run the portable ones, which sum in another
+    /// order, so a near-tie between two blocks' scores can select differently there.)
     ///
     /// `x: [S, T, d_model]`, `sequences: [S]` distinct numbers below the cache's
     /// `max_sequences` -> `[S, T, d_model]`.
     ///
-    /// Queries after the first call of a sequence attend their cached prefix through the
-    /// reference operator in Burn ops on every backend (see [`crate::NsaInput`]); the first
-    /// call runs the backend's kernels.
+    /// Each sequence is one operator call (see [`crate::NsaInput`]): its new queries against
+    /// its cached prefix and themselves, gathered from the pages. On the CubeCL backends the
+    /// portable kernels run calls after a sequence's first; the first runs whichever kernels
+    /// the full forward runs.
     ///
     /// # Panics
     ///

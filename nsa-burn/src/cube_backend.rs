@@ -13,7 +13,7 @@ use nsa_cubecl::{
     CallPlan, GatedRestArgs, GatedSumArgs, KeySet, NsaKernelConfig, PlanError, SelectionArgs,
 };
 
-use crate::backend::selected_then_gated_sum;
+use crate::backend::{last_rows_start, selected_then_gated_sum};
 use crate::{
     BranchGrads, BranchSaved, GatedRest, GatedSum, NsaAttentionConfig, NsaBackend, NsaBackward,
 };
@@ -67,9 +67,14 @@ fn dims<R: CubeRuntime>(tensor: &CubeTensor<R>) -> [usize; 4] {
     [shape[0], shape[1], shape[2], shape[3]]
 }
 
-/// Call sizes from `q: [B, T, H, d_k]` and a value tensor `[B, L, H_kv, d_v]`.
-fn attention_shape<R: CubeRuntime>(q: &CubeTensor<R>, v: &CubeTensor<R>) -> AttentionShape {
-    AttentionShape::from_dims(dims(q), dims(v))
+/// Call sizes from `q: [B, T, H, d_k]`, a value tensor `[B, L, H_kv, d_v]` and the position
+/// of the first query.
+fn attention_shape<R: CubeRuntime>(
+    q: &CubeTensor<R>,
+    v: &CubeTensor<R>,
+    query_start: usize,
+) -> AttentionShape {
+    AttentionShape::from_dims(dims(q), dims(v), query_start)
 }
 
 /// An uninitialised contiguous tensor of `shape` in `dtype` on `like`'s device.
@@ -87,12 +92,14 @@ fn empty_like<R: CubeRuntime>(x: &CubeTensor<R>) -> CubeTensor<R> {
     empty(x, x.meta.shape(), x.dtype)
 }
 
-/// One branch's contiguous inputs with fresh outputs: `o: [B, T, H, d_v]` in `q`'s dtype
-/// and `lse: [B, H, T]` f32. Returns the launch arguments and `(o, lse)`.
+/// One branch's contiguous inputs (queries from key position `query_start`) with fresh
+/// outputs: `o: [B, T, H, d_v]` in `q`'s dtype and `lse: [B, H, T]` f32. Returns the launch
+/// arguments and `(o, lse)`.
 fn attention_args<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
     v: CubeTensor<R>,
+    query_start: usize,
 ) -> (
     AttentionShape,
     AttentionArgs<R>,
@@ -100,7 +107,7 @@ fn attention_args<R: CubeRuntime>(
     CubeTensor<R>,
 ) {
     let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
-    let shape = attention_shape(&q, &v);
+    let shape = attention_shape(&q, &v, query_start);
     let o = empty(
         &q,
         &[shape.batch, shape.seq, shape.heads, shape.d_v],
@@ -139,7 +146,8 @@ where
         into_contiguous(saved.k),
         into_contiguous(saved.v),
     );
-    let shape = attention_shape(&q, &v);
+    // Autodiff calls the backward kernels for causal self-attention only.
+    let shape = attention_shape(&q, &v, 0);
     let key_rows = dims(&k)[1];
     let kernel_config = config.kernel_config(shape.d_k, shape.seq);
     let keys = keys(&kernel_config);
@@ -201,6 +209,7 @@ fn gated_sum_operands<R: CubeRuntime>(
         kv_heads: heads,
         d_k: d_v,
         d_v,
+        query_start: 0,
     };
     let gates = cast(into_contiguous(parts.gates), outputs[0].dtype);
     (outputs, gates, shape)
@@ -269,8 +278,8 @@ where
         config: &NsaAttentionConfig,
     ) -> Result<Option<CallPlan>, PlanError> {
         let client = R::client(device);
-        let kernel_config = config.kernel_config(shape.d_k, shape.seq);
-        let num_compressed = config.num_compressed_blocks(shape.seq);
+        let kernel_config = config.kernel_config(shape.d_k, shape.key_len());
+        let num_compressed = config.num_compressed_blocks(shape.key_len());
         with_float_type!(dtype, Fl => plan_call::<R, Fl>(&client, shape, num_compressed, &kernel_config))
             .map(Some)
     }
@@ -279,6 +288,7 @@ where
         q: CubeTensor<R>,
         k_cmp: CubeTensor<R>,
         v_cmp: CubeTensor<R>,
+        query_start: usize,
         config: &NsaAttentionConfig,
     ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
         let num_compressed = dims(&k_cmp)[1];
@@ -290,8 +300,8 @@ where
             [batch, kv_heads, seq, config.n_selected]
         };
         let selected = empty(&q, &selected_shape, I::dtype());
-        let (shape, args, o, lse) = attention_args(q, k_cmp, v_cmp);
-        let kernel_config = config.kernel_config(shape.d_k, shape.seq);
+        let (shape, args, o, lse) = attention_args(q, k_cmp, v_cmp, query_start);
+        let kernel_config = config.kernel_config(shape.d_k, shape.key_len());
         with_float_type!(dtype, Fl => with_int_type!(selected.dtype, In => {
             let plan = planned(plan_compressed::<R, Fl>(
                 &client, shape, num_compressed, &kernel_config,
@@ -311,8 +321,9 @@ where
         let client = q.client.clone();
         let dtype = q.dtype;
         let selected = into_contiguous(selected);
-        let (shape, args, o, lse) = attention_args(q, k, v);
-        let kernel_config = config.kernel_config(shape.d_k, shape.seq);
+        let query_start = last_rows_start(&q, &k);
+        let (shape, args, o, lse) = attention_args(q, k, v, query_start);
+        let kernel_config = config.kernel_config(shape.d_k, shape.key_len());
         with_float_type!(dtype, Fl => with_int_type!(selected.dtype, In => {
             let plan = planned(plan_selected::<R, Fl>(&client, shape, &kernel_config));
             launch_selected::<R, Fl, In>(&client, &plan, args, selected.into_tensor_arg())
@@ -328,9 +339,10 @@ where
         rest: GatedRest<Self>,
         config: &NsaAttentionConfig,
     ) -> CubeTensor<R> {
-        let shape = attention_shape(&q, &v);
+        let query_start = last_rows_start(&q, &k);
+        let shape = attention_shape(&q, &v, query_start);
         let client = q.client.clone();
-        let kernel_config = config.kernel_config(shape.d_k, shape.seq);
+        let kernel_config = config.kernel_config(shape.d_k, shape.key_len());
         let plan = with_float_type!(q.dtype, Fl => planned(plan_selected::<R, Fl>(
             &client, shape, &kernel_config,
         )));
@@ -344,7 +356,7 @@ where
             window: into_contiguous(rest.window).into_tensor_arg(),
             gates: cast(into_contiguous(rest.gates), dtype).into_tensor_arg(),
         };
-        let (_, args, output, _) = attention_args(q, k, v);
+        let (_, args, output, _) = attention_args(q, k, v, query_start);
         with_float_type!(dtype, Fl => with_int_type!(selected.dtype, In => {
             launch_selected_gated_sum::<R, Fl, In>(
                 &client,
@@ -365,8 +377,9 @@ where
     ) -> (CubeTensor<R>, CubeTensor<R>) {
         let client = q.client.clone();
         let dtype = q.dtype;
-        let (shape, args, o, lse) = attention_args(q, k, v);
-        let kernel_config = config.kernel_config(shape.d_k, shape.seq);
+        let query_start = last_rows_start(&q, &k);
+        let (shape, args, o, lse) = attention_args(q, k, v, query_start);
+        let kernel_config = config.kernel_config(shape.d_k, shape.key_len());
         with_float_type!(dtype, Fl => {
             let plan = planned(plan_window::<R, Fl>(&client, shape, &kernel_config));
             launch_window::<R, Fl>(&client, &plan, args)

@@ -22,7 +22,8 @@ type Handles<B> =
 /// the steps that read one (the gated sum reads none).
 #[derive(Debug, Clone, Copy)]
 enum Step {
-    Compressed(NsaAttentionConfig),
+    /// With the position of the first query.
+    Compressed(NsaAttentionConfig, usize),
     Selected(NsaAttentionConfig),
     Window(NsaAttentionConfig),
     GatedSum,
@@ -36,7 +37,7 @@ enum Step {
 impl Step {
     fn name(self) -> &'static str {
         match self {
-            Step::Compressed(_) => "nsa_compressed",
+            Step::Compressed(..) => "nsa_compressed",
             Step::Selected(_) => "nsa_selected",
             Step::Window(_) => "nsa_window",
             Step::GatedSum => "nsa_gated_sum",
@@ -96,11 +97,12 @@ impl<B: FusionBackend + NsaBackend> NsaOp<B> {
 impl<B: FusionBackend + NsaBackend> Operation<B::FusionRuntime> for NsaOp<B> {
     fn execute(&self, handles: &mut Handles<B>) {
         match self.step {
-            Step::Compressed(config) => {
+            Step::Compressed(config, query_start) => {
                 let (o, lse, selected) = B::nsa_compressed(
                     self.float(handles, 0),
                     self.float(handles, 1),
                     self.float(handles, 2),
+                    query_start,
                     &config,
                 );
                 self.register_floats(handles, [o, lse]);
@@ -268,6 +270,7 @@ impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
         q: FloatTensor<Self>,
         k_cmp: FloatTensor<Self>,
         v_cmp: FloatTensor<Self>,
+        query_start: usize,
         config: &NsaAttentionConfig,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
         let [o, lse] = output_irs(&q, &v_cmp);
@@ -277,7 +280,7 @@ impl<B: FusionBackend + NsaBackend> NsaBackend for Fusion<B> {
             B::IntElem::dtype(),
         );
         let [o, lse, selected] = register::<B>(
-            Step::Compressed(*config),
+            Step::Compressed(*config, query_start),
             vec![q, k_cmp, v_cmp],
             &[o, lse, selected],
         )

@@ -51,7 +51,7 @@ use burn::tensor::Tensor;
 use cases::{selected_cases, Kernels};
 use common::cache::{cache_cases, check_cached};
 use common::packed::{check_packed, PackedCase};
-use forward::{check_case, check_tied_selection};
+use forward::{check_case, check_offset_case, check_tied_selection};
 use gated_sum::check_gated_sum;
 use gradients::{check_deterministic, check_gradient_cases};
 #[cfg(feature = "test-cuda")]
@@ -239,8 +239,21 @@ fn wgpu_packed_documents_match_each_document_alone() {
     check_packed::<Autodiff<Wgpu>>(&packed_case(), DType::F32, &device);
 }
 
-/// Cached prefill and decoding against the full forward, on wgpu: the first call of a
-/// sequence runs the kernels, later calls the reference at an offset (`common/cache.rs`).
+/// Queries at an offset into longer keys (a cache's calls) against the reference, on wgpu.
+#[test]
+#[cfg_attr(
+    nsa_no_gpu_adapter,
+    ignore = "no Vulkan driver found at build time (e.g. install mesa-vulkan-drivers; see nsa-burn/build.rs)"
+)]
+fn wgpu_queries_at_an_offset_match_the_reference() {
+    let device = common::wgpu_device();
+    for case in cases::offset_cases() {
+        check_offset_case::<Wgpu>(&case, DType::F32, &device);
+    }
+}
+
+/// Cached prefill and decoding against the full forward, on wgpu: every call runs the
+/// kernels (`common/cache.rs`).
 #[test]
 #[cfg_attr(
     nsa_no_gpu_adapter,
@@ -353,16 +366,39 @@ fn cuda_packed_documents_match_each_document_alone() {
     }
 }
 
-/// Cached prefill and decoding against the full forward, on CUDA in f32.
+/// Queries at an offset into longer keys (a cache's calls) against the reference, on CUDA
+/// in each dtype (the portable kernels run them).
+#[cfg(feature = "test-cuda")]
+#[test]
+fn cuda_queries_at_an_offset_match_the_reference() {
+    type B = burn::backend::Cuda;
+    let device = Default::default();
+    assert!(common::device_answers::<B>(&device), "no CUDA device");
+    for dtype in cuda_dtypes() {
+        let mut worst = 0.0f64;
+        for case in cases::offset_cases() {
+            worst = worst.max(check_offset_case::<B>(&case, dtype, &device));
+        }
+        println!("{dtype:?}: queries at an offset, worst relative error {worst:e}");
+    }
+}
+
+/// Cached prefill and decoding against the full forward, on CUDA in f32. Burn's CUDA
+/// matmul takes f32 inputs on TF32 tensor cores (10-bit mantissas), and a layer's
+/// projections of one token and of the whole sequence round differently, so the outputs
+/// agree to about 1e-3 here, not 1e-5; the attention itself is held to 1e-5 by
+/// [`cuda_queries_at_an_offset_match_the_reference`].
 #[cfg(feature = "test-cuda")]
 #[test]
 fn cuda_cached_decoding_matches_the_full_forward() {
     type B = burn::backend::Cuda;
     let device = Default::default();
     assert!(common::device_answers::<B>(&device), "no CUDA device");
+    let mut worst = 0.0f64;
     for case in cache_cases(&[1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 23, 24, 25, 40], 9) {
-        check_cached::<B>(&case, &device, 1e-4);
+        worst = worst.max(check_cached::<B>(&case, &device, 5e-3));
     }
+    println!("cached decoding: worst relative error {worst:e}");
 }
 
 #[cfg(feature = "test-cuda")]

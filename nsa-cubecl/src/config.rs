@@ -20,12 +20,17 @@ pub struct AttentionShape {
     pub d_k: usize,
     /// Value head dimension.
     pub d_v: usize,
+    /// Position of the first query in the key sequence: the queries are positions
+    /// `query_start .. query_start + T` of `query_start + T` keys (0 for causal
+    /// self-attention; more when a cache serves queries after a prefix). Only the portable
+    /// forward kernels take queries at an offset.
+    pub query_start: usize,
 }
 
 impl AttentionShape {
-    /// The sizes of a call from the queries' shape `[B, T, H, d_k]` and a value tensor's
-    /// `[B, L, H_kv, d_v]`.
-    pub fn from_dims(q: [usize; 4], v: [usize; 4]) -> Self {
+    /// The sizes of a call from the queries' shape `[B, T, H, d_k]`, a value tensor's
+    /// `[B, L, H_kv, d_v]` and the position of the first query.
+    pub fn from_dims(q: [usize; 4], v: [usize; 4], query_start: usize) -> Self {
         let [batch, seq, heads, d_k] = q;
         let [_, _, kv_heads, d_v] = v;
         Self {
@@ -35,7 +40,13 @@ impl AttentionShape {
             kv_heads,
             d_k,
             d_v,
+            query_start,
         }
+    }
+
+    /// Positions of the key sequence, `query_start + T`.
+    pub fn key_len(&self) -> usize {
+        self.query_start + self.seq
     }
 
     /// Query heads per KV head.
@@ -89,10 +100,10 @@ impl NsaKernelConfig {
         KeySet::Window { size: self.window }
     }
 
-    /// The comptime selection settings for a sequence of `seq` positions: the block-score
-    /// buffer holds `ceil(T / l')` blocks, rounded up to a power of two so that few kernel
+    /// The comptime selection settings for a key sequence of `key_len` positions: the
+    /// block-score buffer holds `ceil(T_k / l')` blocks, rounded up to a power of two so that few kernel
     /// variants get compiled.
-    pub(crate) fn selection(&self, seq: usize) -> SelectionConfig {
+    pub(crate) fn selection(&self, key_len: usize) -> SelectionConfig {
         SelectionConfig {
             compress_block: self.compress_block,
             compress_stride: self.compress_stride,
@@ -100,7 +111,7 @@ impl NsaKernelConfig {
             n_selected: self.n_selected,
             n_initial_blocks: self.n_initial_blocks,
             n_local_blocks: self.n_local_blocks,
-            max_blocks: seq.div_ceil(self.select_block).next_power_of_two(),
+            max_blocks: key_len.div_ceil(self.select_block).next_power_of_two(),
         }
     }
 }

@@ -22,11 +22,13 @@
 //! gradients at moderate `T` only (the backward kernels are the fast path).
 
 mod compress;
+mod operator;
 mod scoring;
 mod select;
 mod window;
 
 pub use compress::compressed_attention;
+pub use operator::operator;
 pub use scoring::{block_scores, top_n_blocks};
 pub use select::selected_attention;
 pub use window::window_attention;

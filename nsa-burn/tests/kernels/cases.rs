@@ -25,20 +25,89 @@ pub fn small() -> NsaAttentionConfig {
         .with_window(24)
 }
 
+/// Batch 2, `d_k = 16`, `d_v = 8` (unequal head dims) with `config`.
+fn small_case(seq: usize, heads: usize, kv_heads: usize, config: NsaAttentionConfig) -> Case {
+    Case {
+        batch: 2,
+        seq,
+        heads,
+        kv_heads,
+        d_k: 16,
+        d_v: 8,
+        config,
+    }
+}
+
+/// Queries at an offset (a cache's prefill and decoding calls): the last `queries` of the
+/// `keys.seq` positions, with the window branch given its last `window_rows` keys.
+#[derive(Debug, Clone, Copy)]
+pub struct OffsetCase {
+    pub keys: Case,
+    pub queries: usize,
+    pub window_rows: usize,
+}
+
+/// Decoding steps (`T = 1`) at key lengths on and off every block edge and past them,
+/// prefill chunks, window keys from the fewest the operator takes (`T + w - 1`) to all of
+/// them, G in {2, 16}, `d_k != d_v`, batch 2, the paper's block sizes, fewer blocks than `n`
+/// and a window of one token.
+pub fn offset_cases() -> Vec<OffsetCase> {
+    let decoding = |seq, heads, kv_heads, config: NsaAttentionConfig| OffsetCase {
+        keys: small_case(seq, heads, kv_heads, config),
+        queries: 1,
+        window_rows: seq.min(config.window),
+    };
+    let mut cases: Vec<OffsetCase> = [2, 7, 8, 9, 16, 17, 24, 25, 100, 300]
+        .into_iter()
+        .map(|seq| decoding(seq, 4, 2, small()))
+        .collect();
+    let chunk = |queries, window_rows| OffsetCase {
+        queries,
+        window_rows,
+        ..decoding(300, 4, 2, small())
+    };
+    cases.extend([chunk(37, 300), chunk(37, 60), chunk(299, 300)]);
+    cases.push(OffsetCase {
+        queries: 3,
+        window_rows: 26,
+        ..decoding(200, 16, 1, small())
+    });
+    cases.push(decoding(40, 4, 2, small().with_n_selected(8)));
+    cases.push(OffsetCase {
+        queries: 4,
+        window_rows: 4,
+        ..decoding(50, 4, 2, small().with_window(1))
+    });
+    let paper = OffsetCase {
+        keys: Case {
+            batch: 1,
+            seq: 700,
+            heads: 8,
+            kv_heads: 2,
+            d_k: 64,
+            d_v: 128,
+            config: NsaAttentionConfig::new().with_window(96),
+        },
+        queries: 1,
+        window_rows: 96,
+    };
+    cases.extend([
+        paper,
+        OffsetCase {
+            queries: 50,
+            window_rows: 700,
+            ..paper
+        },
+    ]);
+    cases
+}
+
 pub fn cases() -> Vec<Case> {
     let mut cases = Vec::new();
     // G in {1, 2, 16}, d_k != d_v, batch 2, T across the block edges.
     for (heads, kv_heads) in [(2, 2), (4, 2), (16, 1)] {
         for seq in [1, 7, 8, 9, 100, 300] {
-            cases.push(Case {
-                batch: 2,
-                seq,
-                heads,
-                kv_heads,
-                d_k: 16,
-                d_v: 8,
-                config: small(),
-            });
+            cases.push(small_case(seq, heads, kv_heads, small()));
         }
     }
     // Fewer blocks than n, l = d = l', forced-block variants, the paper's block sizes and

@@ -5,9 +5,9 @@ use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 use nsa_burn::reference::{
     compressed_attention, selected_attention, window_attention, EMPTY_ROW_LSE,
 };
-use nsa_burn::{nsa_attention, NsaBackend};
+use nsa_burn::{nsa_attention, BranchKv, NsaBackend, NsaInput};
 
-use crate::cases::Case;
+use crate::cases::{Case, OffsetCase};
 use crate::common::relative_error;
 use crate::data::{back, case_inputs, floats, ints, on, operator_input, reference, tensor};
 
@@ -48,6 +48,7 @@ pub fn check_case<B: NsaBackend>(case: &Case, dtype: DType, device: &B::Device) 
         on::<B>(&q, dtype, device),
         on::<B>(&k_cmp, dtype, device),
         on::<B>(&v_cmp, dtype, device),
+        0,
         &config,
     );
     let selected_data = Tensor::<B, 4, Int>::from_primitive(selected.clone()).into_data();
@@ -104,6 +105,76 @@ pub fn check_case<B: NsaBackend>(case: &Case, dtype: DType, device: &B::Device) 
     worst
 }
 
+/// The whole operator with its queries at an offset, as a cache calls it: the last
+/// `case.queries` of the `case.keys.seq` positions against all of their keys, the window
+/// branch given only its last `case.window_rows` keys; on `B` (its kernels) and on the
+/// reference. Returns the relative error and panics if the selected blocks differ.
+pub fn check_offset_case<B: NsaBackend>(
+    case: &OffsetCase,
+    dtype: DType,
+    device: &B::Device,
+) -> f64 {
+    let [q, k, v, k_cmp, v_cmp, gates] = case_inputs(&case.keys, dtype);
+    let last = |data: &TensorData, rows: usize| {
+        let all = reference(data);
+        let len = all.dims()[1];
+        all.narrow(1, len - rows, rows).into_data()
+    };
+    let (q, gates) = (last(&q, case.queries), last(&gates, case.queries));
+    let (k_win, v_win) = (last(&k, case.window_rows), last(&v, case.window_rows));
+    let compressed = (k_cmp.num_elements() > 0).then_some((&k_cmp, &v_cmp));
+    let got = nsa_attention(
+        NsaInput {
+            q: tensor::<B>(&q, dtype, device),
+            compressed: compressed.map(|(k, v)| BranchKv {
+                k: tensor::<B>(k, dtype, device),
+                v: tensor::<B>(v, dtype, device),
+            }),
+            selected: BranchKv {
+                k: tensor::<B>(&k, dtype, device),
+                v: tensor::<B>(&v, dtype, device),
+            },
+            window: BranchKv {
+                k: tensor::<B>(&k_win, dtype, device),
+                v: tensor::<B>(&v_win, dtype, device),
+            },
+            gates: tensor::<B>(&gates, dtype, device),
+        },
+        &case.keys.config,
+    );
+    let want = nsa_attention(
+        NsaInput {
+            q: reference(&q),
+            compressed: compressed.map(|(k, v)| BranchKv {
+                k: reference(k),
+                v: reference(v),
+            }),
+            selected: BranchKv {
+                k: reference(&k),
+                v: reference(&v),
+            },
+            window: BranchKv {
+                k: reference(&k_win),
+                v: reference(&v_win),
+            },
+            gates: reference(&gates),
+        },
+        &case.keys.config,
+    );
+    assert_eq!(
+        ints(got.selected_blocks.into_data()),
+        ints(want.selected_blocks.into_data()),
+        "{case:?} {dtype:?}: selected blocks differ (queries at an offset)"
+    );
+    compare(
+        &case.keys,
+        dtype,
+        &format!("queries at an offset ({case:?})"),
+        got.output.cast(DType::F32).into_data(),
+        want.output.into_data(),
+    )
+}
+
 /// Ties: every compressed key equal, so that for each query every visible compressed key
 /// has the same probability and the selection blocks with as many overlapping keys score
 /// exactly alike. The kernels and the reference must pick the same blocks (the lower index
@@ -123,6 +194,7 @@ pub fn check_tied_selection<B: NsaBackend>(case: &Case, dtype: DType, device: &B
         on::<B>(&q, dtype, device),
         on::<B>(&k_cmp, dtype, device),
         on::<B>(&v_cmp, dtype, device),
+        0,
         &config,
     );
     let (_, want) = compressed_attention(

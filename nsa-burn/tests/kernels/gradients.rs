@@ -64,7 +64,7 @@ pub fn branch_gradients<B: AutodiffBackend + NsaBackend>(
     });
     let [q, k, v] = leaves.clone().map(|x| x.into_primitive().tensor());
     let output = match branch {
-        Branch::Compressed => B::nsa_compressed(q, k, v, config).0,
+        Branch::Compressed => B::nsa_compressed(q, k, v, 0, config).0,
         Branch::Selected => {
             let selected = Tensor::<B, 4, Int>::from_data(selected.clone(), device);
             B::nsa_selected(q, k, v, selected.into_primitive(), config).0

@@ -19,7 +19,7 @@ pub fn branch_results<B: NsaBackend>(
     let [q, k, v, k_cmp, v_cmp, d_o] = inputs;
     let backward = B::nsa_backward().expect("this backend has backward kernels");
     let float = |x: &Tensor<B, 4>| x.clone().into_primitive().tensor();
-    let compressed = || B::nsa_compressed(float(q), float(k_cmp), float(v_cmp), config);
+    let compressed = || B::nsa_compressed(float(q), float(k_cmp), float(v_cmp), 0, config);
     let (keys, values) = if branch == 0 { (k_cmp, v_cmp) } else { (k, v) };
     let saved = |output: &B::FloatTensorPrimitive, lse: &B::FloatTensorPrimitive| BranchSaved {
         q: float(q),

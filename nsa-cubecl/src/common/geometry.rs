@@ -60,6 +60,14 @@ pub fn cube_tiles_at(
     (b, head, tile, cube < batch * kv_heads * tiles)
 }
 
+/// The key position of query row `t` when the `T` queries of `q: [B, T, ..]` are the last
+/// `T` of the `L` key positions of `k: [B, L, ..]` (`t` itself for self-attention,
+/// `L = T`).
+#[cube]
+pub fn query_position<F: Float>(q: &Tensor<F>, k: &Tensor<F>, t: usize) -> usize {
+    t + k.shape(1) - q.shape(1)
+}
+
 /// The group's query (or output) rows at `(b, t)` of a `[B, T, H, d]` tensor: heads
 /// `kv_head * G ..` of that position.
 #[cube]

@@ -73,7 +73,8 @@ fn launch_range<R: Runtime, F: Float + CubeElement>(
     }
 }
 
-/// Sliding-window attention (`k`, `v` of `T` rows), as [`crate::plan::plan_window`] planned it.
+/// Sliding-window attention (`k`, `v` of `L >= T` rows, the queries the last `T` of them), as
+/// [`crate::plan::plan_window`] planned it.
 pub fn launch_window<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     plan: &AttentionPlan,
@@ -105,7 +106,8 @@ pub fn launch_window<R: Runtime, F: Float + CubeElement>(
 }
 
 /// Selected-block attention over `selected: [B, H_kv, T, n]` Int (block indices, -1 for an
-/// empty slot), as [`crate::plan::plan_selected`] planned it.
+/// empty slot; `k`, `v` of `T_k >= T` rows, the queries the last `T` of them), as
+/// [`crate::plan::plan_selected`] planned it.
 pub fn launch_selected<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
     client: &ComputeClient<R>,
     plan: &AttentionPlan,
@@ -201,7 +203,8 @@ fn launch_selected_mma<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>
 
 /// Compressed attention with block scoring and top-n: `args.k`, `args.v` the compressed
 /// keys and values `[B, N_cmp, H_kv, d]` -> also `selected: [B, H_kv, T, n]` Int (ascending
-/// block indices, -1 padded), as [`crate::plan::plan_compressed`] planned it.
+/// block indices, -1 padded) for queries at positions `plan.shape.query_start ..`, as
+/// [`crate::plan::plan_compressed`] planned it.
 pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
     client: &ComputeClient<R>,
     plan: &CompressedPlan,
@@ -249,6 +252,8 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
         }
         Path::Portable(tile) => {
             let (count, dim) = portable_grid(client, &plan.shape, &tile);
+            let query_start =
+                u32::try_from(plan.shape.query_start).expect("query positions fit in 32 bits");
             compressed_attention_kernel::launch::<F, I, R>(
                 client,
                 count,
@@ -261,6 +266,7 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
                 args.lse,
                 selected,
                 plan.scale,
+                query_start,
                 tile,
                 plan.selection,
             );

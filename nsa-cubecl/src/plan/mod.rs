@@ -91,6 +91,19 @@ pub enum TensorCoreUnavailable {
         /// `l'`.
         select_block: usize,
     },
+    /// One query group needs more units than a cube may hold (a plane per 16 query heads).
+    UnitsPerCube {
+        /// Units the smallest cube needs.
+        needed: usize,
+        /// Units a cube may hold on the device.
+        max: usize,
+    },
+    /// The queries sit at an offset into a longer key sequence (a cache's prefill or
+    /// decoding step): only the portable kernels take such calls.
+    QueriesAtOffset {
+        /// Position of the first query.
+        query_start: usize,
+    },
     /// The smallest tile does not fit the device's shared memory.
     SharedMemory {
         /// Bytes the smallest tile needs.
@@ -116,6 +129,14 @@ impl fmt::Display for TensorCoreUnavailable {
             Self::SelectBlock { select_block } => write!(
                 f,
                 "select_block = {select_block} is not a multiple of 16 (key-side backward)"
+            ),
+            Self::UnitsPerCube { needed, max } => write!(
+                f,
+                "a cube needs {needed} units (a plane per 16 query heads of a group), the device allows {max}"
+            ),
+            Self::QueriesAtOffset { query_start } => write!(
+                f,
+                "the queries start at position {query_start} of the keys, and the tensor-core kernels take causal self-attention only"
             ),
             Self::SharedMemory { needed, available } => write!(
                 f,
@@ -222,7 +243,8 @@ pub struct AttentionPlan {
     pub shape: AttentionShape,
     /// Which keys each query attends.
     pub keys: KeySet,
-    /// Rows of the branch's keys and values (`T`, or `N_cmp` for the compression branch).
+    /// Rows of the branch's keys and values (`query_start + T`, or `N_cmp` for the
+    /// compression branch).
     pub key_rows: usize,
     /// Softmax scale.
     pub scale: f32,
@@ -349,7 +371,7 @@ pub fn plan_window<R: Runtime, F: Float + CubeElement>(
     Ok(AttentionPlan {
         shape,
         keys,
-        key_rows: shape.seq,
+        key_rows: shape.key_len(),
         scale: config.softmax_scale,
         path,
     })
@@ -377,7 +399,7 @@ pub fn plan_selected<R: Runtime, F: Float + CubeElement>(
     Ok(AttentionPlan {
         shape,
         keys: config.selected_keys(),
-        key_rows: shape.seq,
+        key_rows: shape.key_len(),
         scale: config.softmax_scale,
         path,
     })
@@ -390,7 +412,7 @@ pub fn plan_compressed<R: Runtime, F: Float + CubeElement>(
     num_compressed: usize,
     config: &NsaKernelConfig,
 ) -> Result<CompressedPlan, PlanError> {
-    let selection = config.selection(shape.seq);
+    let selection = config.selection(shape.key_len());
     let path = choose(
         config.kernel_strategy,
         || tensor_core::compressed_tiles::<R, F>(client, &shape, &selection),
@@ -460,7 +482,10 @@ pub struct CallPlan {
 }
 
 /// Plans every kernel of an operator call on `shape` with `num_compressed` compressed keys
-/// (0 when `T < l`), forward and backward, in the input type `F`.
+/// (0 when `T_k < l`), forward and backward, in the input type `F`. Queries at an offset
+/// (`shape.query_start > 0`) take the portable kernels, and only their forward pass runs
+/// (their backward plans are those of the portable kernels, which `Autodiff` never calls
+/// for such calls: it differentiates the reference instead).
 pub fn plan_call<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     shape: AttentionShape,
@@ -479,8 +504,8 @@ pub fn plan_call<R: Runtime, F: Float + CubeElement>(
         compressed_backward: has_compressed
             .then(|| backward(num_compressed, config.compressed_keys()))
             .transpose()?,
-        selected_backward: backward(shape.seq, config.selected_keys())?,
-        window_backward: backward(shape.seq, config.window_keys())?,
+        selected_backward: backward(shape.key_len(), config.selected_keys())?,
+        window_backward: backward(shape.key_len(), config.window_keys())?,
     })
 }
 
@@ -567,6 +592,7 @@ mod tests {
             kv_heads: 4,
             d_k: 128,
             d_v: 64,
+            query_start: 0,
         };
         let compressed = KeySet::Compressed {
             block: 32,

@@ -232,6 +232,7 @@ mod tests {
             kv_heads: 1,
             d_k: 64,
             d_v: 64,
+            query_start: 0,
         }
     }
 

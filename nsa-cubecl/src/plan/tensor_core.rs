@@ -52,7 +52,7 @@ const MAX_SPLITS: usize = 16;
 
 /// Whether the device runs the tensor-core kernels on `F` for `shape`: manual m16n8k16
 /// `mma` on `F` with f32 accumulation, asynchronous global-to-shared copies, 32-lane
-/// planes, head dims that are multiples of 16.
+/// planes, head dims that are multiples of 16, queries not at an offset.
 fn device_fits<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     shape: &AttentionShape,
@@ -85,13 +85,18 @@ fn device_fits<R: Runtime, F: Float + CubeElement>(
             d_v: shape.d_v,
         });
     }
+    if shape.query_start > 0 {
+        return Err(TensorCoreUnavailable::QueriesAtOffset {
+            query_start: shape.query_start,
+        });
+    }
     Ok(())
 }
 
-/// The tensor-core tile for `shape` whose shared memory, `bytes(&tile)`, fits the device.
-/// With `cube_rows` `None` a cube holds one query position (the selection branch); with
-/// `Some(rows)` as many positions as fill `rows` rows (at least one plane per position),
-/// fewer if memory is short. Key tiles hold `tile_keys` rows (a multiple of 16).
+/// The tensor-core tile for `shape` whose units and shared memory, `bytes(&tile)`, fit the
+/// device. With `cube_rows` `None` a cube holds one query position (the selection branch);
+/// with `Some(rows)` as many positions as fill `rows` rows (at least one plane per
+/// position), fewer if the device's units per cube or its memory are short. Key tiles hold `tile_keys` rows (a multiple of 16).
 fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     shape: &AttentionShape,
@@ -100,13 +105,23 @@ fn mma_tile_config<R: Runtime, F: Float + CubeElement>(
     bytes: impl Fn(&MmaTileConfig) -> usize,
 ) -> Result<MmaTileConfig, TensorCoreUnavailable> {
     device_fits::<R, F>(client, shape)?;
-    let available = client.properties().hardware.max_shared_memory_size;
+    let hardware = &client.properties().hardware;
+    let available = hardware.max_shared_memory_size;
+    let max_planes = hardware.max_units_per_cube as usize / PLANE;
     let group = shape.group();
     let min_planes = group.div_ceil(MMA);
+    if min_planes > max_planes {
+        return Err(TensorCoreUnavailable::UnitsPerCube {
+            needed: min_planes * PLANE,
+            max: max_planes * PLANE,
+        });
+    }
     // A one-position cube loads its own tiles: on the H100 a second plane sharing the loads
     // was slower, since it halves the cubes an SM holds.
     let one_position = cube_rows.is_none();
-    let mut planes = cube_rows.map_or(min_planes, |rows| min_planes.max(rows / MMA));
+    let mut planes = cube_rows
+        .map_or(min_planes, |rows| min_planes.max(rows / MMA))
+        .min(max_planes);
     loop {
         let cfg = MmaTileConfig {
             group,

@@ -18,11 +18,12 @@ use crate::portable::tile::{
     attend_range, load_rows, state_finish, state_new, tile_scores, TileConfig,
 };
 
-/// `q: [B, T, H, d_k]`, `k_cmp: [B, N_cmp, H_kv, d_k]`, `v_cmp: [B, N_cmp, H_kv, d_v]` ->
-/// `o: [B, T, H, d_v]`, `lse: [B, H, T]` (f32), `selected: [B, H_kv, T, n]` (ascending
-/// block indices, -1 padded).
+/// `q: [B, T, H, d_k]` (positions `query_start .. query_start + T`),
+/// `k_cmp: [B, N_cmp, H_kv, d_k]`, `v_cmp: [B, N_cmp, H_kv, d_v]` -> `o: [B, T, H, d_v]`,
+/// `lse: [B, H, T]` (f32), `selected: [B, H_kv, T, n]` (ascending block indices, -1
+/// padded).
 ///
-/// Query `t` sees compression block `i` iff `i*d + l - 1 <= t`. After the attention pass a
+/// The query at position `p` sees compression block `i` iff `i*d + l - 1 <= p`. After the attention pass a
 /// second pass recomputes each visible block's scores, turns them into probabilities with
 /// the row log-sum-exp, sums them over the group (Eq. 10) and adds them to every selection
 /// block the compression block overlaps (Eq. 9, overlap reading). Top-n then takes the
@@ -37,6 +38,7 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
     lse: &mut Tensor<f32>,
     selected: &mut Tensor<I>,
     scale: f32,
+    query_start: u32,
     #[comptime] cfg: TileConfig,
     #[comptime] sel: SelectionConfig,
 ) {
@@ -55,7 +57,8 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
         let q_at = group_rows::<F>(q, b, t, head, cfg.group);
         let k_at = head_rows::<F>(k_cmp, b, head);
         let v_at = head_rows::<F>(v_cmp, b, head);
-        let (_, visible) = key_range(t, k_cmp.shape(1), comptime!(sel.key_set()));
+        let position = t + usize::cast_from(query_start);
+        let (_, visible) = key_range(position, k_cmp.shape(1), comptime!(sel.key_set()));
 
         // Attention over the visible compressed keys.
         let mut state = state_new(cfg);
@@ -80,8 +83,8 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
             row_lse[unit / cfg.parts] = state[0] + state[1].ln();
         }
 
-        // Selection-block scores: candidates are the blocks j with j * l' <= t.
-        let candidates = t / sel.select_block + 1;
+        // Selection-block scores: candidates are the blocks j with j * l' <= p.
+        let candidates = position / sel.select_block + 1;
         let mut j = unit;
         while j < candidates {
             block_scores[j] = 0.0;
@@ -155,7 +158,7 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
         pick_blocks::<I>(
             &mut block_scores,
             0,
-            t,
+            position,
             &mut best_score,
             &mut best_block,
             selected,
@@ -166,8 +169,8 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
     }
 }
 
-/// Eq. 11 for query `t` over the candidate scores `block_scores[at..]`: forces the first
-/// `n_initial_blocks` blocks and the `n_local_blocks` ending at `t`'s own, takes the `n`
+/// Eq. 11 for the query at position `t` over the candidate scores `block_scores[at..]`:
+/// forces the first `n_initial_blocks` blocks and the `n_local_blocks` ending at `t`'s own, takes the `n`
 /// highest (ties to the lower index) and writes them ascending, `-1` padded, to
 /// `selected[out..]` (`stride(3)` apart). The whole cube calls it; it clobbers the scores.
 #[cube]

@@ -4,14 +4,16 @@
 
 use cubecl::prelude::*;
 
-use crate::common::geometry::{cube_position, group_rows, head_rows};
+use crate::common::geometry::{cube_position, group_rows, head_rows, query_position};
 use crate::common::selection::selected_tile;
 use crate::portable::tile::{attend_tile, state_finish, state_new, TileConfig};
 
-/// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]`,
+/// `q: [B, T, H, d_k]`, `k: [B, T_k, H_kv, d_k]`, `v: [B, T_k, H_kv, d_v]` with `T_k >= T`
+/// (the queries are the last `T` of the `T_k` key positions),
 /// `selected: [B, H_kv, T, n]` (block indices, -1 for an empty slot) ->
 /// `o: [B, T, H, d_v]`, `lse: [B, H, T]` (f32). Keys of block `j` are
-/// `[j * l', (j + 1) * l')`, causally cut at `t`; `tile_keys` divides `l'`.
+/// `[j * l', (j + 1) * l')`, causally cut at the query's position; `tile_keys` divides
+/// `l'`.
 #[cube(launch, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn selected_attention_kernel<F: Float, I: Int>(
@@ -34,6 +36,7 @@ pub fn selected_attention_kernel<F: Float, I: Int>(
         let k_at = head_rows::<F>(k, b, head);
         let v_at = head_rows::<F>(v, b, head);
         let slots = b * selected.stride(0) + head * selected.stride(1) + t * selected.stride(2);
+        let position = query_position::<F>(q, k, t);
         let mut state = state_new(cfg);
         // Uniform loops (slots x tiles): the block index comes from memory, so only the
         // number of valid rows depends on it, never whether a barrier is reached.
@@ -41,7 +44,8 @@ pub fn selected_attention_kernel<F: Float, I: Int>(
             let block = i32::cast_from(selected[slots + slot * selected.stride(3)]);
             #[unroll]
             for tile in 0..comptime!(select_block / cfg.tile_keys) {
-                let (first, valid) = selected_tile(block, tile, t, select_block, cfg.tile_keys);
+                let (first, valid) =
+                    selected_tile(block, tile, position, select_block, cfg.tile_keys);
                 attend_tile::<F>(
                     q,
                     q_at,

@@ -1,14 +1,16 @@
-//! Sliding-window attention: query `t` attends keys `max(0, t - w + 1) ..= t`. Its
-//! tensor-core kernel is [`crate::tensor_core::range::range_attention_mma_kernel()`].
+//! Sliding-window attention: the query at position `p` attends keys
+//! `max(0, p - w + 1) ..= p`. Its tensor-core kernel is
+//! [`crate::tensor_core::range::range_attention_mma_kernel()`].
 
 use cubecl::prelude::*;
 
-use crate::common::geometry::{cube_position, group_rows, head_rows};
+use crate::common::geometry::{cube_position, group_rows, head_rows, query_position};
 use crate::common::keys::{key_range, KeySet};
 use crate::portable::tile::{attend_range, state_finish, state_new, TileConfig};
 
-/// `q: [B, T, H, d_k]`, `k: [B, T, H_kv, d_k]`, `v: [B, T, H_kv, d_v]` ->
-/// `o: [B, T, H, d_v]`, `lse: [B, H, T]` (f32). One cube per `(b, KV head, t)`.
+/// `q: [B, T, H, d_k]`, `k: [B, L, H_kv, d_k]`, `v: [B, L, H_kv, d_v]` with `L >= T` (the
+/// queries are the last `T` of the `L` key positions) -> `o: [B, T, H, d_v]`,
+/// `lse: [B, H, T]` (f32). One cube per `(b, KV head, t)`.
 #[cube(launch, address_type = "dynamic")]
 pub fn window_attention_kernel<F: Float>(
     q: &Tensor<F>,
@@ -29,7 +31,11 @@ pub fn window_attention_kernel<F: Float>(
         let k_at = head_rows::<F>(k, b, head);
         let v_at = head_rows::<F>(v, b, head);
         let mut state = state_new(cfg);
-        let (start, end) = key_range(t, k.shape(1), comptime!(KeySet::Window { size: window }));
+        let (start, end) = key_range(
+            query_position::<F>(q, k, t),
+            k.shape(1),
+            comptime!(KeySet::Window { size: window }),
+        );
         attend_range::<F>(
             q,
             q_at,
