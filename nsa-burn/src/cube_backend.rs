@@ -11,6 +11,7 @@ use nsa_cubecl::{
     launch_selected, launch_selected_gated_sum, launch_window, plan_branch_backward, plan_call,
     plan_compressed, plan_selected, plan_window, AttentionArgs, AttentionShape, BranchBackwardArgs,
     CallPlan, GatedRestArgs, GatedSumArgs, KeySet, NsaKernelConfig, PlanError, SelectionArgs,
+    SplitArgs,
 };
 
 use crate::backend::{last_rows_start, selected_then_gated_sum};
@@ -92,22 +93,22 @@ fn empty_like<R: CubeRuntime>(x: &CubeTensor<R>) -> CubeTensor<R> {
     empty(x, x.meta.shape(), x.dtype)
 }
 
-/// One branch's contiguous inputs (queries from key position `query_start`) with fresh
-/// outputs: `o: [B, T, H, d_v]` in `q`'s dtype and `lse: [B, H, T]` f32. Returns the launch
-/// arguments and `(o, lse)`.
+/// One branch's contiguous inputs of a call of `shape` with fresh outputs: `o:
+/// [B, T, H, d_v]` in `q`'s dtype and `lse: [B, H, T]` f32, and, when the plan splits the
+/// keys, the parts' f32 buffers of `split_shapes`. Returns the launch arguments and
+/// `(o, lse)`.
 fn attention_args<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
     v: CubeTensor<R>,
-    query_start: usize,
-) -> (
-    AttentionShape,
-    AttentionArgs<R>,
-    CubeTensor<R>,
-    CubeTensor<R>,
-) {
+    shape: &AttentionShape,
+    split_shapes: Option<([usize; 4], [usize; 3])>,
+) -> (AttentionArgs<R>, CubeTensor<R>, CubeTensor<R>) {
     let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
-    let shape = attention_shape(&q, &v, query_start);
+    let splits = split_shapes.map(|(o, lse)| SplitArgs {
+        o: empty(&q, &o, DType::F32).into_tensor_arg(),
+        lse: empty(&q, &lse, DType::F32).into_tensor_arg(),
+    });
     let o = empty(
         &q,
         &[shape.batch, shape.seq, shape.heads, shape.d_v],
@@ -120,8 +121,9 @@ fn attention_args<R: CubeRuntime>(
         v: v.into_tensor_arg(),
         o: o.clone().into_tensor_arg(),
         lse: lse.clone().into_tensor_arg(),
+        splits,
     };
-    (shape, args, o, lse)
+    (args, o, lse)
 }
 
 /// The backward pass of one branch, planned and launched by `nsa-cubecl`: this side only
@@ -300,12 +302,13 @@ where
             [batch, kv_heads, seq, config.n_selected]
         };
         let selected = empty(&q, &selected_shape, I::dtype());
-        let (shape, args, o, lse) = attention_args(q, k_cmp, v_cmp, query_start);
+        let shape = attention_shape(&q, &v_cmp, query_start);
         let kernel_config = config.kernel_config(shape.d_k, shape.key_len());
+        let plan = with_float_type!(dtype, Fl => planned(plan_compressed::<R, Fl>(
+            &client, shape, num_compressed, &kernel_config,
+        )));
+        let (args, o, lse) = attention_args(q, k_cmp, v_cmp, &shape, plan.split_shapes());
         with_float_type!(dtype, Fl => with_int_type!(selected.dtype, In => {
-            let plan = planned(plan_compressed::<R, Fl>(
-                &client, shape, num_compressed, &kernel_config,
-            ));
             launch_compressed::<R, Fl, In>(&client, &plan, args, selected.clone().into_tensor_arg())
         }));
         (o, lse, selected)
@@ -321,11 +324,13 @@ where
         let client = q.client.clone();
         let dtype = q.dtype;
         let selected = into_contiguous(selected);
-        let query_start = last_rows_start(&q, &k);
-        let (shape, args, o, lse) = attention_args(q, k, v, query_start);
+        let shape = attention_shape(&q, &v, last_rows_start(&q, &k));
         let kernel_config = config.kernel_config(shape.d_k, shape.key_len());
+        let plan = with_float_type!(dtype, Fl => planned(plan_selected::<R, Fl>(
+            &client, shape, &kernel_config,
+        )));
+        let (args, o, lse) = attention_args(q, k, v, &shape, plan.split_shapes());
         with_float_type!(dtype, Fl => with_int_type!(selected.dtype, In => {
-            let plan = planned(plan_selected::<R, Fl>(&client, shape, &kernel_config));
             launch_selected::<R, Fl, In>(&client, &plan, args, selected.into_tensor_arg())
         }));
         (o, lse)
@@ -339,8 +344,7 @@ where
         rest: GatedRest<Self>,
         config: &NsaAttentionConfig,
     ) -> CubeTensor<R> {
-        let query_start = last_rows_start(&q, &k);
-        let shape = attention_shape(&q, &v, query_start);
+        let shape = attention_shape(&q, &v, last_rows_start(&q, &k));
         let client = q.client.clone();
         let kernel_config = config.kernel_config(shape.d_k, shape.key_len());
         let plan = with_float_type!(q.dtype, Fl => planned(plan_selected::<R, Fl>(
@@ -356,7 +360,8 @@ where
             window: into_contiguous(rest.window).into_tensor_arg(),
             gates: cast(into_contiguous(rest.gates), dtype).into_tensor_arg(),
         };
-        let (_, args, output, _) = attention_args(q, k, v, query_start);
+        // The tensor-core selection kernel never splits its keys.
+        let (args, output, _) = attention_args(q, k, v, &shape, None);
         with_float_type!(dtype, Fl => with_int_type!(selected.dtype, In => {
             launch_selected_gated_sum::<R, Fl, In>(
                 &client,
@@ -377,13 +382,13 @@ where
     ) -> (CubeTensor<R>, CubeTensor<R>) {
         let client = q.client.clone();
         let dtype = q.dtype;
-        let query_start = last_rows_start(&q, &k);
-        let (shape, args, o, lse) = attention_args(q, k, v, query_start);
+        let shape = attention_shape(&q, &v, last_rows_start(&q, &k));
         let kernel_config = config.kernel_config(shape.d_k, shape.key_len());
-        with_float_type!(dtype, Fl => {
-            let plan = planned(plan_window::<R, Fl>(&client, shape, &kernel_config));
-            launch_window::<R, Fl>(&client, &plan, args)
-        });
+        let plan = with_float_type!(dtype, Fl => planned(plan_window::<R, Fl>(
+            &client, shape, &kernel_config,
+        )));
+        let (args, o, lse) = attention_args(q, k, v, &shape, plan.split_shapes());
+        with_float_type!(dtype, Fl => launch_window::<R, Fl>(&client, &plan, args));
         (o, lse)
     }
 

@@ -24,8 +24,8 @@
 //! - [`portable`]: everywhere else (f32, lavapipe and other devices without `mma`). One
 //!   cube per `(batch, KV head, query position)` with register-blocked dot products
 //!   ([`portable::tile`]).
-//! - [`rows`]: row-wise kernels with no attention tile: `delta`, the gated sum (Eq. 5) and
-//!   the sum of the key side's split copies.
+//! - [`rows`]: row-wise kernels with no attention tile: `delta`, the gated sum (Eq. 5), the
+//!   sum of the key side's split copies and the merge of key splits of the forward pass.
 //!
 //! Both paths walk the same keys in the same order, so they select the same blocks and sum
 //! every gradient in a fixed order.
@@ -44,7 +44,7 @@ pub use config::{AttentionShape, NsaKernelConfig};
 pub use launch::{
     launch_branch_backward, launch_compressed, launch_gated_sum, launch_gated_sum_backward,
     launch_selected, launch_selected_gated_sum, launch_window, AttentionArgs, BranchBackwardArgs,
-    GatedRestArgs, GatedSumArgs, SelectionArgs,
+    GatedRestArgs, GatedSumArgs, SelectionArgs, SplitArgs,
 };
 pub use plan::{
     plan_branch_backward, plan_call, plan_compressed, plan_selected, plan_window, AttentionPlan,

@@ -4,6 +4,8 @@
 
 use cubecl::prelude::*;
 
+use crate::common::keys::index_min;
+
 /// Stands for minus infinity: WGSL cannot spell `-inf`, so scores of masked keys and the
 /// max of an empty row use this finite sentinel (only ever in f32).
 pub const NEG_BIG: f32 = -1.0e30;
@@ -60,12 +62,61 @@ pub fn cube_tiles_at(
     (b, head, tile, cube < batch * kv_heads * tiles)
 }
 
-/// The key position of query row `t` when the `T` queries of `q: [B, T, ..]` are the last
-/// `T` of the `L` key positions of `k: [B, L, ..]` (`t` itself for self-attention,
-/// `L = T`).
+/// Where a cube of a forward pass split over its keys works: part `split` of the keys of
+/// the query rows at `(b, KV head, t)`, written to batch row `out_b = split * B + b` of the
+/// parts' outputs.
+#[derive(CubeType, Clone, Copy)]
+pub struct SplitPosition {
+    /// Batch row of the inputs.
+    pub b: usize,
+    /// Which part of the keys, `0..splits`.
+    pub split: usize,
+    /// Parts the keys are split into.
+    pub splits: usize,
+    /// Batch row of the output, `split * B + b`.
+    pub out_b: usize,
+    /// KV head.
+    pub head: usize,
+    /// Query row.
+    pub t: usize,
+    /// Whether the cube is inside the grid (not padding).
+    pub inside: bool,
+}
+
+/// [`cube_position()`] over `out_batch = splits * batch` output rows: the cube's part of the
+/// keys and its rows.
 #[cube]
-pub fn query_position<F: Float>(q: &Tensor<F>, k: &Tensor<F>, t: usize) -> usize {
-    t + k.shape(1) - q.shape(1)
+pub fn cube_split_position(
+    batch: usize,
+    out_batch: usize,
+    kv_heads: usize,
+    seq: usize,
+) -> SplitPosition {
+    let (out_b, head, t, inside) = cube_position(out_batch, kv_heads, seq);
+    SplitPosition {
+        b: out_b % batch,
+        split: out_b / batch,
+        splits: out_batch / batch,
+        out_b,
+        head,
+        t,
+        inside,
+    }
+}
+
+/// Part `split` of `splits` of the rows `start..end`: parts of one length, rounded up to a
+/// multiple of `align`, in order (the last ones shorter or empty).
+#[cube]
+pub fn split_rows(
+    start: usize,
+    end: usize,
+    split: usize,
+    splits: usize,
+    #[comptime] align: usize,
+) -> (usize, usize) {
+    let per = ((end - start + splits - 1) / splits + align - 1) / align * align;
+    let first = index_min(start + split * per, end);
+    (first, index_min(first + per, end))
 }
 
 /// The group's query (or output) rows at `(b, t)` of a `[B, T, H, d]` tensor: heads

@@ -246,7 +246,7 @@ fn launch_grad_query<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
             }
         }
         Path::Portable(tile) => {
-            let (count, dim) = portable_grid(client, shape, &tile);
+            let (count, dim) = portable_grid(client, shape, &tile, 1);
             grad_query_kernel::launch::<F, I, R>(
                 client,
                 count,

@@ -15,7 +15,7 @@ use crate::tensor_core::layout::MmaTileConfig;
 pub use backward::{launch_branch_backward, BranchBackwardArgs, SelectionArgs};
 pub use forward::{
     launch_compressed, launch_selected, launch_selected_gated_sum, launch_window, AttentionArgs,
-    GatedRestArgs,
+    GatedRestArgs, SplitArgs,
 };
 pub use rows::{launch_gated_sum, launch_gated_sum_backward, GatedSumArgs};
 
@@ -35,14 +35,15 @@ fn mma_grid<R: Runtime>(
     (count, cube_dim)
 }
 
-/// One cube per `(batch, KV head, t)`.
+/// One cube per `(part, batch, KV head, t)`, for the keys split into `splits` parts.
 fn portable_grid<R: Runtime>(
     client: &ComputeClient<R>,
     shape: &AttentionShape,
     cfg: &TileConfig,
+    splits: usize,
 ) -> (CubeCount, CubeDim) {
     let cube_dim = CubeDim::new_1d(cfg.units() as u32);
-    let cubes = shape.batch * shape.kv_heads * shape.seq;
+    let cubes = splits * shape.batch * shape.kv_heads * shape.seq;
     let count = calculate_cube_count_elemwise(client, cubes * cfg.units(), cube_dim);
     (count, cube_dim)
 }

@@ -10,6 +10,7 @@ use super::{address_type, elementwise_grid};
 use crate::config::AttentionShape;
 use crate::rows::delta::{delta_kernel, RowLayout};
 use crate::rows::gated_sum::{gated_sum_backward_kernel, gated_sum_kernel};
+use crate::rows::query_splits::merge_key_splits_kernel;
 
 /// The gated sum's operands, contiguous in `F`: the branch outputs `[B, T, H, d_v]` in the
 /// order (compressed, selected, window) and the gates `[B, T, H, 3]` in the same order.
@@ -82,6 +83,24 @@ pub fn launch_gated_sum<R: Runtime, F: Float + CubeElement>(
             client, count, cube_dim, addresses, vector, o_cmp, o_slc, o_win, args.gates, o, vectors,
         );
     }
+}
+
+/// The merge of a forward pass split over its keys: the parts' `o: [S * B, T, H, d_v]` and
+/// `lse: [S * B, H, T]` (f32) -> `o: [B, T, H, d_v]` in `F` and `lse: [B, H, T]` f32, all
+/// contiguous.
+pub(super) fn launch_merge_key_splits<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: &AttentionShape,
+    parts: super::SplitArgs<R>,
+    o: TensorArg<R>,
+    lse: TensorArg<R>,
+) {
+    let elements = shape.batch * shape.seq * shape.heads * shape.d_v;
+    let (count, cube_dim) = elementwise_grid(client, elements);
+    let addresses = address_type(&[&parts.o, &parts.lse, &o, &lse]);
+    merge_key_splits_kernel::launch::<F, R>(
+        client, count, cube_dim, addresses, parts.o, parts.lse, o, lse,
+    );
 }
 
 /// Backward of [`launch_gated_sum`]: `d_o: [B, T, H, d_v]` -> the branch outputs'

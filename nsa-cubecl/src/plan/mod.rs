@@ -250,6 +250,10 @@ pub struct AttentionPlan {
     pub scale: f32,
     /// The kernel and its tile.
     pub path: Path<MmaTileConfig, TileConfig>,
+    /// Parts the keys of each query row are split into, each on its own cube (1: none; more
+    /// only on the portable path, when the call has too few query rows to fill the device,
+    /// as in a decoding step).
+    pub splits: usize,
 }
 
 /// The selection branch's forward kernel on tensor cores, which can also finish the gated
@@ -260,7 +264,23 @@ pub struct GatedSelectionPlan {
     pub(crate) tile: MmaTileConfig,
 }
 
+/// `[S * B, T, H, d_v]` and `[S * B, H, T]`, f32: the parts' outputs and log-sum-exps of a
+/// call whose keys are split into `S = splits` parts; `None` when nothing is split.
+fn split_shapes(shape: &AttentionShape, splits: usize) -> Option<([usize; 4], [usize; 3])> {
+    let rows = splits * shape.batch;
+    (splits > 1).then_some((
+        [rows, shape.seq, shape.heads, shape.d_v],
+        [rows, shape.heads, shape.seq],
+    ))
+}
+
 impl AttentionPlan {
+    /// The buffers of the parts' outputs and log-sum-exps, f32
+    /// (`[S * B, T, H, d_v]`, `[S * B, H, T]`), when the keys are split; `None` otherwise.
+    pub fn split_shapes(&self) -> Option<([usize; 4], [usize; 3])> {
+        split_shapes(&self.shape, self.splits)
+    }
+
     /// The plan of the selection kernel that also sums the three branches, when the
     /// tensor-core path runs the selection branch; `None` on the portable path (there the
     /// selection and the gated sum are two launches).
@@ -298,18 +318,29 @@ pub struct CompressedPlan {
     pub selection: SelectionConfig,
     /// The kernels and their tiles.
     pub path: Path<CompressedTiles, TileConfig>,
+    /// Parts the compressed keys of each query row are split into (see
+    /// [`AttentionPlan::splits`]); with more than one the attention runs split and merged,
+    /// and the scoring and top-n after it, from the merged log-sum-exp.
+    pub splits: usize,
 }
 
 impl CompressedPlan {
-    /// The attention pass on tensor cores with `tile`.
-    pub(crate) fn attention_pass(&self, tile: MmaTileConfig) -> AttentionPlan {
+    /// The attention pass on tensor cores with `tile`, or on the portable tile split into
+    /// [`Self::splits`] parts.
+    pub(crate) fn attention_pass(&self, path: Path<MmaTileConfig, TileConfig>) -> AttentionPlan {
         AttentionPlan {
             shape: self.shape,
             keys: self.selection.key_set(),
             key_rows: self.key_rows,
             scale: self.scale,
-            path: Path::TensorCore(tile),
+            path,
+            splits: self.splits,
         }
+    }
+
+    /// As [`AttentionPlan::split_shapes`].
+    pub fn split_shapes(&self) -> Option<([usize; 4], [usize; 3])> {
+        split_shapes(&self.shape, self.splits)
     }
 }
 
@@ -363,17 +394,24 @@ pub fn plan_window<R: Runtime, F: Float + CubeElement>(
     config: &NsaKernelConfig,
 ) -> Result<AttentionPlan, PlanError> {
     let keys = config.window_keys();
+    let limits = Limits::of(client);
     let path = choose(
         config.kernel_strategy,
         || tensor_core::forward_tile::<R, F>(client, &shape, tensor_core::WINDOW_ROWS),
-        || portable::tile_config(Limits::of(client), &shape, None, TileConfig::shared_words),
+        || portable::tile_config(limits, &shape, None, TileConfig::shared_words),
     )?;
+    // Each query attends at most `w` keys, in tiles.
+    let keys_per_row = config.window.min(shape.key_len());
+    let splits = portable::key_splits(limits, &shape, &path, |tile| {
+        keys_per_row.div_ceil(tile.tile_keys)
+    });
     Ok(AttentionPlan {
         shape,
         keys,
         key_rows: shape.key_len(),
         scale: config.softmax_scale,
         path,
+        splits,
     })
 }
 
@@ -383,25 +421,24 @@ pub fn plan_selected<R: Runtime, F: Float + CubeElement>(
     shape: AttentionShape,
     config: &NsaKernelConfig,
 ) -> Result<AttentionPlan, PlanError> {
+    let limits = Limits::of(client);
     let path = choose(
         config.kernel_strategy,
         || tensor_core::selection_tile::<R, F>(client, &shape),
         || {
             let divides = Some(config.select_block);
-            portable::tile_config(
-                Limits::of(client),
-                &shape,
-                divides,
-                TileConfig::shared_words,
-            )
+            portable::tile_config(limits, &shape, divides, TileConfig::shared_words)
         },
     )?;
+    // The parts share out the `n` selected blocks.
+    let splits = portable::key_splits(limits, &shape, &path, |_| config.n_selected);
     Ok(AttentionPlan {
         shape,
         keys: config.selected_keys(),
         key_rows: shape.key_len(),
         scale: config.softmax_scale,
         path,
+        splits,
     })
 }
 
@@ -413,17 +450,22 @@ pub fn plan_compressed<R: Runtime, F: Float + CubeElement>(
     config: &NsaKernelConfig,
 ) -> Result<CompressedPlan, PlanError> {
     let selection = config.selection(shape.key_len());
+    let limits = Limits::of(client);
     let path = choose(
         config.kernel_strategy,
         || tensor_core::compressed_tiles::<R, F>(client, &shape, &selection),
-        || portable::compressed_tile(Limits::of(client), &shape, &selection),
+        || portable::compressed_tile(limits, &shape, &selection),
     )?;
+    let splits = portable::key_splits(limits, &shape, &path, |tile| {
+        num_compressed.div_ceil(tile.tile_keys)
+    });
     Ok(CompressedPlan {
         shape,
         key_rows: num_compressed,
         scale: config.softmax_scale,
         selection,
         path,
+        splits,
     })
 }
 
@@ -458,6 +500,7 @@ pub fn plan_branch_backward<R: Runtime, F: Float + CubeElement>(
             key_rows,
             scale: config.softmax_scale,
             path: query,
+            splits: 1,
         },
         key,
     })

@@ -5,6 +5,7 @@ use core::fmt;
 
 use cubecl::prelude::*;
 
+use super::Path;
 use crate::common::keys::KeySet;
 use crate::common::selection::SelectionConfig;
 use crate::config::AttentionShape;
@@ -13,6 +14,13 @@ use crate::portable::tile::TileConfig;
 
 /// Units a cube may hold for one query group, at most.
 const MAX_UNITS: usize = 128;
+
+/// Cubes that keep a device busy when it does not say how many multiprocessors it has.
+const DEFAULT_BUSY_CUBES: usize = 64;
+
+/// Parts a query row's keys are split into, at most: bounds the parts' buffers and the
+/// merge's loop.
+const MAX_KEY_SPLITS: usize = 32;
 
 /// Units of the key-side backward cube, at least.
 const KEY_GRAD_UNITS: usize = 128;
@@ -30,6 +38,9 @@ pub(super) struct Limits {
     pub shared_bytes: usize,
     /// Units a cube may hold.
     pub max_units: usize,
+    /// Cubes that keep the device busy: two per streaming multiprocessor where the device
+    /// says how many it has, [`DEFAULT_BUSY_CUBES`] otherwise.
+    pub busy_cubes: usize,
 }
 
 impl Limits {
@@ -38,6 +49,9 @@ impl Limits {
         Self {
             shared_bytes: hardware.max_shared_memory_size,
             max_units: hardware.max_units_per_cube as usize,
+            busy_cubes: hardware
+                .num_streaming_multiprocessors
+                .map_or(DEFAULT_BUSY_CUBES, |sms| 2 * sms as usize),
         }
     }
 
@@ -139,6 +153,32 @@ pub(super) fn tile_config(
     }
 }
 
+/// Parts to split each query row's keys into on the portable `path`: 1 when the call's
+/// `B * H_kv * T` cubes already keep the device busy or the tensor-core path runs, else
+/// enough parts for [`Limits::busy_cubes`] cubes, at most [`MAX_KEY_SPLITS`] and at most
+/// `parts(tile)`, the parts a row's keys can be cut into (whole key tiles, or selected
+/// blocks).
+pub(super) fn key_splits<T>(
+    limits: Limits,
+    shape: &AttentionShape,
+    path: &Path<T, TileConfig>,
+    parts: impl FnOnce(&TileConfig) -> usize,
+) -> usize {
+    let Path::Portable(tile) = path else {
+        return 1;
+    };
+    let cubes = shape.batch * shape.kv_heads * shape.seq;
+    if cubes >= limits.busy_cubes {
+        return 1;
+    }
+    limits
+        .busy_cubes
+        .div_ceil(cubes)
+        .min(MAX_KEY_SPLITS)
+        .min(parts(tile))
+        .max(1)
+}
+
 /// The compression branch's tile: the attention tile plus the block scores (`max_blocks`),
 /// the units' best candidates, the rows' log-sum-exp and the tile's group sums.
 pub(super) fn compressed_tile(
@@ -222,6 +262,7 @@ mod tests {
     const WGPU_LIKE: Limits = Limits {
         shared_bytes: 32 * 1024,
         max_units: 256,
+        busy_cubes: 64,
     };
 
     fn shape(heads: usize, seq: usize) -> AttentionShape {
@@ -250,6 +291,21 @@ mod tests {
     }
 
     #[test]
+    fn only_calls_with_few_query_rows_split_their_keys() {
+        let one_row = shape(4, 1);
+        let tile = tile_config(WGPU_LIKE, &one_row, None, TileConfig::shared_words).unwrap();
+        let portable = Path::<(), _>::Portable(tile);
+        // One query row wants 64 parts, at most 32, and at most the parts there are.
+        assert_eq!(key_splits(WGPU_LIKE, &one_row, &portable, |_| 100), 32);
+        assert_eq!(key_splits(WGPU_LIKE, &one_row, &portable, |_| 3), 3);
+        assert_eq!(key_splits(WGPU_LIKE, &shape(4, 5), &portable, |_| 100), 13);
+        // 64 rows fill the device; the tensor-core path never splits.
+        assert_eq!(key_splits(WGPU_LIKE, &shape(4, 64), &portable, |_| 100), 1);
+        let tensor_core = Path::<(), TileConfig>::TensorCore(());
+        assert_eq!(key_splits(WGPU_LIKE, &one_row, &tensor_core, |_| 100), 1);
+    }
+
+    #[test]
     fn shared_memory_shrinks_the_tile_then_is_an_error() {
         // 4096 extra words (16 KiB) leave room for fewer key rows; 8192 (32 KiB) for none.
         let tile = |extra: usize| {
@@ -272,12 +328,14 @@ mod tests {
         let small = Limits {
             shared_bytes: 48 * 1024,
             max_units: 64,
+            busy_cubes: 64,
         };
         let cfg = key_tile_config(small, &shape(4, 64), KeySet::Window { size: 64 }).unwrap();
         assert!(cfg.units <= 64);
         let tiny = Limits {
             shared_bytes: 64,
             max_units: 64,
+            busy_cubes: 64,
         };
         assert!(matches!(
             key_tile_config(tiny, &shape(4, 64), KeySet::Window { size: 64 }),

@@ -1,13 +1,15 @@
 //! Compressed attention (Eq. 7-8) fused with block scoring (Eq. 9-10) and top-n selection
 //! (Eq. 11) on the portable tile: per query group, the selection-block scores live in
-//! shared memory only. The tensor-core path runs the same branch as two kernels,
+//! shared memory only. When a decoding step splits the attention over cubes
+//! ([`crate::portable::range`]), [`compressed_selection_kernel()`] scores and selects from
+//! the merged log-sum-exp. The tensor-core path runs the same branch as two kernels,
 //! [`crate::tensor_core::range`] (attention) and [`crate::tensor_core::scores`] (scoring
 //! and top-n).
 
 use cubecl::prelude::*;
 
 use crate::common::geometry::{
-    cube_position, group_rows, head_rows, recomputed_probability, NEG_BIG,
+    cube_position, group_rows, head_rows, lse_at, recomputed_probability, Rows, NEG_BIG,
 };
 use crate::common::keys::{index_min, key_range};
 use crate::common::selection::{
@@ -85,74 +87,22 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
 
         // Selection-block scores: candidates are the blocks j with j * l' <= p.
         let candidates = position / sel.select_block + 1;
-        let mut j = unit;
-        while j < candidates {
-            block_scores[j] = 0.0;
-            j += units;
-        }
-        sync_cube();
-        let mut row = 0usize;
-        while row < visible {
-            let valid = index_min(visible - row, cfg.tile_keys);
-            // Keys of this tile into shared memory (values are not needed here).
-            load_rows::<F, f32>(
-                k_cmp,
-                k_at,
-                row,
-                valid,
-                &mut keys,
-                cfg.tile_keys,
-                cfg.d_k,
-                cfg.key_stride(),
-                cfg.units(),
-            );
-            sync_cube();
-            tile_scores::<F>(
-                q,
-                q_at,
-                &keys,
-                valid,
-                scale,
-                &mut scores,
-                cfg.d_k,
-                cfg.key_stride(),
-                cfg,
-            );
-            sync_cube();
-            // p_cmp summed over the group, per compression block of the tile.
-            let mut key = unit;
-            while key < cfg.tile_keys {
-                let mut p = 0.0f32;
-                if key < valid {
-                    #[unroll]
-                    for g in 0..cfg.group {
-                        p += recomputed_probability(scores[g * cfg.tile_keys + key], row_lse[g]);
-                    }
-                }
-                probs[key] = p;
-                key += units;
-            }
-            sync_cube();
-            // Each selection block touched by the tile is summed by one unit.
-            let (first_block, last_block) = tile_blocks(row, valid, candidates, sel);
-            let mut j = first_block + unit;
-            while j <= last_block {
-                let (lo, hi) = tile_block_keys(row, valid, j, sel);
-                let (first, end) = (lo - row, hi - row);
-                block_scores[j] = add_key_probabilities(
-                    block_scores[j],
-                    &probs,
-                    0usize,
-                    first,
-                    end,
-                    comptime!(1usize),
-                    comptime!(0usize),
-                );
-                j += units;
-            }
-            sync_cube();
-            row += cfg.tile_keys;
-        }
+        score_blocks::<F>(
+            q,
+            q_at,
+            k_cmp,
+            k_at,
+            visible,
+            candidates,
+            scale,
+            &row_lse,
+            &mut keys,
+            &mut scores,
+            &mut probs,
+            &mut block_scores,
+            cfg,
+            sel,
+        );
 
         let out = b * selected.stride(0) + head * selected.stride(1) + t * selected.stride(2);
         pick_blocks::<I>(
@@ -166,6 +116,168 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
             units,
             sel,
         );
+    }
+}
+
+/// Block scoring (Eq. 9-10) and top-n (Eq. 11) alone, for a compression branch whose
+/// attention ran split over its keys ([`crate::portable::range`]): `q: [B, T, H, d_k]` at
+/// positions `query_start .. query_start + T`, `k_cmp: [B, N_cmp, H_kv, d_k]` and the rows'
+/// log-sum-exp `lse: [B, H, T]` (f32) -> `selected: [B, H_kv, T, n]` (ascending block
+/// indices, -1 padded). One cube per `(b, KV head, t)`.
+#[cube(launch, address_type = "dynamic")]
+#[allow(clippy::too_many_arguments)]
+pub fn compressed_selection_kernel<F: Float, I: Int>(
+    q: &Tensor<F>,
+    k_cmp: &Tensor<F>,
+    lse: &Tensor<f32>,
+    selected: &mut Tensor<I>,
+    scale: f32,
+    query_start: u32,
+    #[comptime] cfg: TileConfig,
+    #[comptime] sel: SelectionConfig,
+) {
+    let mut keys = SharedMemory::<f32>::new(comptime!(cfg.tile_keys * cfg.key_stride()));
+    let mut scores = SharedMemory::<f32>::new(comptime!(cfg.group * cfg.tile_keys));
+    let mut row_lse = SharedMemory::<f32>::new(cfg.group);
+    let mut probs = SharedMemory::<f32>::new(cfg.tile_keys);
+    let mut block_scores = SharedMemory::<f32>::new(sel.max_blocks);
+    let mut best_score = SharedMemory::<f32>::new(comptime!(cfg.units()));
+    let mut best_block = SharedMemory::<u32>::new(comptime!(cfg.units()));
+    let (b, head, t, active) = cube_position(q.shape(0), k_cmp.shape(2), q.shape(1));
+    if active {
+        let unit = UNIT_POS as usize;
+        let q_at = group_rows::<F>(q, b, t, head, cfg.group);
+        let k_at = head_rows::<F>(k_cmp, b, head);
+        let position = t + usize::cast_from(query_start);
+        let (_, visible) = key_range(position, k_cmp.shape(1), comptime!(sel.key_set()));
+        if unit < cfg.group {
+            row_lse[unit] = lse[lse_at(lse, b, head * cfg.group + unit, t)];
+        }
+        sync_cube();
+        let candidates = position / sel.select_block + 1;
+        score_blocks::<F>(
+            q,
+            q_at,
+            k_cmp,
+            k_at,
+            visible,
+            candidates,
+            scale,
+            &row_lse,
+            &mut keys,
+            &mut scores,
+            &mut probs,
+            &mut block_scores,
+            cfg,
+            sel,
+        );
+        let out = b * selected.stride(0) + head * selected.stride(1) + t * selected.stride(2);
+        pick_blocks::<I>(
+            &mut block_scores,
+            0,
+            position,
+            &mut best_score,
+            &mut best_block,
+            selected,
+            out,
+            comptime!(cfg.units()),
+            sel,
+        );
+    }
+}
+
+/// Eq. 9-10 for one query group: zeroes the scores of the `candidates` selection blocks in
+/// `block_scores`, then walks the `visible` compressed keys tile by tile, recomputes each
+/// key's probability from the rows' log-sum-exp `row_lse` (one per query head of the group),
+/// sums it over the group and adds it to every candidate block the key overlaps. The whole
+/// cube calls it; it uses `keys`, `scores` and `probs` as scratch.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn score_blocks<F: Float>(
+    q: &Tensor<F>,
+    q_at: Rows,
+    k_cmp: &Tensor<F>,
+    k_at: Rows,
+    visible: usize,
+    candidates: usize,
+    scale: f32,
+    row_lse: &SharedMemory<f32>,
+    keys: &mut SharedMemory<f32>,
+    scores: &mut SharedMemory<f32>,
+    probs: &mut SharedMemory<f32>,
+    block_scores: &mut SharedMemory<f32>,
+    #[comptime] cfg: TileConfig,
+    #[comptime] sel: SelectionConfig,
+) {
+    let unit = UNIT_POS as usize;
+    let units = comptime!(cfg.units());
+    let mut j = unit;
+    while j < candidates {
+        block_scores[j] = 0.0;
+        j += units;
+    }
+    sync_cube();
+    let mut row = 0usize;
+    while row < visible {
+        let valid = index_min(visible - row, cfg.tile_keys);
+        // Keys of this tile into shared memory (values are not needed here).
+        load_rows::<F, f32>(
+            k_cmp,
+            k_at,
+            row,
+            valid,
+            keys,
+            cfg.tile_keys,
+            cfg.d_k,
+            cfg.key_stride(),
+            cfg.units(),
+        );
+        sync_cube();
+        tile_scores::<F>(
+            q,
+            q_at,
+            keys,
+            valid,
+            scale,
+            scores,
+            cfg.d_k,
+            cfg.key_stride(),
+            cfg,
+        );
+        sync_cube();
+        // p_cmp summed over the group, per compression block of the tile.
+        let mut key = unit;
+        while key < cfg.tile_keys {
+            let mut p = 0.0f32;
+            if key < valid {
+                #[unroll]
+                for g in 0..cfg.group {
+                    p += recomputed_probability(scores[g * cfg.tile_keys + key], row_lse[g]);
+                }
+            }
+            probs[key] = p;
+            key += units;
+        }
+        sync_cube();
+        // Each selection block touched by the tile is summed by one unit.
+        let (first_block, last_block) = tile_blocks(row, valid, candidates, sel);
+        let mut j = first_block + unit;
+        while j <= last_block {
+            let (lo, hi) = tile_block_keys(row, valid, j, sel);
+            let (first, end) = (lo - row, hi - row);
+            block_scores[j] = add_key_probabilities(
+                block_scores[j],
+                probs,
+                0usize,
+                first,
+                end,
+                comptime!(1usize),
+                comptime!(0usize),
+            );
+            j += units;
+        }
+        sync_cube();
+        row += cfg.tile_keys;
     }
 }
 
