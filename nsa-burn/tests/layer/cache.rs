@@ -4,7 +4,8 @@
 
 use burn::tensor::Tensor;
 use nsa_burn::{
-    nsa_attention, try_nsa_attention, BranchKv, NsaCacheConfig, NsaCacheError, NsaError, NsaInput,
+    nsa_attention, reference, try_nsa_attention, BranchKv, NsaCacheConfig, NsaCacheError, NsaError,
+    NsaInput,
 };
 
 use super::{device, indices, normal, small_config, values, B};
@@ -89,22 +90,19 @@ fn offset_inputs_with_wrong_lengths_are_shape_errors() {
             other.map(|_: nsa_burn::NsaOutput<B>| ())
         ),
     };
-    // More queries than keys.
-    assert_eq!(
-        tensor_of(try_nsa_attention(input(50, 40, 40), &config)),
-        "q"
-    );
-    // The window keys must reach the first query's window (w = 24: 3 + 23 = 26 keys) ...
-    assert_eq!(
-        tensor_of(try_nsa_attention(input(3, 40, 25), &config)),
-        "window.v"
-    );
-    // ... and cannot be longer than the sequence.
-    assert_eq!(
-        tensor_of(try_nsa_attention(input(3, 40, 41), &config)),
-        "window.v"
-    );
-    assert!(try_nsa_attention(input(3, 40, 26), &config).is_ok());
+    // The operator and the reference operator check alike.
+    let operators: [fn(NsaInput<B>, &_) -> Result<_, NsaError>; 2] =
+        [try_nsa_attention, reference::operator];
+    for operator in operators {
+        // More queries than keys.
+        assert_eq!(tensor_of(operator(input(50, 40, 40), &config)), "q");
+        // The window keys must reach the first query's window (w = 24: 3 + 23 = 26 keys)
+        // ...
+        assert_eq!(tensor_of(operator(input(3, 40, 25), &config)), "window.v");
+        // ... and cannot be longer than the sequence.
+        assert_eq!(tensor_of(operator(input(3, 40, 41), &config)), "window.v");
+        assert!(operator(input(3, 40, 26), &config).is_ok());
+    }
 }
 
 /// Capacity, sequence numbers, row counts and the layer are checked before anything
