@@ -351,6 +351,23 @@ fn launch_selected_mma<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>
     }
 }
 
+/// The compression branch's two passes over one set of tensors: the attention pass's
+/// arguments, which write `o` and `lse`, and the `q`, `k` and `lse` the scoring pass reads.
+fn two_passes<R: Runtime>(args: AttentionArgs<R>) -> (AttentionArgs<R>, [TensorArg<R>; 3]) {
+    let (q, q_again) = twice(args.q);
+    let (k, k_again) = twice(args.k);
+    let (lse, lse_again) = twice(args.lse);
+    let pass = AttentionArgs {
+        q,
+        k,
+        v: args.v,
+        o: args.o,
+        lse,
+        splits: args.splits,
+    };
+    (pass, [q_again, k_again, lse_again])
+}
+
 /// Compressed attention with block scoring and top-n: `args.k`, `args.v` the compressed
 /// keys and values `[B, N_cmp, H_kv, d]` -> also `selected: [B, H_kv, T, n]` Int (ascending
 /// block indices, -1 padded) for queries at positions `plan.shape.query_start ..`, as
@@ -366,18 +383,7 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
     let addresses = address_type(&args.all(Some(&selected)));
     match plan.path {
         Path::TensorCore(tiles) => {
-            let (q, q_again) = twice(args.q);
-            let (lse, lse_again) = twice(args.lse);
-            let (k, k_again) = twice(args.k);
-            // The attention pass writes `o` and `lse`, which the scoring pass reads.
-            let pass = AttentionArgs {
-                q,
-                k,
-                v: args.v,
-                o: args.o,
-                lse,
-                splits: None,
-            };
+            let (pass, [q_again, k_again, lse_again]) = two_passes(args);
             let attention = plan.attention_pass(Path::TensorCore(tiles.attention));
             launch_range::<R, F>(client, &attention, tiles.attention, pass);
             let (count, dim) = mma_grid(client, &plan.shape, &tiles.scoring);
@@ -400,18 +406,7 @@ pub fn launch_compressed<R: Runtime, F: Float + CubeElement, I: Int + CubeElemen
             }
         }
         Path::Portable(tile) if plan.splits > 1 => {
-            let (q, q_again) = twice(args.q);
-            let (lse, lse_again) = twice(args.lse);
-            let (k, k_again) = twice(args.k);
-            // The split attention and its merge write `o` and `lse`, which scoring reads.
-            let pass = AttentionArgs {
-                q,
-                k,
-                v: args.v,
-                o: args.o,
-                lse,
-                splits: args.splits,
-            };
+            let (pass, [q_again, k_again, lse_again]) = two_passes(args);
             let attention = plan.attention_pass(Path::Portable(tile));
             launch_range_portable::<R, F>(client, &attention, tile, pass);
             let (count, dim) = portable_grid(client, &plan.shape, &tile, 1);
