@@ -85,15 +85,13 @@ pub fn compressed_attention_kernel<F: Float, I: Int>(
             row_lse[unit / cfg.parts] = state[0] + state[1].ln();
         }
 
-        // Selection-block scores: candidates are the blocks j with j * l' <= p.
-        let candidates = position / sel.select_block + 1;
         score_blocks::<F>(
             q,
             q_at,
             k_cmp,
             k_at,
             visible,
-            candidates,
+            position,
             scale,
             &row_lse,
             &mut keys,
@@ -154,14 +152,13 @@ pub fn compressed_selection_kernel<F: Float, I: Int>(
             row_lse[unit] = lse[lse_at(lse, b, head * cfg.group + unit, t)];
         }
         sync_cube();
-        let candidates = position / sel.select_block + 1;
         score_blocks::<F>(
             q,
             q_at,
             k_cmp,
             k_at,
             visible,
-            candidates,
+            position,
             scale,
             &row_lse,
             &mut keys,
@@ -186,8 +183,8 @@ pub fn compressed_selection_kernel<F: Float, I: Int>(
     }
 }
 
-/// Eq. 9-10 for one query group: zeroes the scores of the `candidates` selection blocks in
-/// `block_scores`, then walks the `visible` compressed keys tile by tile, recomputes each
+/// Eq. 9-10 for the query group at key position `position`: zeroes the scores of its
+/// candidate selection blocks (`j * l' <= position`) in `block_scores`, then walks the `visible` compressed keys tile by tile, recomputes each
 /// key's probability from the rows' log-sum-exp `row_lse` (one per query head of the group),
 /// sums it over the group and adds it to every candidate block the key overlaps. The whole
 /// cube calls it; it uses `keys`, `scores` and `probs` as scratch.
@@ -199,7 +196,7 @@ fn score_blocks<F: Float>(
     k_cmp: &Tensor<F>,
     k_at: Rows,
     visible: usize,
-    candidates: usize,
+    position: usize,
     scale: f32,
     row_lse: &SharedMemory<f32>,
     keys: &mut SharedMemory<f32>,
@@ -211,6 +208,8 @@ fn score_blocks<F: Float>(
 ) {
     let unit = UNIT_POS as usize;
     let units = comptime!(cfg.units());
+    // Candidates are the blocks j with j * l' <= p.
+    let candidates = position / sel.select_block + 1;
     let mut j = unit;
     while j < candidates {
         block_scores[j] = 0.0;
